@@ -1,0 +1,5 @@
+import sys
+
+from gptrain.cli import main
+
+sys.exit(main())

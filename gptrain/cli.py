@@ -1,0 +1,64 @@
+"""The `gptrain` command. Each subcommand lives in the module that does its work and is imported only when run,
+so `gptrain --help` is instant and a missing optional extra only affects the commands that need it.
+
+A command module provides `add_arguments(parser)` and `main(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gptrain import __version__
+from gptrain.errors import GptrainError
+
+COMMANDS = {  # name -> (module, one-line description)
+    "prepare": ("gptrain.data.prepare", "tokenize a corpus (FineWeb-EDU, hub datasets, local files, shakespeare) into shards"),
+    "train": ("gptrain.train.trainer", "pretrain a GPT (1 CPU to N GPUs via torchrun), with eval, samples and checkpoints"),
+    "eval": ("gptrain.eval.cli", "evaluate a model: HellaSwag, lm-evaluation-harness tasks, validation loss"),
+    "sample": ("gptrain.generate", "generate text from a model (KV cache, temperature, top-k, top-p)"),
+    "sft": ("gptrain.chat.sft", "fine-tune a model on conversations into the user/assistant chat format"),
+    "chat": ("gptrain.chat.terminal", "talk to a chat model in the terminal"),
+    "serve": ("gptrain.chat.server", "web chat UI and an OpenAI-compatible API on loopback"),
+    "export": ("gptrain.hf", "write a Hugging Face transformers directory (model + tokenizer)"),
+    "report": ("gptrain.report", "plot a run's losses and HellaSwag against the GPT-2/GPT-3 baselines"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptrain",
+        description="Reproduce GPT-2 and GPT-3 Small end to end: prepare, train, evaluate, fine-tune, chat.",
+        epilog="Run 'gptrain COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"gptrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, description) in COMMANDS.items():
+        p = sub.add_parser(name, help=description, description=description)
+        if name == command:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return int(args._main(args) or 0)
+    except GptrainError as e:
+        print(f"gptrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

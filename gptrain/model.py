@@ -1,0 +1,240 @@
+"""GPT-2, top to bottom, exactly as OpenAI's (so published weights load and published numbers mean something).
+
+Learned positions, pre-LayerNorm blocks, tanh-GELU MLP of width 4C, fused QKV, causal attention through
+`scaled_dot_product_attention`, final LayerNorm, `lm_head` tied to `wte`. The embedding table is padded to a
+multiple of 64 rows for speed; rows at or above `vocab_size` (the tokenizer's vocabulary) never reach a user:
+`forward` returns logits for real tokens only and the loss never sees the padded rows, so a model loaded with
+50257 rows trains and scores exactly as it would unpadded.
+
+The model knows nothing of DDP, FSDP or torch.compile: those are applied from outside (gptrain/train/distributed.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # context window (T)
+    vocab_size: int = 50257  # the tokenizer's vocabulary: ids the model can read and emit
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    pad_vocab_to: int = 64  # embedding rows are padded up to a multiple of this (50257 -> 50304)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_to)
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick n_head dividing n_embd")
+        for f in fields(self):
+            if getattr(self, f.name) <= 0 and f.name != "pad_vocab_to":
+                raise ValueError(f"model config {f.name}={getattr(self, f.name)} must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+# Named shapes. GPT-3 Small is GPT-2 124M's shape with a 2048-token context.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    "gpt3-small": GPTConfig(block_size=2048, n_layer=12, n_head=12, n_embd=768),
+    "tiny": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=256),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding of a batch of left-padded prompts.
+
+    `pad[b]` is how many padding slots row b starts with; those slots are never attended to and positions
+    count from the first real token, so each row decodes exactly as it would alone.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
+                 device=None, dtype=torch.float32):
+        if max_len > config.block_size:
+            raise ValueError(f"KV cache of {max_len} tokens exceeds the model's context window of {config.block_size}")
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pad = (pad if pad is not None else torch.zeros(batch_size, dtype=torch.long)).to(device)
+        self.max_len = max_len
+        self.len = 0  # slots filled so far (same for every row)
+
+    def positions(self, t: int) -> torch.Tensor:
+        """Position ids (B, t) for the next t slots."""
+        slots = torch.arange(self.len, self.len + t, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, t: int) -> torch.Tensor:
+        """Boolean (B, 1, t, len+t) mask: causal, and padding slots never attended."""
+        q = torch.arange(self.len, self.len + t, device=self.pad.device)
+        k = torch.arange(self.len + t, device=self.pad.device)
+        causal = k[None, :] <= q[:, None]
+        real = k[None, :] >= self.pad[:, None]
+        return (causal[None] & real[:, None, :])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.size(2)
+        if self.len + t > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} tokens)")
+        self.k[layer, :, :, self.len:self.len + t] = k
+        self.v[layer, :, :, self.len:self.len + t] = v
+        return self.k[layer, :, :, :self.len + t], self.v[layer, :, :, :self.len + t]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x, layer: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), layer, cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # N(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2 * n_layer) (two per block); biases zero.
+        if isinstance(module, nn.Linear):
+            std = 0.02 * (2 * self.config.n_layer) ** -0.5 if getattr(module, "RESIDUAL_SCALE", False) else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C)."""
+        B, T = idx.size()
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the context window of {self.config.block_size}")
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            pos, mask = cache.positions(T), cache.mask(T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, i, cache, mask)
+        if cache is not None:
+            cache.len += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Returns (logits over the real vocabulary, mean loss or None). Targets equal to -1 are ignored."""
+        x = self.hidden(idx, cache)
+        if targets is not None:
+            return None, lm_loss(x, self.lm_head.weight, targets, self.config.vocab_size)
+        return self.logits(x), None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.lm_head.weight)[..., : self.config.vocab_size]
+
+    def num_params(self, padded: bool = True) -> int:
+        """Parameter count (tied weights once). padded=False counts only the real vocabulary's rows."""
+        n = sum(p.numel() for p in self.parameters())
+        if not padded:
+            n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·T·C (PaLM appendix B, as nanoGPT's MFU)."""
+        c = self.config
+        T = seq_len or c.block_size
+        n = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * c.n_layer * T * c.n_embd
+
+    def estimate_mfu(self, tokens_per_sec: float, seq_len: int, peak_flops: float) -> float:
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    @classmethod
+    def from_pretrained(cls, src: str, **kwargs) -> "GPT":
+        """Load from a Hugging Face GPT-2 directory, a hub name in the local HF cache, or a gptrain run/checkpoint."""
+        from gptrain.hf import load_model
+        return load_model(src, **kwargs)
+
+    def save_pretrained(self, out_dir: str, **kwargs) -> None:
+        """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
+        from gptrain.hf import save_pretrained
+        save_pretrained(self, out_dir, **kwargs)
+
+
+def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored."""
+    logits = F.linear(x, weight)[..., :vocab_size]
+    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=-1)

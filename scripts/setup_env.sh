@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv with gptrain installed, torch pinned to the CPU wheel this project is tested with.
+# Usage: source scripts/setup_env.sh [EXTRAS]   (EXTRAS defaults to "dev": everything, plus pytest)
+set -e
+extras="${1:-dev}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-python3}"
+if [ ! -x "$root/.venv/bin/python" ]; then
+  "$py" -m venv "$root/.venv"
+fi
+. "$root/.venv/bin/activate"
+stamp="$root/.venv/.gptrain-installed-$extras"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+  echo "setting up $root/.venv (gptrain[$extras], torch==${GPTRAIN_TORCH:-2.13.0}) ..." >&2
+  python -m pip install -q --upgrade pip >/dev/null
+  python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" -e "$root[$extras]"
+  touch "$stamp"
+fi

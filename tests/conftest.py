@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data, present here and in CI but not in a user's clone: tests that need it skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (it exists only on the project's own machines)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_config():
+    from gptrain.model import GPTConfig
+    return GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
