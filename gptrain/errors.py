@@ -11,6 +11,7 @@ class GptrainError(RuntimeError):
 
 EXTRAS = {  # python module -> the pip extra that installs it
     "transformers": "hf",
+    "huggingface_hub": "hf",
     "datasets": "data",
     "lm_eval": "eval",
     "matplotlib": "report",

@@ -74,6 +74,10 @@ class KVCache:
 
     `pad[b]` is how many padding slots row b starts with; those slots are never attended to and positions
     count from the first real token, so each row decodes exactly as it would alone.
+
+    Shapes are static: attention always spans all `max_len` slots (unfilled ones masked out) and the fill
+    level `pos` is a tensor, so a compiled decode step sees the same shapes and no changing Python int at
+    every token, and compiles once. The caller keeps `pos + t <= max_len` (gptrain/generate.py does).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
@@ -81,33 +85,42 @@ class KVCache:
         if max_len > config.block_size:
             raise ValueError(f"KV cache of {max_len} tokens exceeds the model's context window of {config.block_size}")
         hd = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, hd)
+        # One tensor per layer, so an in-place write mutates a whole graph input rather than a view of one.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pad = (pad if pad is not None else torch.zeros(batch_size, dtype=torch.long)).to(device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # slots filled so far (same for every row)
         self.max_len = max_len
-        self.len = 0  # slots filled so far (same for every row)
+
+    def _slots(self, t: int) -> torch.Tensor:
+        return self.pos + torch.arange(t, device=self.pos.device)
 
     def positions(self, t: int) -> torch.Tensor:
         """Position ids (B, t) for the next t slots."""
-        slots = torch.arange(self.len, self.len + t, device=self.pad.device)
-        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        return (self._slots(t)[None, :] - self.pad[:, None]).clamp(min=0)
 
     def mask(self, t: int) -> torch.Tensor:
-        """Boolean (B, 1, t, len+t) mask: causal, and padding slots never attended."""
-        q = torch.arange(self.len, self.len + t, device=self.pad.device)
-        k = torch.arange(self.len + t, device=self.pad.device)
+        """Boolean (B, 1, t, max_len) mask: causal, padding slots never attended by real tokens.
+
+        A padding slot attends to itself, so no row of the mask is empty (an empty row gives NaN on some
+        attention kernels, and NaN in a padding slot would leak through the zero weights of real rows).
+        """
+        q = self._slots(t)
+        k = torch.arange(self.max_len, device=self.pos.device)
         causal = k[None, :] <= q[:, None]
-        real = k[None, :] >= self.pad[:, None]
-        return (causal[None] & real[:, None, :])[:, None]
+        real = k[None, None, :] >= self.pad[:, None, None]
+        return (causal[None] & (real | (k[None, :] == q[:, None])[None]))[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        t = k.size(2)
-        if self.len + t > self.max_len:
-            raise ValueError(f"KV cache is full ({self.max_len} tokens)")
-        self.k[layer, :, :, self.len:self.len + t] = k
-        self.v[layer, :, :, self.len:self.len + t] = v
-        return self.k[layer, :, :, :self.len + t], self.v[layer, :, :, :self.len + t]
+        """Write the new keys/values at the next slots; return the whole (masked) buffers."""
+        slots = self._slots(k.size(2))
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        self.pos.add_(t)
 
 
 class CausalSelfAttention(nn.Module):
@@ -192,7 +205,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, i, cache, mask)
         if cache is not None:
-            cache.len += T
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
@@ -234,7 +247,63 @@ class GPT(nn.Module):
         save_pretrained(self, out_dir, **kwargs)
 
 
-def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored."""
-    logits = F.linear(x, weight)[..., :vocab_size]
-    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=-1)
+def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+            chunk_tokens: int = 1024) -> torch.Tensor:
+    """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored.
+
+    Eager mode computes it in chunks of `chunk_tokens` rows with the gradient formed in the same pass
+    (softmax − one-hot), so the (tokens × 50k) float32 logits never exist all at once: with a 50k vocabulary
+    and a small model this is most of a training step's memory traffic. Under torch.compile the plain
+    expression is used and inductor fuses it.
+    """
+    x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if torch.compiler.is_compiling() or x2.size(0) <= chunk_tokens:
+        logits = F.linear(x2, weight[:vocab_size])
+        return F.cross_entropy(logits.float(), t, ignore_index=-1)
+    return _ChunkedCrossEntropy.apply(x2, weight, t, vocab_size, chunk_tokens)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Exactly F.cross_entropy(F.linear(x, weight[:vocab]).float(), t, ignore_index=-1), chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, t, vocab_size, chunk):
+        cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(x.device.type, enabled=False):
+            w, xc_all = weight[:vocab_size].to(cdt), x.to(cdt)
+            valid = t != -1
+            count = valid.sum()
+            loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
+            dx = torch.empty_like(xc_all) if grads else None
+            dw = torch.zeros(vocab_size, x.size(1), device=x.device, dtype=torch.float32) if grads else None
+            for i in range(0, x.size(0), chunk):
+                xc, tc, vc = xc_all[i:i + chunk], t[i:i + chunk].clamp(min=0), valid[i:i + chunk]
+                logits = (xc @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=1)
+                rows = torch.arange(xc.size(0), device=x.device)
+                loss_sum += ((lse - logits[rows, tc]) * vc).sum()
+                if grads:  # d(sum of losses)/d(logits) = softmax - onehot on counted rows
+                    p = logits.sub_(lse[:, None]).exp_()
+                    p[rows, tc] -= 1.0
+                    p.mul_(vc[:, None])
+                    p = p.to(cdt)
+                    dx[i:i + chunk] = p @ w
+                    dw.add_((p.t() @ xc).float())
+        ctx.vocab_size, ctx.padded, ctx.dtypes = vocab_size, weight.size(0), (x.dtype, weight.dtype)
+        if grads:
+            ctx.save_for_backward(dx, dw, count)
+        return loss_sum / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        dx, dw, count = ctx.saved_tensors
+        scale = g / count
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (dx.float() * scale).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros(ctx.padded, dw.size(1), device=dw.device, dtype=ctx.dtypes[1])
+            gw[:ctx.vocab_size] = dw * scale
+        return gx, gw, None, None, None

@@ -92,8 +92,13 @@ class Tokenizer:
         return self.special_tokens[token]
 
 
-@lru_cache(maxsize=2)
 def get_tokenizer(chat: bool = False) -> Tokenizer:
+    """The shared instance: get_tokenizer(), get_tokenizer(False) and get_tokenizer(chat=False) are one object."""
+    return _shared_tokenizer(bool(chat))
+
+
+@lru_cache(maxsize=2)
+def _shared_tokenizer(chat: bool) -> Tokenizer:
     return Tokenizer(chat=chat)
 
 

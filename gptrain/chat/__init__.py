@@ -1,0 +1,1 @@
+"""Chat: the conversation format, conversation datasets, supervised fine-tuning, and the terminal and web chats."""

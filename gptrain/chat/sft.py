@@ -1,0 +1,322 @@
+"""`gptrain sft`: supervised fine-tuning of a pretrained GPT into the chat format, with the loss on the
+assistant's tokens only.
+
+Conversations (gptrain/chat/datasets.py) are rendered by gptrain/chat/format.py; each one becomes ids plus
+next-token targets that are -1 (ignored by the model's loss) wherever the format's mask is 0. Rows of
+`seq_len + 1` tokens hold whole conversations only: packed several to a row (default) or one per row
+(`--no-pack`), padded at the end, so no conversation is ever cut across rows; a conversation longer than a row is
+truncated and one left with no assistant token is dropped. With packing, a conversation can attend to the ones
+before it in its row, as pretraining documents do after their `<|endoftext|>`; the loss never reaches across.
+
+A held-out slice of the conversations (`--val-fraction`) gives the validation loss. Everything else (the
+optimizer, schedule, logging, checkpoints, `--resume auto`, preemption, the report) is the pretraining loop of
+gptrain/train/trainer.py, which takes these loaders unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptrain.chat.datasets import load_conversations
+from gptrain.chat.format import render_conversation, render_for_completion, stop_ids
+from gptrain.config import add_dataclass_args, overrides_from_args, write_json_atomic
+from gptrain.errors import GptrainError
+from gptrain.model import GPT
+from gptrain.tokenizer import Tokenizer, get_tokenizer
+from gptrain.train import distributed
+from gptrain.train.config import TrainConfig
+from gptrain.train.metrics import console
+from gptrain.train.trainer import Trainer, seed_everything
+
+
+# ---------------------------------------------------------------- examples and rows
+
+def encode_conversations(convs: list[list[dict]], seq_len: int, tokenizer: Tokenizer | None = None):
+    """(ids, mask) int arrays per conversation, each at most seq_len + 1 tokens; those left without a learned
+    token after truncation are dropped. Returns (examples, number truncated, number dropped)."""
+    tok = tokenizer or get_tokenizer(chat=True)
+    examples, truncated, dropped = [], 0, 0
+    for conv in convs:
+        ids, mask = render_conversation(conv, tok)
+        if len(ids) > seq_len + 1:
+            truncated += 1
+            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        examples.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.bool_)))
+    return examples, truncated, dropped
+
+
+def split_train_val(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split by conversation (never inside one): at least one of each when there are two or more."""
+    if not 0 <= val_fraction < 1:
+        raise GptrainError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    n_val = min(len(items) - 1, max(1 if val_fraction > 0 else 0, round(len(items) * val_fraction)))
+    order = np.random.default_rng(seed).permutation(len(items))
+    val = set(order[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+def make_row(examples, T: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (x, y) row of T tokens from whole examples whose lengths sum to at most T + 1."""
+    ids = np.full(T + 1, pad_id, dtype=np.int64)
+    keep = np.zeros(T + 1, dtype=np.bool_)
+    at = 0
+    for e_ids, e_mask in examples:
+        ids[at:at + len(e_ids)] = e_ids
+        keep[at:at + len(e_ids)] = e_mask
+        at += len(e_ids)
+    return ids[:-1], np.where(keep[1:], ids[1:], -1)
+
+
+class ConversationLoader:
+    """Training rows of whole conversations, reshuffled every epoch from the seed; the same interface as the
+    pretraining loader (`next_batch`, `epoch`, `state_dict`, `load_state_dict`), so the trainer's loop, its
+    checkpoints and its exact resume work unchanged. Every rank builds the same global batch of B × world_size
+    rows and takes its own B."""
+
+    def __init__(self, examples, B: int, T: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, pack: bool = True, pad_id: int | None = None):
+        if not examples:
+            raise GptrainError("no training conversations left; add data or lower --val-fraction")
+        too_long = max(len(ids) for ids, _ in examples)
+        if too_long > T + 1:
+            raise GptrainError(f"a conversation of {too_long} tokens does not fit rows of seq_len={T}; "
+                               "encode_conversations truncates to seq_len + 1")
+        self.examples, self.B, self.T = examples, B, T
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.pack = shuffle, pack
+        self.pad_id = get_tokenizer(chat=True).eot if pad_id is None else pad_id
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def _take(self):
+        ex = self.examples[self._order[self.cursor]]
+        self.cursor += 1
+        if self.cursor == len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        return ex
+
+    def _peek_len(self) -> int:
+        return len(self.examples[self._order[self.cursor]][0])
+
+    def _row(self):
+        parts = [self._take()]
+        used = len(parts[0][0])
+        while self.pack and used + self._peek_len() <= self.T + 1:
+            parts.append(self._take())
+            used += len(parts[-1][0])
+        return make_row(parts, self.T, self.pad_id)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self._row() for _ in range(self.B * self.world_size)]
+        mine = rows[self.rank * self.B:(self.rank + 1) * self.B]
+        return (torch.from_numpy(np.stack([x for x, _ in mine])), torch.from_numpy(np.stack([y for _, y in mine])))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples),
+                "shuffle": self.shuffle, "pack": self.pack}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {"seed": self.seed, "n": len(self.examples), "shuffle": self.shuffle, "pack": self.pack}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise GptrainError(f"the checkpoint's conversation loader had {theirs}, this run has {mine}; resume with "
+                               "the same --data, --val-fraction, --seq-len, --seed and packing")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._epoch_order(self.epoch)
+
+
+def pack_groups(examples, T: int, pack: bool = True) -> list[list]:
+    """Examples grouped in order into rows of at most T + 1 tokens (one per row without packing)."""
+    groups, used = [], T + 2
+    for ex in examples:
+        if pack and used + len(ex[0]) <= T + 1:
+            groups[-1].append(ex)
+            used += len(ex[0])
+        else:
+            groups.append([ex])
+            used = len(ex[0])
+    return groups
+
+
+class ConversationValLoader:
+    """The held-out conversations as fixed batches (the same every call), shared out evenly across ranks."""
+
+    def __init__(self, examples, B: int, T: int, rank: int = 0, world_size: int = 1, pack: bool = True,
+                 pad_id: int | None = None):
+        pad_id = get_tokenizer(chat=True).eot if pad_id is None else pad_id
+        groups = pack_groups(examples, T, pack)
+        if len(groups) < world_size:
+            raise GptrainError(f"{len(groups)} validation rows cannot be shared by {world_size} processes; "
+                               "raise --val-fraction")
+        rows = [make_row(g, T, pad_id) for g in groups[:len(groups) - len(groups) % world_size][rank::world_size]]
+        self._batches = [(torch.from_numpy(np.stack([x for x, _ in rows[i:i + B]])),
+                          torch.from_numpy(np.stack([y for _, y in rows[i:i + B]]))) for i in range(0, len(rows), B)]
+
+    def batches(self):
+        yield from self._batches
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+# ---------------------------------------------------------------- the model
+
+def widen_to_chat(model: GPT, seed: int = 0) -> GPT:
+    """A GPT-2-vocabulary model (50257) as a chat model (50261): the chat tokens' rows already exist in the padded
+    table, so only the config changes and those rows are set to the mean embedding (plus tiny noise, so the four
+    tokens are distinguishable): their logits start near the average token's instead of at random."""
+    chat = get_tokenizer(chat=True)
+    n = model.config.vocab_size
+    if n == chat.n_vocab:
+        return model
+    if n != get_tokenizer(chat=False).n_vocab:
+        raise GptrainError(f"cannot fine-tune a model with vocabulary {n} into the chat format; "
+                           f"expected {get_tokenizer(chat=False).n_vocab} (GPT-2) or {chat.n_vocab} (gptrain chat)")
+    from dataclasses import replace
+    config = replace(model.config, vocab_size=chat.n_vocab)
+    if config.padded_vocab_size != model.config.padded_vocab_size:
+        raise GptrainError(f"model pads its vocabulary to {model.config.padded_vocab_size} rows, too few for the "
+                           f"{chat.n_vocab} chat tokens")
+    wide = GPT(config).to(next(model.parameters()).device)
+    wide.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        wte = wide.transformer.wte.weight
+        mean, std = wte[:n].mean(0), wte[:n].std(0)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(chat.n_vocab - n, wte.shape[1], generator=g).to(wte) * std * 0.1
+        wte[n:chat.n_vocab] = mean + noise
+    return wide
+
+
+# ---------------------------------------------------------------- the command
+
+@dataclass
+class SFTOptions:
+    """What SFT adds to the training options (gptrain/train/config.py's TrainConfig)."""
+    data_split: str = field(default="train", metadata={"help": "split of an hf: --data source"})
+    max_conversations: int = field(default=0, metadata={"help": "use only the first N conversations (0: all)"})
+    val_fraction: float = field(default=0.05, metadata={"help": "conversations held out for the validation loss"})
+    pack: bool = field(default=True, metadata={"help": "pack several whole conversations per row "
+                                                      "(--no-pack: one conversation per row, padded)"})
+    sample_question: str = field(default="What is the capital of France?",
+                                 metadata={"help": "user message answered in the samples during training"})
+
+
+# Fine-tuning recipe: a small LR without decay to zero, no weight decay, few epochs. Flags override each value;
+# seq_len and total_batch_size, when not given, follow the model's context window (up to 1024) and 4 micro-steps.
+SFT_DEFAULTS = dict(lr=5e-5, min_lr_ratio=0.1, warmup_steps=20, weight_decay=0.0, micro_batch_size=4, epochs=2.0,
+                    max_steps=0, eval_every=50, sample_every=100, num_samples=1, sample_tokens=64, save_every=200,
+                    hellaswag_data="none")
+NOT_FOR_SFT = ("data", "init_from", "model", "n_layer", "n_head", "n_embd", "val_tokens", "hellaswag_data",
+               "hellaswag_limit", "compile")
+
+
+class ChatTrainer(Trainer):
+    """The pretraining loop with one change: its samples answer a chat question instead of continuing text."""
+
+    def __init__(self, *args, question: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.question = question
+
+    @torch.no_grad()
+    def sample(self) -> list[str]:
+        if not self.env.is_master:
+            return []
+        from gptrain.generate import complete
+        prompt = render_for_completion([{"role": "user", "content": self.question}], self.tokenizer)
+        with self.autocast():
+            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
+                           top_k=50, seed=self.cfg.seed, stop_ids=stop_ids(self.tokenizer))
+        self.last_samples = [f"User: {self.question} | Assistant: {self.tokenizer.decode(ids)}" for ids in new]
+        return self.last_samples
+
+
+def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
+    """Run `gptrain sft`: cfg.init_from is the model to fine-tune, cfg.data the conversation source."""
+    from gptrain.hf import load_model
+    if not cfg.out:
+        raise GptrainError("sft needs --out RUN (the run directory for config.json, metrics and checkpoints)")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    env = distributed.setup(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        tok = get_tokenizer(chat=True)
+        model = widen_to_chat(load_model(cfg.init_from), seed=cfg.seed)
+        if "seq_len" not in user_set:
+            cfg = dataclasses.replace(cfg, seq_len=min(1024, model.config.block_size))
+        if "total_batch_size" not in user_set:
+            cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len * env.world_size * 4)
+        if "max_steps" in user_set and "epochs" not in user_set:
+            cfg = dataclasses.replace(cfg, epochs=0.0)
+
+        convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
+        train_convs, val_convs = split_train_val(convs, opts.val_fraction, cfg.seed)
+        train_ex, truncated, dropped = encode_conversations(train_convs, cfg.seq_len, tok)
+        val_ex, _, _ = encode_conversations(val_convs, cfg.seq_len, tok)
+        loader = ConversationLoader(train_ex, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
+                                    world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle, pack=opts.pack)
+        rows = len(pack_groups(train_ex, cfg.seq_len, opts.pack))
+        if cfg.epochs > 0:
+            rows_per_step = cfg.total_batch_size // cfg.seq_len
+            cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * rows / rows_per_step)))
+        val = None
+        if val_ex and cfg.eval_every > 0:
+            val = ConversationValLoader(val_ex, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
+                                        world_size=env.world_size, pack=opts.pack)
+        trainer = ChatTrainer(cfg, model, loader, val, env=env, tokenizer=tok, question=opts.sample_question)
+        if env.is_master:
+            learned = sum(int(m[1:].sum()) for _, m in train_ex)
+            console(f"sft: {len(convs)} conversations from {cfg.data}: {len(train_ex)} train ({rows} rows of "
+                    f"{cfg.seq_len}, {learned:,} assistant tokens; {truncated} truncated, {dropped} dropped), "
+                    f"{len(val_ex)} held out; model {cfg.init_from}, {trainer.cfg.max_steps} steps")
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(cfg.out) / "config.json", {
+                "train": trainer.cfg, "sft": opts, "model": model.config.to_dict(), "world_size": env.world_size,
+                "grad_accum_steps": trainer.grad_accum, "tokenizer": tok.name, "tokenizer_sha256": tok.sha256,
+                "data": {"source": cfg.data, "conversations": len(convs), "train": len(train_ex),
+                         "val": len(val_ex), "truncated": truncated, "dropped": dropped, "train_rows": rows,
+                         "assistant_tokens": learned}})
+        result = trainer.run()
+        if env.is_master:
+            console(f"run directory: {Path(cfg.out).resolve()}")
+        return result
+    finally:
+        distributed.teardown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", dest="source", required=True, metavar="SRC",
+                        help="model to fine-tune: HF GPT-2 directory or hub name (local cache), gptrain run or checkpoint")
+    parser.add_argument("--data", required=True, metavar="SOURCE",
+                        help="conversations: .jsonl/.jsonl.gz/.json/.parquet (OpenAI messages, OpenAssistant trees, "
+                             "Human/Assistant transcripts) or hf:NAME with a messages column")
+    add_dataclass_args(parser, TrainConfig, exclude=NOT_FOR_SFT)
+    parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
+                        default=argparse.SUPPRESS, help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    add_dataclass_args(parser, SFTOptions)
+    parser.epilog = ("Defaults differ from pretraining: " + ", ".join(f"{k}={v}" for k, v in SFT_DEFAULTS.items())
+                     + "; seq_len follows the model (up to 1024), total_batch_size = 4 micro-steps.")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args, TrainConfig)
+    cfg = dataclasses.replace(TrainConfig(), **{**SFT_DEFAULTS, **overrides, "init_from": args.source})
+    sft(cfg, SFTOptions(**overrides_from_args(args, SFTOptions)), user_set=frozenset(overrides))
+    return 0

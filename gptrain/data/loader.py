@@ -1,0 +1,325 @@
+"""Training and validation batches from a prepared data directory.
+
+TrainLoader, shuffled (default). Epoch e of seed s is one token stream: the train shards in a permutation drawn
+from (s, e), and inside each shard its documents in a permutation drawn from (s, e, shard). Documents are found
+by their leading `<|endoftext|>`, so they stay separated when packed. The stream is cut like the lecture's
+loader cuts a shard: a global step takes the next B*T*W tokens, rank r reads the B*T+1 tokens starting at
+r*B*T of them (x, and y shifted by one). So every train token is read once per epoch across all ranks (up to the
+final partial step), ranks never share a row, and the whole position is one global token cursor: the state is
+(seed, epoch, cursor), which also resumes correctly on a different world size or batch size.
+
+TrainLoader(shuffle=False) is the lecture's DataLoaderLite: train shards in file order, consecutive B*T+1
+windows, rank-strided, the tail of each shard dropped. (The lecture tests the end of a shard with each rank's
+own offset, which lets ranks drift onto different shards; here every rank uses rank 0's test, which is the
+condition that the next global step fits, so ranks > 0 stay in step. Rank 0, and W = 1, match it exactly.)
+
+Shards are memory-mapped. The first time a shard is used its sha256 is checked against the manifest and its
+document index built, in a background thread that runs one shard ahead, so switching shards does not stall.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptrain.data.shards import SHARD_SUFFIXES, document_starts, open_shard, verify_sha256
+from gptrain.errors import GptrainError
+from gptrain.tokenizer import EOT_ID, GPT2_RANKS_SHA256
+
+MANIFEST = "manifest.json"
+STATE_VERSION = 1
+
+
+def read_manifest_json(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GptrainError(f"cannot read {path} ({e}); restore it or re-run `gptrain prepare`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list) or "tokenizer" not in manifest:
+        raise GptrainError(f"{path} is not a gptrain manifest (no 'shards'/'tokenizer'); re-run `gptrain prepare`")
+    return manifest
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """The directory's manifest.json, or one inferred from bare llm.c `.bin` / lecture `.npy` shards (split from
+    'val'/'train' in the file name, as the lecture does; no sha256, GPT-2 tokenizer assumed)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise GptrainError(f"data directory {data_dir} does not exist; create it with `gptrain prepare SOURCE --out {data_dir}`")
+    path = data_dir / MANIFEST
+    if path.exists():
+        manifest = read_manifest_json(path)
+    else:
+        shards = []
+        for p in sorted(data_dir.iterdir()):
+            split = "val" if "val" in p.name else "train" if "train" in p.name else None
+            if p.suffix in SHARD_SUFFIXES and split:
+                shards.append({"path": p.name, "split": split, "tokens": len(open_shard(p)), "documents": None,
+                               "sha256": None})
+        if not shards:
+            raise GptrainError(f"{data_dir} has no manifest.json and no *train*/*val* .bin or .npy shards; "
+                               f"run `gptrain prepare SOURCE --out {data_dir}`")
+        manifest = {"format": "bare", "tokenizer": {"name": "gpt2", "sha256": None}, "shards": shards}
+    manifest["data_dir"] = str(data_dir)
+    manifest.setdefault("totals", {s: {"tokens": sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s)}
+                                   for s in ("train", "val")})
+    return manifest
+
+
+def check_tokenizer(manifest: dict, tokenizer) -> None:
+    """Stop unless the shards were tokenized with `tokenizer`'s vocabulary (GPT-2 shards also suit the chat
+    tokenizer, whose extra tokens only add ids)."""
+    info = manifest.get("tokenizer") or {}
+    sha = info.get("sha256")
+    if sha is None or sha == tokenizer.sha256 or (sha == GPT2_RANKS_SHA256 and tokenizer.name == "gpt2-chat"):
+        return
+    where = Path(manifest.get("data_dir", ".")) / MANIFEST
+    raise GptrainError(f"{where} was tokenized with {info.get('name')!r} (sha256 {sha[:12]}), but the model reads "
+                       f"{tokenizer.name!r} (sha256 {tokenizer.sha256[:12]}); prepare the data again with the model's "
+                       "tokenizer or train a model with the data's")
+
+
+class _Shards:
+    """The shards of one split: memory maps, sha256 verified on first use, document index built ahead of use."""
+
+    def __init__(self, manifest: dict, split: str, eot: int = EOT_ID, keep: int = 4):
+        data_dir = Path(manifest["data_dir"])
+        self.data_dir, self.split, self.eot, self.keep = data_dir, split, eot, keep
+        entries = [sh for sh in manifest["shards"] if sh["split"] == split]
+        self.paths = [data_dir / sh["path"] for sh in entries]
+        self.sha = [sh.get("sha256") for sh in entries]
+        self.maps = [open_shard(p) for p in self.paths]
+        for p, m, sh in zip(self.paths, self.maps, entries):
+            if len(m) != sh["tokens"]:
+                raise GptrainError(f"shard {p} holds {len(m)} tokens, {data_dir / MANIFEST} says {sh['tokens']}; "
+                                   "delete the directory's shards and re-run `gptrain prepare`")
+        self.sizes = np.array([len(m) for m in self.maps], dtype=np.int64)
+        self._verified: set[int] = set()
+        self._index: OrderedDict[int, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptrain-shards")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _build(self, i: int) -> np.ndarray:
+        if i not in self._verified and self.sha[i]:
+            verify_sha256(self.paths[i], self.sha[i])
+        self._verified.add(i)
+        return document_starts(self.maps[i], self.eot)
+
+    def prefetch(self, i: int) -> Future:
+        with self._lock:
+            fut = self._index.get(i)
+            if fut is None:
+                fut = self._index[i] = self._executor.submit(self._build, i)
+                while len(self._index) > self.keep:
+                    self._index.popitem(last=False)
+            else:
+                self._index.move_to_end(i)
+            return fut
+
+    def starts(self, i: int) -> np.ndarray:
+        """Offsets of the documents of shard i (waits only if the background thread has not finished it)."""
+        return self.prefetch(i).result()
+
+    def tokens(self, i: int) -> np.ndarray:
+        self.starts(i)  # verified before its tokens are used
+        return self.maps[i]
+
+
+def _to_xy(buf: np.ndarray, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(buf.astype(np.int64))
+    return t[:-1].view(B, T), t[1:].view(B, T)
+
+
+def _check_sizes(B: int, T: int, rank: int, world_size: int) -> None:
+    if B < 1 or T < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise GptrainError(f"invalid batch layout B={B} T={T} rank={rank} world_size={world_size}")
+
+
+class TrainLoader:
+    """Micro-batches (x, y) of B x T for rank `rank` of `world_size`: shuffled per epoch, or the lecture's order."""
+
+    def __init__(self, data_dir, B: int, T: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        _check_sizes(B, T, rank, world_size)
+        self.manifest = load_manifest(data_dir)
+        self.B, self.T, self.rank, self.world_size, self.seed, self.shuffle = B, T, rank, world_size, seed, shuffle
+        self.shards = _Shards(self.manifest, "train")
+        if not len(self.shards):
+            raise GptrainError(f"{data_dir} has no train shards; re-run `gptrain prepare` with a smaller --val-tokens")
+        step = B * T * world_size
+        if self.shuffle:
+            usable = int(self.shards.sizes.sum())
+        else:
+            usable = int(self.shards.sizes.max())
+        if usable < step + 1:
+            what = "tokens" if shuffle else "tokens in its largest shard (sequential mode reads shard by shard)"
+            raise GptrainError(f"{data_dir} has {usable:,} train {what}, fewer than one batch of "
+                               f"B*T*W+1 = {B}*{T}*{world_size}+1 = {step + 1:,}; use a smaller batch or more data")
+        self.epoch, self.cursor, self.shard = 0, 0, 0
+        self._plan_epoch = None
+        self._normalize()
+
+    # -- sizes --------------------------------------------------------------------------------------------------
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Train tokens one epoch reads as inputs (all ranks together)."""
+        return self.batches_per_epoch * self.B * self.T * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Steps (one next_batch() on every rank) in a full epoch."""
+        step = self.B * self.T * self.world_size
+        if self.shuffle:
+            return (int(self.shards.sizes.sum()) - 1) // step
+        return int(sum((n - 1) // step for n in self.shards.sizes if n >= step + 1))
+
+    # -- batches ------------------------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.B, self.T
+        if self.shuffle:
+            buf = self._read_epoch(self.cursor + self.rank * B * T, B * T + 1)
+        else:
+            start = self.cursor + self.rank * B * T
+            buf = np.asarray(self.shards.tokens(self.shard)[start:start + B * T + 1])
+        self.cursor += B * T * self.world_size
+        self._normalize()
+        return _to_xy(buf, B, T)
+
+    def _normalize(self) -> None:
+        """Move past the end of a shard (sequential) or of the epoch (shuffled) when the next step would not fit."""
+        step = self.B * self.T * self.world_size
+        if self.shuffle:
+            if self.cursor + step + 1 > int(self.shards.sizes.sum()):
+                self.epoch, self.cursor = self.epoch + 1, 0
+            self._plan()
+            return
+        while self.cursor + step + 1 > self.shards.sizes[self.shard]:
+            self.cursor, self.shard = 0, self.shard + 1
+            if self.shard == len(self.shards):
+                self.epoch, self.shard = self.epoch + 1, 0
+        self.shards.prefetch(self.shard)
+        self.shards.prefetch((self.shard + 1) % len(self.shards))
+
+    # -- the shuffled epoch stream ------------------------------------------------------------------------------
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, *key])
+
+    def _plan(self) -> None:
+        """Shard order and per-shard document layouts of the current epoch (layouts built on first use)."""
+        if self._plan_epoch == (self.seed, self.epoch):
+            return
+        self._plan_epoch = (self.seed, self.epoch)
+        self.order = self._rng(0).permutation(len(self.shards))
+        self.offsets = np.concatenate([[0], np.cumsum(self.shards.sizes[self.order])])
+        self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.shards.prefetch(int(self.order[0]))
+
+    def _layout(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source offset, stream offset) of each document of shard i, in this epoch's document order."""
+        if i not in self._layouts:
+            starts = self.shards.starts(i)
+            lengths = np.diff(np.append(starts, self.shards.sizes[i]))
+            perm = self._rng(1, i).permutation(len(starts))
+            self._layouts[i] = (starts[perm], np.concatenate([[0], np.cumsum(lengths[perm])]))
+            while len(self._layouts) > 3:  # a read spans a few shards at most; older layouts are not needed again
+                self._layouts.popitem(last=False)
+        return self._layouts[i]
+
+    def _read_epoch(self, a: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.uint16)
+        j = int(np.searchsorted(self.offsets, a, side="right")) - 1
+        done = 0
+        while done < n:
+            i = int(self.order[j])
+            take = min(n - done, int(self.offsets[j + 1]) - (a + done))
+            if take > 0:
+                self._read_shard(i, a + done - int(self.offsets[j]), out[done:done + take])
+                done += take
+            j += 1
+        # The next shard's index (next epoch's first at the end) is built while this one is trained on.
+        if j < len(self.order):
+            self.shards.prefetch(int(self.order[j]))
+        else:
+            nxt = np.random.default_rng([self.seed, self.epoch + 1, 0]).permutation(len(self.shards))[0]
+            self.shards.prefetch(int(nxt))
+        return out
+
+    def _read_shard(self, i: int, local: int, out: np.ndarray) -> None:
+        src, cum = self._layout(i)
+        tokens = self.shards.maps[i]
+        k = int(np.searchsorted(cum, local, side="right")) - 1
+        pos, done = local, 0
+        while done < len(out):
+            off = pos - int(cum[k])
+            take = min(len(out) - done, int(cum[k + 1]) - pos)
+            s = int(src[k]) + off
+            out[done:done + take] = tokens[s:s + take]
+            done += take
+            pos += take
+            k += 1
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where the next batch starts, for all ranks together (JSON-able, a few integers)."""
+        return {"version": STATE_VERSION, "shuffle": self.shuffle, "seed": self.seed, "epoch": self.epoch,
+                "shard": self.shard, "cursor": self.cursor, "train_tokens": int(self.shards.sizes.sum())}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("version") != STATE_VERSION or sd.get("shuffle") != self.shuffle:
+            raise GptrainError(f"loader state {sd} is not a {'shuffled' if self.shuffle else 'sequential'} gptrain "
+                               "loader state; resume with the same --shuffle setting")
+        if sd["train_tokens"] != int(self.shards.sizes.sum()):
+            raise GptrainError(f"the checkpoint's data had {sd['train_tokens']:,} train tokens, "
+                               f"{self.manifest['data_dir']} has {int(self.shards.sizes.sum()):,}; "
+                               "resume with the data directory the run started with")
+        self.seed, self.epoch, self.shard, self.cursor = int(sd["seed"]), int(sd["epoch"]), int(sd["shard"]), int(sd["cursor"])
+        self._normalize()
+
+
+class ValLoader:
+    """The first `max_tokens` validation tokens (all of them if None), in file order, split across ranks the same
+    way as training batches; `batches()` yields the same sequence every call."""
+
+    def __init__(self, data_dir, B: int, T: int, rank: int = 0, world_size: int = 1, max_tokens: int | None = None):
+        _check_sizes(B, T, rank, world_size)
+        self.manifest = load_manifest(data_dir)
+        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.shards = _Shards(self.manifest, "val")
+        total = int(self.shards.sizes.sum())
+        step = B * T * world_size
+        usable = total - 1 if max_tokens is None else min(total - 1, max_tokens)
+        self.steps = max(usable, 0) // step
+        if self.steps == 0:
+            raise GptrainError(f"{data_dir} has {total:,} validation tokens (limit {max_tokens}), fewer than one batch "
+                               f"of B*T*W+1 = {step + 1:,}; prepare with a larger --val-tokens or use a smaller batch")
+        self.offsets = np.concatenate([[0], np.cumsum(self.shards.sizes)])
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batches(self):
+        B, T = self.B, self.T
+        for s in range(self.steps):
+            a = s * B * T * self.world_size + self.rank * B * T
+            yield _to_xy(self._read(a, B * T + 1), B, T)
+
+    def _read(self, a: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.uint16)
+        j = int(np.searchsorted(self.offsets, a, side="right")) - 1
+        done = 0
+        while done < n:
+            local = a + done - int(self.offsets[j])
+            piece = self.shards.tokens(j)[local:local + n - done]
+            out[done:done + len(piece)] = piece
+            done += len(piece)
+            j += 1
+        return out

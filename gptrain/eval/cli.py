@@ -1,0 +1,140 @@
+"""The `eval` command: `gptrain eval hellaswag | lm-eval | val --model SRC ...`, each result printed beside the
+published baselines (gptrain/eval/baselines.py) and optionally written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from gptrain.errors import GptrainError
+from gptrain.eval import baselines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+
+    def common(p: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:
+        p.add_argument("--model", required=True, metavar="SRC",
+                       help="gptrain run or checkpoint directory, HF GPT-2 directory, or hub name in the local HF cache")
+        p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help=f"{batch_help} (default: {batch_size})")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+        p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
+
+    p = sub.add_parser("hellaswag", help="HellaSwag validation, scored as the lecture does (acc, acc_norm)",
+                       description="HellaSwag validation (10,042 examples), rendered and scored as the lecture does; "
+                       "downloaded once into $GPTRAIN_CACHE (default ~/.cache/gptrain) and verified.")
+    common(p, 16, "examples per forward pass (4 rows each)")
+    p.add_argument("--data", metavar="PATH", help="read examples from this .jsonl / .jsonl.gz instead of the cache")
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N examples")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"),
+                   help="run the forward pass under autocast in this dtype (default: the model's own dtype)")
+    p.set_defaults(_run=run_hellaswag)
+
+    p = sub.add_parser("lm-eval", help="tasks of EleutherAI's lm-evaluation-harness",
+                       description="Run lm-evaluation-harness tasks on a gptrain model (any SRC, raw checkpoints "
+                       "included). Offline: put task YAMLs with `dataset_path: json` and local `data_files` in a "
+                       "directory and pass it as --include-path.")
+    common(p, 32, "sequences per forward pass")
+    p.add_argument("--tasks", required=True, help="comma-separated task, group or tag names (e.g. hellaswag,arc_easy)")
+    p.add_argument("--include-path", metavar="DIR", help="directory of extra task YAMLs")
+    p.add_argument("--limit", type=int, metavar="N", help="documents per task (for quick checks)")
+    p.set_defaults(_run=run_lm_eval)
+
+    p = sub.add_parser("val", help="validation loss on prepared shards (gptrain prepare)",
+                       description="Mean next-token loss over the first --val-tokens validation tokens of a "
+                       "prepared data directory, as the training loop measures it.")
+    common(p, 8, "sequences per forward pass")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (manifest.json + shards)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default: the model's context window)")
+    p.add_argument("--val-tokens", type=int, default=10_485_760, metavar="N",
+                   help="validation tokens to use (default: 10485760, the lecture's 20 x 64 x 1024 x 8)")
+    p.set_defaults(_run=run_val)
+
+
+def main(args: argparse.Namespace) -> int:
+    return args._run(args)
+
+
+def _load(args):
+    from gptrain.generate import resolve_device
+    from gptrain.hf import load_model
+    device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise GptrainError(f"--batch-size {args.batch_size} must be at least 1")
+    return load_model(args.model).to(device).eval(), device
+
+
+def _write_json(path: str | None, obj) -> None:
+    if path:
+        from gptrain.config import write_json_atomic
+        write_json_atomic(path, obj)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def run_hellaswag(args) -> int:
+    from gptrain.eval import hellaswag
+    if args.limit is not None and args.limit < 1:
+        raise GptrainError(f"--limit {args.limit} must be at least 1")
+    examples = hellaswag.load_examples(args.data, limit=args.limit, progress=True)
+    model, device = _load(args)
+    t0 = time.perf_counter()
+    res = hellaswag.evaluate(model, examples, batch_size=args.batch_size, device=device, progress=True,
+                             autocast=getattr(torch, args.autocast) if args.autocast else None)
+    seconds = time.perf_counter() - t0
+    source = args.data or "the HellaSwag validation set"
+    print(f"HellaSwag: {res['n']} examples from {source}, {seconds:.1f}s ({res['n'] / seconds:.1f} examples/s on {device})")
+    print(baselines.table("completion-style scoring (lecture), full validation set for the baselines",
+                          {f"{args.model}": res, **baselines.HELLASWAG}, ["acc", "acc_norm"]))
+    _write_json(args.json, res)
+    return 0
+
+
+def run_lm_eval(args) -> int:
+    from gptrain.eval import harness
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise GptrainError("--tasks is empty; give comma-separated task names such as hellaswag,arc_easy")
+    model, device = _load(args)
+    out = harness.evaluate(model, tasks, include_path=args.include_path, limit=args.limit,
+                           batch_size=args.batch_size, device=str(device))
+    summary = {}
+    for task, metrics in out["results"].items():
+        values = {k.removesuffix(",none"): v for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and "_stderr" not in k and k != "sample_len"}
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        summary[task] = {**values, **({"n": n} if n is not None else {})}
+        metric_names = [k for k in values if k != "n"]
+        if not metric_names:
+            continue
+        rows = {args.model: values, **baselines.HARNESS_TASKS.get(task, {})}
+        print(baselines.table(f"{task} ({n if n is not None else '?'} documents, lm-eval)", rows, metric_names))
+        print()
+    _write_json(args.json, summary)
+    return 0
+
+
+@torch.no_grad()
+def run_val(args) -> int:
+    from gptrain.data.loader import ValLoader, check_tokenizer
+    from gptrain.tokenizer import tokenizer_for_vocab
+    model, device = _load(args)
+    T = args.seq_len or model.config.block_size
+    if not 0 < T <= model.config.block_size:
+        raise GptrainError(f"--seq-len {T} must be between 1 and the model's context window {model.config.block_size}")
+    val = ValLoader(args.data, args.batch_size, T, max_tokens=args.val_tokens)
+    check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
+    total, count = 0.0, 0
+    for x, y in val.batches():
+        _, loss = model(x.to(device), y.to(device))
+        n = int((y != -1).sum())
+        total += loss.item() * n
+        count += n
+    res = {"val_loss": total / count, "tokens": count}
+    print(f"validation loss over {count:,} tokens of {args.data} (T={T})")
+    print(baselines.table("FineWeb-EDU validation loss for the baseline", {args.model: res, **baselines.VAL_LOSS},
+                          ["val_loss"]))
+    _write_json(args.json, res)
+    return 0

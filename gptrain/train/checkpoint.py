@@ -1,0 +1,583 @@
+"""Checkpoints a run can always resume from, bit for bit, after any kind of death.
+
+Layout: RUN/checkpoints/step_XXXXXXXX/ holds (XXXXXXXX = optimizer updates completed)
+  model.safetensors  unwrapped weights (no `module.`/`_orig_mod.` prefixes; a tied tensor stored once)
+  optimizer.pt       optimizer.state_dict()                       } torch.save, read back only with
+  state.pt           every rank's RNGs and loader state, guard,  } torch.load(weights_only=True)
+                     the trainer's extra state
+  meta.json          readable: step, tokens seen, time, git revision, configs, tokenizer, world size
+  MANIFEST.json      sha256 and size of each file above, written last
+
+A checkpoint is written into a hidden temp directory, every file fsynced, the manifest written last, then renamed
+into place and the parent fsynced: a kill at any moment leaves either the complete checkpoint or none. A directory
+whose manifest is missing or whose hashes fail is never used. Old checkpoints are pruned only after the new one is
+verified on disk, and the newest valid one is never pruned. Only rank 0 writes; the other ranks send it their
+RNG and loader states (small), so no shared filesystem is needed to save.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gptrain.config import fsync_dir, to_jsonable
+from gptrain.errors import GptrainError
+from gptrain.model import GPTConfig
+
+CHECKPOINTS = "checkpoints"
+MODEL, OPTIMIZER, STATE, META, MANIFEST = "model.safetensors", "optimizer.pt", "state.pt", "meta.json", "MANIFEST.json"
+FORMAT = "gptrain-checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Test-only: "kill:STEP" SIGKILLs this process halfway through writing checkpoint STEP; "sleep:SECONDS" sleeps
+# there on every save, so a test can kill at a random moment that includes a save in progress.
+TEST_SAVE_HOOK = "GPTRAIN_TEST_SAVE_HOOK"
+
+
+def warn(msg: str) -> None:
+    print(f"gptrain: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def info(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories under RUN/checkpoints, oldest first (complete or not: see `verify_checkpoint`)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    m = _STEP_DIR.match(Path(ckpt).name)
+    return int(m.group(1)) if m else -1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Verification
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_verified: dict[str, tuple] = {}  # path -> file signature when last verified (hash each file once per process)
+
+
+def _signature(ckpt: Path, names) -> tuple:
+    sig = []
+    for name in [MANIFEST, *names]:
+        st = (ckpt / name).stat()
+        sig.append((name, st.st_size, st.st_mtime_ns))
+    return tuple(sig)
+
+
+def verify_checkpoint(ckpt: str | os.PathLike, full: bool = True) -> str | None:
+    """None when `ckpt` is complete and intact, else the reason it is not. `full=False` skips the hashes."""
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            return f"{MANIFEST} is not a gptrain checkpoint manifest"
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for required in (MODEL, META):
+        if required not in files:
+            return f"{MANIFEST} does not list {required}"
+    try:
+        sig = _signature(ckpt, files)
+    except OSError as e:
+        return f"missing file {Path(e.filename).name}"
+    for name, entry in files.items():
+        size = (ckpt / name).stat().st_size
+        if size != entry.get("bytes"):
+            return f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated or altered)"
+    if not full or _verified.get(str(ckpt)) == sig:
+        return None
+    for name, entry in files.items():
+        digest = _sha256(ckpt / name)
+        if digest != entry.get("sha256"):
+            return f"{name} has sha256 {digest[:12]}..., the manifest says {str(entry.get('sha256'))[:12]}... (corrupted)"
+    _verified[str(ckpt)] = sig
+    return None
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name)) or (path / MANIFEST).exists() or (path / MODEL).exists()
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint `path` names: a checkpoint directory (must be valid), or a run directory (or its
+    checkpoints/ folder), whose newest valid checkpoint is returned, skipping broken ones with a warning.
+    None when a run directory has no valid checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise GptrainError(f"checkpoint or run directory {path} does not exist; pass a run directory (--out of a "
+                           "training run) or one of its checkpoints/step_XXXXXXXX directories")
+    if _is_checkpoint_dir(path):
+        reason = verify_checkpoint(path)
+        if reason:
+            raise GptrainError(f"checkpoint {path} is not usable: {reason}; pass its run directory to use the "
+                               "newest valid checkpoint instead")
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        reason = verify_checkpoint(ckpt)
+        if reason is None:
+            return ckpt
+        warn(f"skipping checkpoint {ckpt}: {reason}; falling back to the previous one")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model weights
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
+                                                     if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unwrapped weights with wrapper prefixes stripped (a state dict taken from a wrapper keeps them)."""
+    out = {}
+    for key, value in unwrap_model(model).state_dict().items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to store (each storage once: safetensors refuses shared tensors) and alias -> stored name."""
+    stored, tied, seen = {}, {}, {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            tied[key] = seen[ident]
+        else:
+            seen[ident] = key
+            stored[key] = t.detach().cpu().contiguous()
+    return stored, tied
+
+
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The stored tensors with tied aliases restored (they share the stored tensor)."""
+    state = {}
+    with safe_open(ckpt / MODEL, framework="pt", device="cpu") as f:
+        tied = json.loads((f.metadata() or {}).get("gptrain.tied", "{}"))
+        for key in f.keys():
+            state[key] = f.get_tensor(key)
+    for alias, name in tied.items():
+        state[alias] = state[name]
+    return state
+
+
+def load_model_weights(ckpt: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
+    """(model config, state dict ready for `GPT.load_state_dict`, meta) of a checkpoint or a run's newest one."""
+    found = find_checkpoint(ckpt)
+    if found is None:
+        raise GptrainError(f"run directory {ckpt} has no valid checkpoint under {CHECKPOINTS}/; train with "
+                           "--save-every N, or pass a checkpoint directory")
+    meta = json.loads((found / META).read_text())
+    state = _read_weights(found)
+    try:
+        config = GPTConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise GptrainError(f"checkpoint {found}/{META} has no valid model_config ({e}); the checkpoint is not "
+                           "from this version of gptrain") from None
+    return config, state, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG and loader state, in a form torch.load(weights_only=True) reads back
+
+def _to_safe(obj):
+    """numpy arrays and scalars -> tensors/Python values that a weights_only load accepts, recursively."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).view(np.uint8).reshape(-1).copy()),
+                "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_safe(v) for v in obj)
+    return obj
+
+
+def _from_safe(obj):
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return np.frombuffer(obj["__ndarray__"].numpy().tobytes(), dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        return {k: _from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_safe(v) for v in obj)
+    return obj
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU and this rank's accelerator generators."""
+    state = {"python": random.getstate(), "numpy": _to_safe(np.random.get_state()), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank owns one
+    if hasattr(torch, "mps") and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(_from_safe(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "mps" in state and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+@lru_cache(maxsize=1)
+def git_revision() -> str | None:
+    """The source tree's commit, when gptrain runs from a git checkout."""
+    src = Path(__file__).resolve().parents[2]
+    if not (src / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _test_save_hook(step: int, when: str) -> None:
+    hook = os.environ.get(TEST_SAVE_HOOK, "")
+    if hook.startswith("sleep:") and when == "middle":
+        time.sleep(float(hook.split(":", 1)[1]))
+    elif hook == f"kill:{step}" and when == "middle":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_to_rank0(obj):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere."""
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def _broadcast_from_rank0(obj):
+    rank, world = _world()
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass
+class ResumeState:
+    """Where a resumed run continues: `step` updates are done, `tokens_seen` tokens consumed."""
+    path: Path
+    step: int
+    tokens_seen: int
+    extra: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+class Checkpointer:
+    """Saves and restores everything a run's future depends on. Every rank calls `save`/`resume` at the same
+    points (they exchange small state); only rank 0 touches the disk when saving.
+
+    `config` is the resolved run configuration (JSON-able); `tokenizer` is {"name", "sha256"}; `guard` any object
+    with state_dict/load_state_dict (the divergence guard); `extra` passed to `save` is the trainer's own state.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, model, optimizer, loader, config: dict,
+                 tokenizer: dict | None = None, guard=None, keep_last: int = 0, keep_every: int = 0,
+                 metrics_path: str | os.PathLike | None = None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
+        self.config = to_jsonable(config)
+        self.tokenizer = tokenizer
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.rank, self.world_size = _world()
+        self.last_good: Path | None = None  # the newest complete checkpoint
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def save(self, step: int, tokens_seen: int, extra: dict | None = None) -> Path:
+        """Write checkpoint `step` (updates completed) atomically, verify it, then prune. Returns its path."""
+        rank_state = {"rng": capture_rng_state(), "loader": _to_safe(self.loader.state_dict())}
+        ranks = _gather_to_rank0(rank_state)
+        error = None
+        if self.rank == 0:
+            try:
+                self._write(step, tokens_seen, ranks, extra or {})
+            except GptrainError as e:
+                error = str(e)
+        error = _broadcast_from_rank0(error)
+        if error:
+            raise GptrainError(error)
+        self.last_good = step_dir(self.run_dir, step)
+        return self.last_good
+
+    def _write(self, step: int, tokens_seen: int, ranks: list, extra: dict) -> None:
+        final = step_dir(self.run_dir, step)
+        tmp = self.root / f".tmp-{final.name}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):  # left by a save that was killed: incomplete by definition
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            self._write_files(tmp, step, tokens_seen, ranks, extra)
+            if final.exists():
+                self._set_aside(final, "replaced")
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            prev = f"the previous checkpoint {self.last_good} is intact" if self.last_good else "no earlier checkpoint was touched"
+            raise GptrainError(f"could not write checkpoint {final}: {why}; {prev}. Free space in {self.root} "
+                               "(or lower --keep-last) and resume with --resume auto") from None
+        reason = verify_checkpoint(final)
+        if reason:
+            raise GptrainError(f"checkpoint {final} failed verification right after writing ({reason}); the disk "
+                               "may be failing. Earlier checkpoints were kept")
+        self._prune(final)
+
+    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list, extra: dict) -> None:
+        model = unwrap_model(self.model)
+        stored, tied = _split_tied(model_state_dict(model))
+        save_file(stored, tmp / MODEL, metadata={"format": "pt", "gptrain.tied": json.dumps(tied)})
+        _fsync_file(tmp / MODEL)
+        _test_save_hook(step, "middle")
+        with open(tmp / OPTIMIZER, "wb") as f:
+            torch.save(self.optimizer.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / STATE, "wb") as f:
+            torch.save({"ranks": ranks, "guard": self.guard.state_dict() if self.guard else None,
+                        "extra": _to_safe(extra)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        now = time.time()
+        meta = {
+            "format": FORMAT, "version": VERSION,
+            "step": step, "tokens_seen": tokens_seen,
+            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"), "unix_time": now,
+            "git_revision": git_revision(),
+            "world_size": self.world_size,
+            "model_config": model.config.to_dict() if hasattr(model, "config") else None,
+            "tokenizer": self.tokenizer,
+            "metrics_offset": self._metrics_size(),
+            "config": self.config,
+        }
+        _write_json(tmp / META, meta)
+        files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                 for name in (MODEL, OPTIMIZER, STATE, META)}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
+        fsync_dir(tmp)
+
+    def _metrics_size(self) -> int | None:
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return None
+        return self.metrics_path.stat().st_size
+
+    def _set_aside(self, ckpt: Path, why: str) -> Path:
+        """Move a checkpoint out of the way without deleting it (its name no longer looks like a checkpoint)."""
+        dest = ckpt.with_name(f"{ckpt.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(ckpt, dest)
+        fsync_dir(ckpt.parent)
+        warn(f"moved {ckpt.name} aside to {dest} (kept, not deleted)")
+        return dest
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest `keep_last` complete checkpoints (0: all) and every `keep_every`-th step; the one just
+        written is always kept. Incomplete or corrupt directories are left for the user to inspect."""
+        if self.keep_last <= 0:
+            return
+        complete = [c for c in list_checkpoints(self.run_dir)
+                    if checkpoint_step(c) < checkpoint_step(newest) and verify_checkpoint(c, full=False) is None]
+        keep = set(complete[-(self.keep_last - 1):]) if self.keep_last > 1 else set()
+        for ckpt in complete:
+            if ckpt in keep or (self.keep_every > 0 and checkpoint_step(ckpt) % self.keep_every == 0):
+                continue
+            doomed = ckpt.with_name(f".deleting-{ckpt.name}")
+            os.replace(ckpt, doomed)  # renamed first, so a crash mid-delete never leaves a half checkpoint
+            shutil.rmtree(doomed, ignore_errors=True)
+        for leftover in self.root.glob(".deleting-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        fsync_dir(self.root)
+
+    # -- resuming -------------------------------------------------------------------------------------------
+    def resume(self, spec: str | None) -> ResumeState | None:
+        """Restore the run state from `spec`: None/"" (fresh start; refuses a run directory that already has
+        checkpoints), "auto" (newest valid checkpoint in this run, or fresh when none) or a path (a checkpoint,
+        or a run directory's newest valid one). Call after building model, optimizer and loader; restores RNGs
+        last. Returns None for a fresh start."""
+        ckpt = None
+        if self.rank == 0:
+            ckpt = self._choose(spec)
+        ckpt = _broadcast_from_rank0(str(ckpt) if ckpt else None)
+        if ckpt is None:
+            return None
+        return self._load(Path(ckpt))
+
+    def _choose(self, spec: str | None) -> Path | None:
+        if not spec:
+            if list_checkpoints(self.run_dir):
+                raise GptrainError(f"{self.run_dir} already has checkpoints ({list_checkpoints(self.run_dir)[-1].name}); "
+                                   "pass --resume auto to continue that run, or choose another --out")
+            return None
+        if spec == "auto":
+            if not self.root.is_dir():
+                return None
+            ckpt = find_checkpoint(self.run_dir)
+            if ckpt is None:
+                if list_checkpoints(self.run_dir):
+                    warn(f"no valid checkpoint in {self.root}: starting from scratch")
+                else:
+                    info(f"no checkpoint in {self.root} yet: starting a fresh run")
+                return None
+        else:
+            ckpt = find_checkpoint(spec)
+            if ckpt is None:
+                raise GptrainError(f"--resume {spec}: no valid checkpoint under {Path(spec) / CHECKPOINTS}; pass a "
+                                   "checkpoint directory or --resume auto")
+        # Later checkpoints of this run belong to a future that this resume abandons; move them aside so that
+        # a later --resume auto cannot jump back onto it (they are kept, not deleted).
+        if ckpt.parent.resolve() == self.root.resolve():
+            for later in list_checkpoints(self.run_dir):
+                if checkpoint_step(later) > checkpoint_step(ckpt):
+                    self._set_aside(later, "abandoned" if verify_checkpoint(later) is None else "broken")
+        return ckpt
+
+    def _load(self, ckpt: Path) -> ResumeState:
+        meta = json.loads((ckpt / META).read_text())
+        model = unwrap_model(self.model)
+        self._check_compatible(ckpt, meta, model)
+        model.load_state_dict(_read_weights(ckpt))  # rank 0 verified every hash when it chose `ckpt`
+        self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True))
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        ranks = state["ranks"]
+        if len(ranks) == self.world_size:
+            mine = ranks[self.rank]
+        else:
+            mine = ranks[0]
+            if self.rank == 0:
+                warn(f"resuming a {len(ranks)}-process run on {self.world_size} processes: data continues from the "
+                     "same global position (nothing skipped or repeated), but the continuation is no longer bit for "
+                     "bit the original run")
+        self.loader.load_state_dict(_from_safe(mine["loader"]))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+        if self.rank == 0:
+            self._truncate_metrics(ckpt, meta)
+            info(f"resuming from {ckpt} (step {meta['step']}, {meta['tokens_seen']:,} tokens seen)")
+        restore_rng_state(mine["rng"])  # last: nothing above may draw from a generator afterwards
+        self.last_good = ckpt
+        return ResumeState(path=ckpt, step=int(meta["step"]), tokens_seen=int(meta["tokens_seen"]),
+                           extra=_from_safe(state.get("extra") or {}), meta=meta)
+
+    def _check_compatible(self, ckpt: Path, meta: dict, model) -> None:
+        saved = meta.get("model_config") or {}
+        now = model.config.to_dict() if hasattr(model, "config") else {}
+        diff = [f"{k}={saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diff:
+            raise GptrainError(f"checkpoint {ckpt} has a different model shape ({', '.join(diff)}); the shape cannot "
+                               "change mid-run: drop the shape flags to resume, or train into a new --out")
+        old_tok, new_tok = (meta.get("tokenizer") or {}).get("sha256"), (self.tokenizer or {}).get("sha256")
+        if old_tok and new_tok and old_tok != new_tok:
+            raise GptrainError(f"checkpoint {ckpt} was trained with tokenizer {meta['tokenizer'].get('name')} "
+                               f"(sha256 {old_tok[:12]}...) but this run's data uses {self.tokenizer.get('name')} "
+                               f"(sha256 {new_tok[:12]}...); the tokenizer cannot change mid-run")
+        if self.rank == 0:
+            old_cfg = meta.get("config") or {}
+            changed = [f"{k} {old_cfg[k]!r} -> {self.config[k]!r}" for k in sorted(set(old_cfg) & set(self.config))
+                       if k != "resume" and old_cfg[k] != self.config[k]]
+            if changed:
+                warn(f"settings changed since {ckpt.name}: {'; '.join(changed)}")
+
+    def _truncate_metrics(self, ckpt: Path, meta: dict) -> None:
+        """Cut RUN/metrics.jsonl back to what was written when `ckpt` was saved, so no step appears twice."""
+        offset = meta.get("metrics_offset")
+        if self.metrics_path is None or offset is None or not self.metrics_path.exists():
+            return
+        if ckpt.parent.resolve() != self.root.resolve():
+            return  # resuming another run's checkpoint: this run's log is its own
+        size = self.metrics_path.stat().st_size
+        if size < offset:
+            warn(f"{self.metrics_path} is shorter than when {ckpt.name} was saved; appending to it as it is")
+            return
+        with open(self.metrics_path, "r+b") as f:
+            f.truncate(offset)
+            f.flush()
+            os.fsync(f.fileno())
+

@@ -1,0 +1,106 @@
+"""`TrainConfig`: every option of a training run in one typed dataclass, and the named recipes (presets).
+
+Flags are generated from the fields (gptrain.config.add_dataclass_args), so `--micro-batch-size 8` exists because
+`micro_batch_size` does. A preset is a set of field values; flags the user passes override it, and the fully
+resolved result (model shape included) is written to RUN/config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on and where to write
+    data: str | None = _f(None, "prepared data directory (gptrain prepare ... --out DIR)")
+    out: str | None = _f(None, "run directory: config.json, metrics.jsonl, checkpoints")
+    init_from: str | None = _f(None, "start from these weights: HF directory, hub name, gptrain run or checkpoint")
+    # --- model shape (None: the model preset's value)
+    model: str = _f("gpt2", "model shape preset (gptrain.model.PRESETS)")
+    n_layer: int | None = _f(None, "override the number of layers")
+    n_head: int | None = _f(None, "override the number of attention heads")
+    n_embd: int | None = _f(None, "override the embedding width")
+    # --- batch and length
+    seq_len: int = _f(1024, "tokens per sequence (T)")
+    micro_batch_size: int = _f(64, "sequences per forward pass per process (B)")
+    total_batch_size: int = _f(524288, "tokens per optimizer step; must be a multiple of B*T*world_size")
+    max_steps: int = _f(19073, "optimizer steps (0: derive from --epochs and the data size)")
+    epochs: float = _f(0.0, "train for this many passes over the data instead of --max-steps (when > 0)")
+    # --- optimizer and schedule
+    lr: float = _f(6e-4, "maximum learning rate")
+    min_lr_ratio: float = _f(0.1, "minimum learning rate as a fraction of --lr")
+    warmup_steps: int = _f(715, "linear warm-up steps")
+    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd"))
+    decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end")
+    weight_decay: float = _f(0.1, "AdamW weight decay (applied to 2-D weights only)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    # --- numerics and speed
+    device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = _f("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere)",
+                    choices=("auto", "float32", "bfloat16"))
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    # --- data order
+    shuffle: bool = _f(True, "reshuffle the training data every epoch (--no-shuffle: the lecture's sequential order)")
+    seed: int = _f(1337, "seed for initialisation, data order and sampling")
+    # --- in-loop evaluation (0 disables each)
+    eval_every: int = _f(250, "steps between validation-loss (and HellaSwag) evaluations; 0: off")
+    val_tokens: int = _f(10485760, "validation token budget per evaluation")
+    hellaswag_data: str | None = _f(None, "HellaSwag for in-loop accuracy: a val .jsonl[.gz], 'auto' (official file, "
+                                          "downloaded once into the cache) or none (off)")
+    hellaswag_limit: int = _f(0, "score only the first N HellaSwag examples (0: all)")
+    sample_every: int = _f(250, "steps between text samples; 0: off")
+    sample_tokens: int = _f(32, "new tokens per sample")
+    num_samples: int = _f(4, "samples per sampling round")
+    log_every: int = _f(1, "steps between console lines")
+    tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tb (needs tensorboard installed)")
+    wandb_project: str | None = _f(None, "also log to this Weights & Biases project (needs wandb installed)")
+    # --- checkpoints and resilience (issue 5 owns the behaviour; the flags live here)
+    save_every: int = _f(5000, "steps between checkpoints; 0: only at the end")
+    keep_last: int = _f(3, "keep the newest K checkpoints")
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of M permanently; 0: none")
+    resume: str | None = _f(None, "'auto' (newest valid checkpoint in --out, or a fresh start) or a checkpoint path")
+    guard_zscore: float = _f(0.0, "skip an update whose loss or grad-norm z-score exceeds this (0: off)")
+    guard_window: int = _f(100, "steps in the running window of the divergence guard")
+    guard_max_skips: int = _f(5, "stop the run after this many consecutive skipped updates")
+
+
+_GPT2_124M = dict(model="gpt2", seq_len=1024, micro_batch_size=64, total_batch_size=524288, lr=6e-4,
+                  min_lr_ratio=0.1, warmup_steps=715, max_steps=19073, weight_decay=0.1, grad_clip=1.0,
+                  eval_every=250, sample_every=250, hellaswag_data="auto")
+
+# The lecture's recipes, plus sizes it did not train and a preset for CPUs.
+TRAIN_PRESETS: dict[str, dict] = {
+    "gpt2-124m": dict(_GPT2_124M),
+    "gpt2-124m-40b": dict(_GPT2_124M, max_steps=4 * 19073),
+    "gpt2-124m-3xlr": dict(_GPT2_124M, lr=1.8e-3),
+    "gpt3-124m": dict(_GPT2_124M, model="gpt3-small", seq_len=2048, micro_batch_size=32),
+    # GPT-3 paper table 2.1 LRs for the matching widths; batch stays at 0.5M tokens.
+    "gpt2-350m": dict(_GPT2_124M, model="gpt2-medium", micro_batch_size=32, lr=3e-4),
+    "gpt2-774m": dict(_GPT2_124M, model="gpt2-large", micro_batch_size=16, lr=2.5e-4),
+    "gpt2-1558m": dict(_GPT2_124M, model="gpt2-xl", micro_batch_size=8, lr=2e-4),
+    # The demo: a model small enough to learn Shakespeare in minutes on two CPU cores (see README's figures).
+    "tiny": dict(model="tiny", seq_len=128, micro_batch_size=16, total_batch_size=2048, lr=3e-3, min_lr_ratio=0.1,
+                 warmup_steps=20, max_steps=400, weight_decay=0.1, grad_clip=1.0, eval_every=100,
+                 val_tokens=32768, sample_every=0, save_every=0, hellaswag_data="none"),
+}
+
+
+def resolve(preset: str | None, overrides: dict) -> TrainConfig:
+    """The preset's values, then the user's flags on top."""
+    base = TrainConfig()
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            from gptrain.errors import GptrainError
+            raise GptrainError(f"unknown --preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+        base = replace(base, **TRAIN_PRESETS[preset])
+    known = {f.name for f in fields(TrainConfig)}
+    return replace(base, **{k: v for k, v in overrides.items() if k in known})

@@ -1,0 +1,109 @@
+"""What a run reports: one console line per step with a progress bar and ETA, RUN/metrics.jsonl, and optional
+TensorBoard / Weights & Biases writers (used only when installed and asked for).
+
+metrics.jsonl holds one JSON object per event: `{"step", "train_loss", "lr", "grad_norm", "tokens_per_sec", ...}`
+per step, `{"step", "val_loss"}` per evaluation, `{"step", "samples": [...]}` per sampling round. Floats are
+written with `json`'s shortest round-trip repr, so losses read back bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU (vendor data sheets), for MFU. Unknown GPUs print no MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def format_duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def step_line(m: dict, max_steps: int, eta_s: float | None) -> str:
+    """One line per step: progress bar, step, loss, lr, grad norm, time, tokens/s, MFU, ETA."""
+    done = (m["step"] + 1) / max(1, max_steps)
+    bar = "#" * int(10 * done) + "." * (10 - int(10 * done))
+    parts = [f"[{bar}] step {m['step'] + 1:>6}/{max_steps}", f"loss {m['train_loss']:.6f}", f"lr {m['lr']:.3e}",
+             f"norm {m['grad_norm']:.4f}", f"{m['ms']:.0f} ms", f"{m['tokens_per_sec']:,.0f} tok/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    """Appends events to RUN/metrics.jsonl (rank 0 only; other ranks get a log that writes nothing)."""
+
+    def __init__(self, run_dir: str | os.PathLike | None, *, enabled: bool = True, fresh: bool = True,
+                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = enabled and run_dir is not None
+        self._file = None
+        self._tb = self._wandb = None
+        if not self.enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "w" if fresh else "a")
+        if tensorboard:
+            from gptrain.errors import require
+            require("tensorboard", "--tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        if wandb_project:
+            from gptrain.errors import require
+            self._wandb = require("wandb", "--wandb-project")
+            self._wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+    def log(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+        scalars = {k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, event["step"])
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=event["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class Clock:
+    """Step timing and ETA from the mean of recent steps (the first, compile-heavy steps drop out)."""
+
+    def __init__(self, window: int = 20):
+        self.window, self.times = window, []
+
+    def lap(self, seconds: float) -> None:
+        self.times = (self.times + [seconds])[-self.window:]
+
+    def eta(self, steps_left: int) -> float | None:
+        return sum(self.times) / len(self.times) * steps_left if self.times else None
+
+
+def console(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)
+

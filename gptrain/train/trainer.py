@@ -1,0 +1,345 @@
+"""`gptrain train`: the pretraining loop, from one CPU process to many GPUs across nodes under torchrun.
+
+The loop is the lecture's (gradient accumulation, clip, scheduled LR, AdamW) made into a `Trainer` whose mutable
+state lives in one place: `model`, `optimizer`, `train_loader`, `step` (optimizer steps done) and `tokens_seen`.
+`train_step()` performs exactly one optimizer update; `run()` interleaves it with evaluation, sampling and
+logging. The loop accepts any train loader with next_batch()/state_dict()/load_state_dict() and any validation
+source with batches(), so SFT reuses it unchanged with its own (masked, targets −1) loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptrain.config import add_dataclass_args, overrides_from_args, to_jsonable, write_json_atomic
+from gptrain.errors import GptrainError
+from gptrain.model import GPT, preset as model_preset
+from gptrain.train import distributed
+from gptrain.train.checkpoint import Checkpointer
+from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
+from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
+from gptrain.train.optim import lr_at, make_optimizer
+from gptrain.train.resilience import DivergenceGuard, Preemption, inject_test_nan
+
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.micro_batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size <= 0 or cfg.total_batch_size % per_step:
+        lo = max(per_step, cfg.total_batch_size // per_step * per_step)
+        raise GptrainError(
+            f"--total-batch-size {cfg.total_batch_size} is not a multiple of micro-batch × seq-len × world size = "
+            f"{cfg.micro_batch_size}×{cfg.seq_len}×{world_size} = {per_step}; use e.g. {lo} or {lo + per_step}, "
+            f"or change --micro-batch-size")
+    return cfg.total_batch_size // per_step
+
+
+class Trainer:
+    """One training run. Everything a continuation depends on is an attribute here (see module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, model: GPT, train_loader, val_source=None, *,
+                 env: distributed.DistEnv | None = None, hellaswag=None, tokenizer=None):
+        self.cfg, self.env = cfg, env or distributed.DistEnv(device=distributed.choose_device(cfg.device))
+        self.device = self.env.device
+        self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
+        if cfg.seq_len > model.config.block_size:
+            raise GptrainError(f"--seq-len {cfg.seq_len} exceeds the model's context window of "
+                               f"{model.config.block_size}; use --seq-len {model.config.block_size} or less")
+        self.model = model.to(self.device)
+        self.compile = cfg.compile if cfg.compile is not None else self.env.device_type == "cuda"
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.env.device_type == "cuda" else "float32")
+        self.amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+        if self.env.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type)
+        self.wrapped = distributed.wrap(self.model, self.env, self.compile)
+        self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=self.env.device_type)
+        self.train_loader, self.val_source = train_loader, val_source
+        self.hellaswag, self.tokenizer = hellaswag, tokenizer
+        self.step = 0  # optimizer steps completed
+        self.tokens_seen = 0
+        self.train_losses: list[float] = []
+        self.last_val_loss: float | None = None
+        self.last_samples: list[str] = []
+        self.peak = peak_flops(self.device)
+        self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
+        self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
+        self.log = MetricsLog(cfg.out, enabled=self.env.is_master, fresh=resumed is None, tensorboard=cfg.tensorboard,
+                              wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+
+    def _resume(self):
+        """The run's Checkpointer (None without --out) and, with --resume, the state it restored everything from."""
+        cfg = self.cfg
+        if not cfg.out:
+            if cfg.resume:
+                raise GptrainError(f"--resume {cfg.resume} needs --out RUN, the run directory to continue")
+            return None, None
+        tok = {"name": self.tokenizer.name, "sha256": self.tokenizer.sha256} if self.tokenizer else None
+        ckpt = Checkpointer(cfg.out, model=self.model, optimizer=self.optimizer, loader=self.train_loader,
+                            config=self.cfg, tokenizer=tok, guard=self.guard, keep_last=cfg.keep_last,
+                            keep_every=cfg.keep_every, metrics_path=Path(cfg.out) / "metrics.jsonl")
+        resumed = ckpt.resume(cfg.resume)
+        if resumed is not None:
+            self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
+        return ckpt, resumed
+
+    # --- the pieces of a step
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.env.device_type, dtype=self.amp_dtype)
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, max_lr=c.lr, min_lr=c.lr * c.min_lr_ratio, warmup_steps=c.warmup_steps,
+                     max_steps=c.max_steps, schedule=c.schedule, decay_frac=c.decay_frac)
+
+    def train_step(self) -> dict:
+        """One optimizer update: grad_accum micro-batches (DDP syncs on the last), clip, LR, AdamW."""
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.wrapped.no_sync(last_micro_step=micro == self.grad_accum - 1):
+                with self.autocast():
+                    _, loss = self.wrapped.train(x, y)
+                loss = inject_test_nan(self.step, loss / self.grad_accum)
+                loss_accum += loss.detach()
+                loss.backward()
+        distributed.all_reduce_mean(loss_accum, self.env)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        last_good = self.checkpoints.last_good if self.checkpoints else None
+        skipped = self.guard.check(self.step, loss_accum.item(), norm.item(), last_good)  # same on every rank
+        if skipped is None:
+            self.optimizer.step()
+        if self.env.device_type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = self.cfg.total_batch_size
+        m = {"step": self.step, "train_loss": loss_accum.item(), "lr": lr, "grad_norm": norm.item(),
+             "tokens_per_sec": tokens / dt, "ms": 1000 * dt}
+        if self.peak:
+            m["mfu"] = self.model.estimate_mfu(tokens / dt / self.env.world_size, self.cfg.seq_len, self.peak)
+        if hasattr(self.train_loader, "epoch"):
+            m["epoch"] = self.train_loader.epoch
+        if skipped:
+            m["skipped"] = skipped
+        self.step += 1
+        self.tokens_seen += tokens
+        return m
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (token-weighted over the fixed val budget, averaged over ranks) and HellaSwag."""
+        out = {"step": self.step}
+        if self.val_source is not None:
+            total = torch.zeros((), device=self.device, dtype=torch.float64)
+            count = torch.zeros((), device=self.device, dtype=torch.float64)
+            for x, y in self.val_source.batches():
+                x, y = x.to(self.device), y.to(self.device)
+                with self.autocast():
+                    _, loss = self.wrapped.fwd(x, y)
+                n = (y != -1).sum()
+                total += loss.double() * n
+                count += n
+            distributed.all_reduce_sum(total, self.env)
+            distributed.all_reduce_sum(count, self.env)
+            if count.item() > 0:
+                out["val_loss"] = self.last_val_loss = (total / count).item()
+        if self.hellaswag is not None:
+            from gptrain.eval.hellaswag import evaluate as hellaswag_evaluate
+            hs = hellaswag_evaluate(self.wrapped.raw, self.hellaswag, device=self.device, rank=self.env.rank,
+                                    world_size=self.env.world_size, autocast=self.amp_dtype)
+            out["hellaswag_acc"], out["hellaswag_acc_norm"] = hs["acc"], hs["acc_norm"]
+        return out
+
+    @torch.no_grad()
+    def sample(self) -> list[str]:
+        """Continuations of the fixed prompt (rank 0 only), from the eager module: no recompiles per length."""
+        if not self.env.is_master or self.tokenizer is None:
+            return []
+        try:
+            from gptrain.generate import complete
+        except ImportError:
+            return []
+        prompt = self.tokenizer.encode(SAMPLE_PROMPT)
+        with self.autocast():
+            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
+                           top_k=50, seed=self.cfg.seed, stop_ids=None)
+        self.last_samples = [SAMPLE_PROMPT + self.tokenizer.decode(ids) for ids in new]
+        return self.last_samples
+
+    # --- the loop
+    def _due(self, every: int) -> bool:
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.max_steps)
+
+    def run(self) -> dict:
+        cfg, clock = self.cfg, Clock()
+        preempt = Preemption().install()
+        try:
+            while True:
+                if self._due(cfg.eval_every) and (self.val_source is not None or self.hellaswag is not None):
+                    ev = self.evaluate()
+                    self.log.log(ev)
+                    if self.env.is_master:
+                        console(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in ev.items()))
+                if self._due(cfg.sample_every) and self.step > 0 and self.env.is_master:
+                    samples = self.sample()
+                    if samples:
+                        self.log.log({"step": self.step, "samples": samples})
+                        for s in samples:
+                            console(f"sample: {s!r}")
+                if self.step >= cfg.max_steps:
+                    break
+                m = self.train_step()
+                self.train_losses.append(m["train_loss"])
+                clock.lap(m["ms"] / 1000)
+                self.log.log({k: v for k, v in m.items() if k != "ms"})
+                if self.env.is_master and cfg.log_every > 0 and (m["step"] % cfg.log_every == 0
+                                                                 or self.step == cfg.max_steps):
+                    console(step_line(m, cfg.max_steps, clock.eta(cfg.max_steps - self.step)))
+                if self.env.is_master and m.get("skipped"):
+                    console(f"step {m['step']}: update skipped ({m['skipped']})")
+                stop = preempt.should_stop(self.device)
+                if self.checkpoints and (stop or self._due(cfg.save_every) or self.step == cfg.max_steps):
+                    self.checkpoints.save(self.step, self.tokens_seen)
+                if stop:
+                    if self.env.is_master:
+                        console(f"stopped after step {self.step} on a signal; continue with --resume auto")
+                    break
+        finally:
+            preempt.uninstall()
+            self.log.close()
+        return {"train_losses": self.train_losses, "val_loss": self.last_val_loss, "samples": self.last_samples,
+                "step": self.step, "tokens_seen": self.tokens_seen}
+
+
+# --- building a run from the command line
+def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
+    if cfg.init_from:
+        from gptrain.hf import load_model
+        shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
+        if shape:
+            raise GptrainError(f"--init-from {cfg.init_from} fixes the model shape; drop the shape flags {shape}")
+        return load_model(cfg.init_from)
+    try:
+        mcfg = model_preset(cfg.model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                            vocab_size=vocab_size)
+    except ValueError as e:
+        raise GptrainError(str(e)) from None
+    return GPT(mcfg)
+
+
+def _resolve_steps(cfg: TrainConfig, train_tokens: int | None) -> TrainConfig:
+    if cfg.epochs > 0:
+        if not train_tokens:
+            raise GptrainError("--epochs: the training data is smaller than one batch; pass --max-steps instead")
+        return dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * train_tokens / cfg.total_batch_size)))
+    if cfg.max_steps <= 0:
+        raise GptrainError(f"--max-steps {cfg.max_steps} must be positive (or pass --epochs)")
+    return cfg
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run `gptrain train` with a resolved config (the CLI's entry point; also callable from Python)."""
+    if not cfg.data:
+        raise GptrainError("train needs --data DIR (make one with: gptrain prepare shakespeare --out DIR)")
+    if not cfg.out:
+        raise GptrainError("train needs --out RUN (the run directory for config.json, metrics and checkpoints)")
+    from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest
+    from gptrain.tokenizer import tokenizer_for_vocab
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    env = distributed.setup(cfg.device)
+    try:
+        manifest = load_manifest(cfg.data)
+        seed_everything(cfg.seed)
+        model = build_model(cfg, vocab_size=_manifest_vocab(manifest))
+        tokenizer = tokenizer_for_vocab(model.config.vocab_size)
+        check_tokenizer(manifest, tokenizer)
+        train_loader = TrainLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
+                                   world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle)
+        cfg = _resolve_steps(cfg, train_loader.tokens_per_epoch)
+        val = None
+        if cfg.eval_every > 0 and cfg.val_tokens > 0:
+            val = ValLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
+                            world_size=env.world_size, max_tokens=cfg.val_tokens)
+        hellaswag = _load_hellaswag(cfg) if cfg.eval_every > 0 else None
+        trainer = Trainer(cfg, model, train_loader, val, env=env, hellaswag=hellaswag, tokenizer=tokenizer)
+        if env.is_master:
+            _announce(trainer)
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(cfg.out) / "config.json",
+                              {"train": trainer.cfg, "model": model.config.to_dict(), "world_size": env.world_size,
+                               "grad_accum_steps": trainer.grad_accum, "tokenizer": tokenizer.name,
+                               "tokenizer_sha256": tokenizer.sha256})
+        result = trainer.run()
+        if env.is_master:
+            console(f"run directory: {Path(cfg.out).resolve()}")
+        return result
+    finally:
+        distributed.teardown()
+
+
+def _manifest_vocab(manifest: dict) -> int:
+    """The vocabulary a fresh model needs for this data (the chat tokenizer adds 4 ids to GPT-2's 50257)."""
+    from gptrain.tokenizer import get_tokenizer
+    return get_tokenizer(chat=(manifest.get("tokenizer") or {}).get("name") == "gpt2-chat").n_vocab
+
+
+def _load_hellaswag(cfg: TrainConfig):
+    """HellaSwag examples for in-loop accuracy: 'auto' = the official file (downloaded once into the cache)."""
+    if cfg.hellaswag_data in (None, "", "none"):
+        return None
+    from gptrain.eval.hellaswag import load_examples
+    return load_examples(None if cfg.hellaswag_data == "auto" else cfg.hellaswag_data,
+                         limit=cfg.hellaswag_limit or None)
+
+
+def _announce(t: Trainer) -> None:
+    c = t.cfg
+    console(f"device {t.device} ({'DDP x%d' % t.env.world_size if t.env.ddp else 'single process'}), "
+            f"dtype {c.dtype}, compile {'on' if t.compile else 'off'}, threads {torch.get_num_threads()}")
+    console(f"model {t.model.config.n_layer}L/{t.model.config.n_head}H/{t.model.config.n_embd}C, "
+            f"{t.model.num_params(padded=False) / 1e6:.1f}M params; batch {c.total_batch_size:,} tokens = "
+            f"{c.micro_batch_size}×{c.seq_len} × {t.grad_accum} accum × {t.env.world_size} proc; "
+            f"{c.max_steps} steps, lr {c.lr:g} ({c.schedule})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None, choices=list(TRAIN_PRESETS),
+                        help="a named recipe (its values, then your flags on top); default: the gpt2-124m values")
+    add_dataclass_args(parser, TrainConfig, exclude=("compile",))
+    parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
+                        default=argparse.SUPPRESS, help="torch.compile the model (default: on for CUDA, off elsewhere)")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve(args.preset, overrides_from_args(args, TrainConfig))
+    train(cfg)
+    return 0

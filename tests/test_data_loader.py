@@ -1,0 +1,290 @@
+"""The loader: every train token once per epoch across ranks, a new document order each epoch, the same order
+for the same seed, exact resume (also on another world size), the lecture's order in sequential mode, a
+deterministic validation stream, and clear errors for bad shards."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gptrain.config import write_json_atomic
+from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest
+from gptrain.data.shards import HEADER_BYTES, document_starts, write_shard
+from gptrain.errors import GptrainError
+from gptrain.tokenizer import get_tokenizer
+
+EOT = 50256
+
+
+def make_dir(path, shard_docs: list[int], val_docs: int = 4, seed: int = 0) -> list[list[np.ndarray]]:
+    """Shards of documents whose tokens (apart from the leading EOT) are all distinct, so any repeat or gap in
+    what a loader yields is visible. shard_docs: documents per train shard. Returns the documents per shard."""
+    rng = np.random.default_rng(seed)
+    next_id = iter(i for i in range(65536) if i != EOT)
+    manifest = {"tokenizer": {"name": "gpt2", "sha256": get_tokenizer().sha256}, "shards": []}
+    shards = []
+    for split, counts in (("val", [val_docs]), ("train", shard_docs)):
+        for k, n in enumerate(counts):
+            docs = [np.array([EOT] + [next(next_id) for _ in range(rng.integers(1, 60))], dtype=np.uint16)
+                    for _ in range(n)]
+            tokens = np.concatenate(docs)
+            name = f"{split}_{k:06d}.bin"
+            sha = write_shard(path / name, tokens)
+            manifest["shards"].append({"path": name, "split": split, "tokens": len(tokens), "documents": n,
+                                       "sha256": sha})
+            if split == "train":
+                shards.append(docs)
+    write_json_atomic(path / "manifest.json", manifest)
+    return shards
+
+
+def epoch_stream(data_dir, B, T, W, seed=0, steps=None, shuffle=True):
+    """The token stream one epoch feeds, rebuilt from all ranks' batches: per step, rank 0's rows, rank 1's..."""
+    loaders = [TrainLoader(data_dir, B, T, rank=r, world_size=W, seed=seed, shuffle=shuffle) for r in range(W)]
+    steps = loaders[0].batches_per_epoch if steps is None else steps
+    xs, ys = [], []
+    for _ in range(steps):
+        for L in loaders:
+            x, y = L.next_batch()
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (B, T)
+            xs.append(x.reshape(-1))
+            ys.append(y.reshape(-1))
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy(), loaders
+
+
+def doc_order(stream: np.ndarray, shards) -> list[tuple[int, int]]:
+    """(shard, document) of each complete document in a stream, checking each appears whole and in one piece."""
+    where = {int(d[1]): (s, i) for s, docs in enumerate(shards) for i, d in enumerate(docs)}
+    starts = list(document_starts(stream, EOT)) + [len(stream)]
+    order = []
+    for a, b in zip(starts, starts[1:]):
+        piece = stream[a:b]
+        if piece[0] != EOT or len(piece) == 1:
+            continue
+        s, i = where[int(piece[1])]
+        doc = shards[s][i]
+        assert np.array_equal(piece, doc[:len(piece)]) and (b == len(stream) or len(piece) == len(doc))
+        order.append((s, i))
+    return order
+
+
+@pytest.fixture
+def data(tmp_path):
+    shards = make_dir(tmp_path, [30, 12, 25, 1, 18])
+    return tmp_path, shards
+
+
+@pytest.mark.parametrize("W", [1, 2, 3])
+def test_each_train_token_once_per_epoch(data, W):
+    data_dir, shards = data
+    B, T = 2, 16
+    x, y, loaders = epoch_stream(data_dir, B, T, W)
+    all_tokens = np.concatenate([d for docs in shards for d in docs])
+    n = len(all_tokens)
+    step = B * T * W
+    assert loaders[0].batches_per_epoch == (n - 1) // step and len(x) == loaders[0].tokens_per_epoch
+    words = x[x != EOT]
+    assert len(np.unique(words)) == len(words)  # no token twice: ranks disjoint, no repeats
+    assert len(all_tokens) - len(x) <= step  # all but the final partial step
+    assert np.array_equal(x[1:], y[:-1])  # y is the next token of the same stream
+    order = doc_order(np.append(x, y[-1]), shards)
+    assert len(order) >= sum(len(d) for d in shards) - step // 2  # whole documents, only the tail cut
+    assert all(L.epoch == 1 for L in loaders)
+
+
+def test_new_order_each_epoch_same_for_same_seed(data):
+    data_dir, shards = data
+    B, T = 2, 8
+    L = TrainLoader(data_dir, B, T, seed=3)
+    epochs = []
+    for _ in range(3):
+        xs = [L.next_batch()[0].reshape(-1) for _ in range(L.batches_per_epoch)]
+        epochs.append(torch.cat(xs).numpy())
+    orders = [doc_order(e, shards) for e in epochs]
+    assert orders[0] != orders[1] != orders[2] != orders[0]
+    shard_orders = set()
+    for o in orders:  # shards are permuted as units: a shard's documents are contiguous in the stream
+        shard_seq = [s for s, _ in o]
+        runs = tuple(s for k, s in enumerate(shard_seq) if k == 0 or s != shard_seq[k - 1])
+        assert len(runs) == len(set(runs))
+        shard_orders.add(runs)
+        for s in set(shard_seq):  # and so are the documents inside each shard
+            assert [i for t, i in o if t == s] != sorted(i for t, i in o if t == s) or len(shards[s]) == 1
+    assert len(shard_orders) > 1
+    again = TrainLoader(data_dir, B, T, seed=3)
+    assert np.array_equal(torch.cat([again.next_batch()[0].reshape(-1) for _ in range(L.batches_per_epoch)]),
+                          epochs[0])
+    other = TrainLoader(data_dir, B, T, seed=4)
+    assert not np.array_equal(other.next_batch()[0].numpy(), epochs[0][:B * T].reshape(B, T))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_exact_resume_mid_epoch_and_across_epoch(data, shuffle):
+    data_dir, _ = data
+    B, T, W = 2, 8, 2
+    ref = [TrainLoader(data_dir, B, T, rank=r, world_size=W, seed=7, shuffle=shuffle) for r in range(W)]
+    per_epoch = ref[0].batches_per_epoch
+    for stop in (5, per_epoch - 2):  # mid-epoch, and just before the epoch boundary
+        states = []
+        for L in ref:
+            L.load_state_dict(TrainLoader(data_dir, B, T, seed=7, shuffle=shuffle).state_dict())
+            for _ in range(stop):
+                L.next_batch()
+            states.append(json.loads(json.dumps(L.state_dict())))  # survives JSON
+        for r, L in enumerate(ref):
+            resumed = TrainLoader(data_dir, B, T, rank=r, world_size=W, seed=0, shuffle=shuffle)
+            resumed.load_state_dict(states[r])
+            for _ in range(5):  # crosses into the next epoch in the second round
+                a, b = L.next_batch(), resumed.next_batch()
+                assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            assert resumed.epoch == L.epoch
+    assert ref[0].epoch == 1
+
+
+def test_resume_on_other_world_size_neither_skips_nor_repeats(data):
+    data_dir, shards = data
+    B, T = 2, 8
+    x2, _, loaders = epoch_stream(data_dir, B, T, W=2, steps=10)
+    state = loaders[0].state_dict()
+    assert state == loaders[1].state_dict()  # one global cursor, the same on every rank
+    rest = [TrainLoader(data_dir, B, T, rank=r, world_size=3) for r in range(3)]
+    for L in rest:
+        L.load_state_dict(state)
+    xs = []
+    while rest[0].epoch == 0:
+        for L in rest:
+            xs.append(L.next_batch()[0].reshape(-1))
+    x = np.concatenate([x2, torch.cat(xs).numpy()])
+    full, _, _ = epoch_stream(data_dir, B, T, W=1)
+    assert np.array_equal(x, full[:len(x)]) and len(full) - len(x) < B * T * 3
+
+
+class LectureLoader:
+    """The lecture's DataLoaderLite, restated plainly: .npy shards whose names contain the split, sorted; each
+    rank reads B*T+1 tokens at its own offset; when the next read would pass the end, go to the next shard."""
+
+    def __init__(self, data_dir, B, T, rank, world, split="train"):
+        self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.files = sorted(p for p in data_dir.iterdir() if split in p.name)
+        self.shard = 0
+        self.tokens = self._load(0)
+        self.pos = B * T * rank
+
+    def _load(self, k):
+        return torch.tensor(np.load(self.files[k]).astype(np.int32), dtype=torch.long)
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self.tokens[self.pos:self.pos + B * T + 1]
+        x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+        self.pos += B * T * self.world
+        if self.pos + (B * T * self.world + 1) > len(self.tokens):
+            self.shard = (self.shard + 1) % len(self.files)
+            self.tokens = self._load(self.shard)
+            self.pos = B * T * self.rank
+        return x, y
+
+
+@pytest.mark.parametrize("W", [1, 2])
+def test_sequential_mode_is_the_lectures_loader_on_npy_shards(tmp_path, W):
+    rng = np.random.default_rng(1)
+    for k, n in enumerate([500, 333, 700]):  # lecture-style .npy shards, no manifest
+        np.save(tmp_path / f"edufineweb_train_{k + 1:06d}.npy", rng.integers(0, 50257, n).astype(np.uint16))
+    np.save(tmp_path / "edufineweb_val_000000.npy", rng.integers(0, 50257, 300).astype(np.uint16))
+    B, T = 2, 16
+    ours = TrainLoader(tmp_path, B, T, rank=0, world_size=W, shuffle=False)
+    lecture = LectureLoader(tmp_path, B, T, rank=0, world=W)
+    for _ in range(ours.batches_per_epoch * 2 + 3):  # wraps around twice
+        a, b = ours.next_batch(), lecture.next_batch()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert ours.epoch == 2
+    val = ValLoader(tmp_path, B, T, max_tokens=3 * B * T)
+    lecture_val = LectureLoader(tmp_path, B, T, 0, 1, split="val")
+    assert len(val) == 3
+    for a in val.batches():
+        b = lecture_val.next_batch()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_reads_bare_llmc_bin_shards(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    write_shard(tmp_path / "fineweb_train_000001.bin", tokens)
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens[::-1].copy())
+    m = load_manifest(tmp_path)
+    assert [(s["split"], s["tokens"]) for s in m["shards"]] == [("train", 1000), ("val", 1000)]
+    x, y = TrainLoader(tmp_path, 2, 10, shuffle=False).next_batch()
+    assert x.reshape(-1).tolist() == list(range(20)) and y.reshape(-1).tolist() == list(range(1, 21))
+    check_tokenizer(m, get_tokenizer())  # bare shards carry no tokenizer hash: assumed GPT-2
+
+
+def test_val_loader_is_deterministic_and_split_across_ranks(data):
+    data_dir, _ = data
+    B, T = 1, 8
+    vals = [ValLoader(data_dir, B, T, rank=r, world_size=2) for r in range(2)]
+    first = [list(v.batches()) for v in vals]
+    assert len(first[0]) > 1
+    for v, f in zip(vals, first):
+        again = list(v.batches())
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(f, again))
+    seen = torch.cat([torch.cat([x.reshape(-1) for x, _ in f]) for f in first])
+    words = seen[seen != EOT]
+    assert len(torch.unique(words)) == len(words)
+    assert len(ValLoader(data_dir, B, T, max_tokens=2 * B * T)) == 2
+
+
+def test_prefetch_builds_the_document_index(data):
+    data_dir, shards = data
+    L = TrainLoader(data_dir, 2, 8)
+    for i, docs in enumerate(shards):
+        assert L.shards.starts(i).tolist() == np.cumsum([0] + [len(d) for d in docs[:-1]]).tolist()
+
+
+def test_bad_shards_and_data(tmp_path, data):
+    data_dir, _ = data
+    with pytest.raises(GptrainError, match=r"fewer than one batch of B\*T\*W\+1 = 64\*64\*3\+1"):
+        TrainLoader(data_dir, 64, 64, world_size=3)
+    with pytest.raises(GptrainError, match="does not exist"):
+        TrainLoader(tmp_path / "nope", 2, 8)
+
+    manifest = load_manifest(data_dir)
+    mismatched = dict(manifest, tokenizer={"name": "other", "sha256": "ab" * 32})
+    with pytest.raises(GptrainError, match="tokenized with 'other'.*prepare the data again"):
+        check_tokenizer(mismatched, get_tokenizer())
+    check_tokenizer(manifest, get_tokenizer(chat=True))  # GPT-2 shards suit the chat vocabulary
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(data_dir, d)
+        edit(d / "train_000000.bin")
+        return d
+
+    def flip_token(p):
+        raw = bytearray(p.read_bytes())
+        raw[HEADER_BYTES + 5] ^= 1
+        p.write_bytes(bytes(raw))
+
+    d = broken("sha", flip_token)
+    with pytest.raises(GptrainError, match=r"train_000000.bin has sha256 .* corrupt"):
+        L = TrainLoader(d, 2, 8, shuffle=False)
+        L.next_batch()
+    d = broken("trunc", lambda p: p.write_bytes(p.read_bytes()[:-7]))
+    with pytest.raises(GptrainError, match=r"train_000000.bin is truncated"):
+        TrainLoader(d, 2, 8)
+    d = broken("magic", lambda p: p.write_bytes(b"\0" * 8 + p.read_bytes()[8:]))
+    with pytest.raises(GptrainError, match=r"train_000000.bin has magic 0, expected 20240520"):
+        TrainLoader(d, 2, 8)
+    (data_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(GptrainError, match="cannot read .*manifest.json"):
+        load_manifest(data_dir)
+
+
+def test_state_from_other_data_is_refused(tmp_path, data):
+    data_dir, _ = data
+    other = tmp_path / "other"
+    other.mkdir()
+    make_dir(other, [5, 5], seed=1)
+    sd = TrainLoader(other, 2, 8).state_dict()
+    with pytest.raises(GptrainError, match="resume with the data directory"):
+        TrainLoader(data_dir, 2, 8).load_state_dict(sd)

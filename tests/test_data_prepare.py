@@ -1,0 +1,217 @@
+"""`gptrain prepare`: shards decode back to the source documents, token ids equal tiktoken's GPT-2 encoding,
+the validation split is a fixed rule, and an interrupted prepare continues without rewriting finished shards."""
+
+import gzip
+import json
+import os
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken_ext.openai_public as openai_public
+
+import gptrain.data.prepare as prepare_mod
+from gptrain.cli import main as cli_main
+from gptrain.data.prepare import PrepareConfig, prepare
+from gptrain.data.shards import HEADER_BYTES, MAGIC, document_starts, file_sha256, open_shard
+from gptrain.data.sources import shakespeare_documents
+from gptrain.errors import GptrainError
+from gptrain.tokenizer import get_tokenizer
+
+EOT = 50256
+
+
+@lru_cache(maxsize=1)
+def _reference(data_dir: str) -> tiktoken.Encoding:
+    """tiktoken's own gpt2 spec (its regex and special token) with the ranks file read from ../shared/data."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+    ranks = tiktoken.load.load_tiktoken_bpe(f"{data_dir}/gpt2/gpt2.tiktoken")
+    return tiktoken.Encoding(name="gpt2-reference", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT})
+
+
+def split_docs(tokens: np.ndarray) -> list[np.ndarray]:
+    starts = list(document_starts(tokens, EOT)) + [len(tokens)]
+    return [np.asarray(tokens[a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def shard_docs(out, split=None) -> list[np.ndarray]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    docs = []
+    for sh in manifest["shards"]:
+        if split in (None, sh["split"]):
+            docs += split_docs(open_shard(out / sh["path"]))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shakespeare")
+    assert cli_main(["prepare", "shakespeare", "--out", str(out), "--shard-tokens", "300000", "--workers", "2"]) == 0
+    return out
+
+
+def test_shakespeare_shards_decode_to_every_work(shakespeare_dir):
+    works = shakespeare_documents()
+    assert len(works) == 42 and works[0].startswith("ALL'S WELL THAT ENDS WELL")
+    manifest = json.loads((shakespeare_dir / "manifest.json").read_text())
+    docs = shard_docs(shakespeare_dir)  # val shards come first: the val split is the first documents
+    assert len(docs) == 42 == manifest["totals"]["documents"] == manifest["documents_read"]
+    tok = get_tokenizer()
+    for work, ids in zip(works, docs):
+        assert ids[0] == EOT and EOT not in ids[1:]
+        assert tok.decode(ids[1:]) == work
+    assert manifest["complete"] is True
+    assert manifest["tokenizer"] == {"name": "gpt2", "sha256": tok.sha256}
+    train = [sh for sh in manifest["shards"] if sh["split"] == "train"]
+    assert len(train) > 3 and all(sh["tokens"] <= 300_000 for sh in train)  # shards close at a document boundary
+    for sh in manifest["shards"]:
+        path = shakespeare_dir / sh["path"]
+        header = np.fromfile(path, dtype="<i4", count=3)
+        assert list(header) == [MAGIC, 1, sh["tokens"]]
+        assert path.stat().st_size == HEADER_BYTES + 2 * sh["tokens"]
+        assert file_sha256(path) == sh["sha256"]
+        assert len(split_docs(open_shard(path))) == sh["documents"]
+    val = manifest["totals"]["val"]
+    assert val["documents"] == 3 and val["tokens"] >= 100_000  # the first works, up to --val-tokens
+
+
+def test_shakespeare_token_ids_equal_tiktoken(shakespeare_dir, shared_data):
+    ref = _reference(str(shared_data))
+    docs = shard_docs(shakespeare_dir)
+    for work, ids in zip(shakespeare_documents(), docs):
+        assert ids.tolist() == [EOT] + ref.encode_ordinary(work)
+    manifest = json.loads((shakespeare_dir / "manifest.json").read_text())
+    assert manifest["totals"]["tokens"] == sum(len(ref.encode_ordinary(w)) + 1 for w in shakespeare_documents())
+
+
+def test_worker_encoding_is_ordinary_encoding(shared_data):
+    """Special-token text is plain text, as encode_ordinary treats it; every document gets one leading EOT."""
+    ref = _reference(str(shared_data))
+    texts = ["a<|endoftext|>b", "", "  spaces   and\n\nnewlines ", "Ünïcödé 😀 中文", "x" * 5000]
+    flat, lengths = prepare_mod.encode_texts(texts)
+    assert flat.dtype == np.uint16 and lengths.tolist() == [len(ref.encode_ordinary(t)) + 1 for t in texts]
+    assert flat.tolist() == sum(([EOT] + ref.encode_ordinary(t) for t in texts), [])
+
+
+def test_jsonl_webtext_under_spawn(tmp_path, shared_data, monkeypatch):
+    """Real web documents through worker processes started with `spawn` (macOS/Windows), several batches."""
+    files = sorted((shared_data / "webtext").glob("*.jsonl"))
+    texts = [json.loads(line)["text"] for f in files for line in f.read_text().splitlines() if line.strip()]
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 20_000)
+    out = tmp_path / "web"
+    prepare(str(shared_data / "webtext" / "*.jsonl"),
+            PrepareConfig(out=str(out), shard_tokens=20_000, val_tokens=5_000, workers=2, start_method="spawn"),
+            progress=False)
+    ref = _reference(str(shared_data))
+    docs = shard_docs(out)
+    assert len(docs) == len(texts) == 20
+    assert [d.tolist() for d in docs] == [[EOT] + ref.encode_ordinary(t) for t in texts]
+
+
+def test_local_formats_txt_gz_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    works = shakespeare_documents()[:6]
+    (tmp_path / "a.txt").write_text(works[0])
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write(works[1])
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        for w in works[2:4]:
+            f.write(json.dumps({"body": w, "id": 1}) + "\n")
+    pq.write_table(pa.table({"body": works[4:6], "n": [1, 2]}), tmp_path / "d.parquet")
+    # .txt files carry no field name; --text-field applies to .jsonl and .parquet.
+    out = tmp_path / "out"
+    m = prepare([str(tmp_path / "*.txt*"), str(tmp_path / "*.jsonl.gz"), str(tmp_path / "d.parquet")],
+                PrepareConfig(out=str(out), text_field="body", val_tokens=0, workers=1), progress=False)
+    assert m["totals"]["documents"] == 6 and m["totals"]["val"]["tokens"] == 0
+    tok = get_tokenizer()
+    assert [tok.decode(d[1:]) for d in shard_docs(out)] == works
+
+
+def test_hub_path_reads_local_parquet_through_datasets(tmp_path):
+    """`hf:DIR` goes through datasets.load_dataset(..., streaming=True), the code path of hub corpora."""
+    pytest.importorskip("datasets")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    works = shakespeare_documents()
+    ds_dir = tmp_path / "hubdata" / "data"
+    ds_dir.mkdir(parents=True)
+    pq.write_table(pa.table({"text": works[:20], "id": list(range(20))}), ds_dir / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": works[20:], "id": list(range(20, 42))}), ds_dir / "train-00001-of-00002.parquet")
+    out = tmp_path / "out"
+    m = prepare(f"hf:{tmp_path / 'hubdata'}", PrepareConfig(out=str(out), shard_tokens=400_000, val_tokens=50_000,
+                                                             workers=2), progress=False)
+    assert m["source"]["kind"] == "hub" and m["documents_read"] == 42 == m["totals"]["documents"]
+    tok = get_tokenizer()
+    assert [tok.decode(d[1:]) for d in shard_docs(out)] == works
+    with pytest.raises(GptrainError, match="no field 'content'.*--text-field"):
+        prepare(f"hf:{tmp_path / 'hubdata'}", PrepareConfig(out=str(tmp_path / "o2"), text_field="content"),
+                progress=False)
+
+
+def test_val_split_is_independent_of_shards_and_length(tmp_path, shakespeare_dir):
+    """A shorter prepare with other shard sizes has the same validation documents, and none of them in train."""
+    out = tmp_path / "short"
+    prepare("shakespeare", PrepareConfig(out=str(out), shard_tokens=90_000, max_tokens=400_000, workers=1),
+            progress=False)
+    short_val, full_val = shard_docs(out, "val"), shard_docs(shakespeare_dir, "val")
+    assert [d.tolist() for d in short_val] == [d.tolist() for d in full_val]
+    val_set = {d.tobytes() for d in full_val}
+    assert not any(d.tobytes() in val_set for d in shard_docs(shakespeare_dir, "train"))
+    # Running again without --max-tokens extends the same directory to the whole corpus.
+    m = prepare("shakespeare", PrepareConfig(out=str(out), shard_tokens=90_000, workers=1), progress=False)
+    assert m["complete"] and m["documents_read"] == 42
+    assert [d.tolist() for d in shard_docs(out)] == [d.tolist() for d in shard_docs(shakespeare_dir)]
+
+
+def test_interrupted_prepare_continues_without_rewriting(tmp_path, shakespeare_dir, monkeypatch):
+    out = tmp_path / "resume"
+    cfg = PrepareConfig(out=str(out), shard_tokens=300_000, workers=1)
+    real_write = prepare_mod.write_shard
+    written = []
+
+    def crash_on_third(path, tokens):
+        if len(written) == 3:
+            raise RuntimeError("simulated crash")  # while the fourth shard is being written
+        written.append(path)
+        return real_write(path, tokens)
+
+    monkeypatch.setattr(prepare_mod, "write_shard", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare("shakespeare", cfg, progress=False)
+    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    partial = json.loads((out / "manifest.json").read_text())
+    assert len(partial["shards"]) == 3 and not partial["complete"]
+    before = {p.name: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in written}
+
+    m = prepare("shakespeare", cfg, progress=False)
+    assert {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns) for p in before} == before
+    full = json.loads((shakespeare_dir / "manifest.json").read_text())
+    assert m["shards"] == full["shards"]  # the same shards, byte for byte (sha256), as one uninterrupted prepare
+    with pytest.raises(GptrainError, match="different shard_tokens"):
+        prepare("shakespeare", PrepareConfig(out=str(out), shard_tokens=1000), progress=False)
+
+
+def test_prepare_errors(tmp_path):
+    with pytest.raises(GptrainError, match="no such file"):
+        prepare(str(tmp_path / "missing*.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(GptrainError, match="has no documents"):
+        prepare(str(tmp_path / "empty.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"content": "hi"}) + "\n")
+    with pytest.raises(GptrainError, match=r"rows.jsonl:1 has no field 'text' \(fields: content\); pass --text-field"):
+        prepare(str(tmp_path / "rows.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
+    (tmp_path / "doc.txt").write_text("short text")
+    with pytest.raises(GptrainError, match="went to the validation split.*smaller --val-tokens"):
+        prepare(str(tmp_path / "doc.txt"), PrepareConfig(out=str(tmp_path / "o2")), progress=False)
+    with pytest.raises(GptrainError, match="needs --out"):
+        prepare("shakespeare", PrepareConfig(), progress=False)
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    assert cli_main(["prepare", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptrain: error: source ") and err.count("\n") == 1

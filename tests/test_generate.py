@@ -1,0 +1,201 @@
+import pytest
+import torch
+
+from gptrain.errors import GptrainError
+from gptrain.generate import Engine, TextStream, complete, filter_logits, sample_from_logits
+from gptrain.model import GPT, GPTConfig
+from gptrain.tokenizer import get_tokenizer
+
+PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [15496, 11], [40, 1101, 257, 3303]]
+
+
+def lively_model(block_size=64, n_layer=2, seed=0):
+    """A random tiny GPT whose greedy output varies (default init just repeats one token)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=50257, n_layer=n_layer, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+def run(engine, prompts=PROMPTS, **kw):
+    gen = engine.generate(prompts, **kw)
+    steps = list(gen)
+    return gen, steps
+
+
+def test_greedy_with_cache_equals_full_forward_for_ragged_batch():
+    model = lively_model()
+    kw = dict(max_new_tokens=40, temperature=0, stop_ids=[])
+    cached = complete(model, PROMPTS, **kw)
+    full = complete(model, PROMPTS, **kw, use_cache=False)
+    assert cached == full
+    assert all(len(set(row)) > 10 for row in cached)  # a real sequence, not one token repeated
+    # Each row of the batch decodes as it would alone (left padding is invisible).
+    assert [complete(model, [p], **kw)[0] for p in PROMPTS] == cached
+
+
+def test_sliding_window_agrees_with_and_without_cache():
+    model = lively_model(block_size=16)
+    engine = Engine(model)
+    a, _ = run(engine, max_new_tokens=30, temperature=0, stop_ids=(), context="slide")
+    b, _ = run(engine, max_new_tokens=30, temperature=0, stop_ids=(), context="slide", use_cache=False)
+    assert a.ids == b.ids and all(len(r) == 30 for r in a.ids)  # 7 + 30 tokens > 16: slid at least twice
+
+
+def test_context_window_error_is_clear():
+    model = lively_model(block_size=16)
+    with pytest.raises(GptrainError, match=r"prompt 0 of 7 tokens \+ max_new_tokens=10 exceeds .* context window "
+                                           r"of 16 tokens.*context='slide'"):
+        Engine(model).generate(PROMPTS, max_new_tokens=10)
+
+
+def test_compiled_decode_matches_and_compiles_once():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = lively_model(block_size=32, n_layer=1)
+    eager = complete(model, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[], use_cache=False)
+    engine = Engine(model, compile=True)
+    compiled, _ = run(engine, max_new_tokens=12, temperature=0, stop_ids=())
+    assert compiled.ids == eager
+    assert counters["stats"]["unique_graphs"] == 1  # one decode graph for all 11 decode steps
+    run(engine, [p[:2] for p in PROMPTS], max_new_tokens=8, temperature=0.8, seed=3)  # new prompts, same shapes
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_seed_fixes_samples():
+    engine = Engine(lively_model())
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=None, stop_ids=())
+    a, _ = run(engine, seed=1, **kw)
+    b, _ = run(engine, seed=1, **kw)
+    c, _ = run(engine, seed=2, **kw)
+    assert a.ids == b.ids and a.ids != c.ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    engine = Engine(lively_model())
+    greedy, _ = run(engine, max_new_tokens=15, temperature=0, stop_ids=())
+    k1, _ = run(engine, max_new_tokens=15, temperature=1.5, top_k=1, stop_ids=(), seed=5)
+    p0, _ = run(engine, max_new_tokens=15, temperature=1.5, top_k=None, top_p=1e-6, stop_ids=(), seed=6)
+    assert greedy.ids == k1.ids == p0.ids
+
+
+def test_samples_stay_inside_top_k_and_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000) * 3
+    g = torch.Generator().manual_seed(0)
+    allowed_k = torch.topk(logits, 5).indices
+    for _ in range(200):
+        t = sample_from_logits(logits, temperature=1.3, top_k=5, generator=g)
+        assert all(t[b] in allowed_k[b] for b in range(4))
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = lambda p: torch.isfinite(filter_logits(probs.log(), top_p=p)).nonzero()[:, 1].tolist()
+    assert kept(0.5) == [0] and kept(0.8) == [0, 1] and kept(0.81) == [0, 1, 2] and kept(1.0) == [0, 1, 2, 3]
+    assert kept(0.81) == torch.isfinite(filter_logits(probs.log(), top_k=3, top_p=0.99)).nonzero()[:, 1].tolist()
+
+
+def test_stops_at_endoftext_by_default_and_at_given_ids():
+    model = lively_model()
+    with torch.no_grad():  # every hidden state becomes <|endoftext|>'s embedding: EOT is the greedy choice
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[50256])
+    gen, _ = run(Engine(model), max_new_tokens=5, temperature=0)
+    assert gen.ids == [[], [], []] and gen.finish_reasons == ["stop"] * 3
+
+    model = lively_model()
+    full = complete(model, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[])
+    stop = full[0][3]
+    gen, steps = run(Engine(model), max_new_tokens=10, temperature=0, stop_ids=(stop,))
+    assert gen.ids[0] == full[0][:full[0].index(stop)] and gen.finish_reasons[0] == "stop"
+    assert [s.tokens[0] for s in steps[:4]] == full[0][:4]  # the stop token is reported, then the row is done
+    assert all(s.tokens[0] is None for s in steps[4:])
+
+
+def test_stop_strings_cut_text_even_across_tokens():
+    engine = Engine(lively_model())
+    free, _ = run(engine, max_new_tokens=30, seed=4, stop_ids=())
+    text = free.texts[1]
+    stop = text[12:18]  # six characters, very likely spanning a token boundary
+    assert stop.strip()
+    gen, steps = run(engine, max_new_tokens=30, seed=4, stop_ids=(), stop=("zzzzqqq", stop))
+    assert gen.texts[1] == text[:text.index(stop)] and gen.finish_reasons[1] == "stop"
+    assert "".join(s.text[1] for s in steps) == gen.texts[1]
+    assert gen.texts[0] == free.texts[0] or gen.finish_reasons[0] == "stop"
+
+
+def test_text_stream_holds_split_utf8_and_stop_prefixes():
+    tok = get_tokenizer()
+    text = "naïve café 😀 — 世界 ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    stream = TextStream(tok)
+    pieces = [stream.add(t) for t in ids] + [stream.finish()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+    stream = TextStream(tok, stop=("lo w",))
+    shown = [stream.add(t) for t in tok.encode("Hello world, hello")]
+    assert "".join(shown) + stream.finish() == "Hel" and stream.stopped
+
+
+def test_no_repeat_ngram_and_repetition_penalty():
+    torch.manual_seed(0)
+    dull = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    plain = complete(dull, PROMPTS[:1], max_new_tokens=20, temperature=0, stop_ids=[])[0]
+    assert len(set(plain)) < 5  # default init repeats itself
+    engine = Engine(dull)
+    gen, _ = run(engine, PROMPTS[:1], max_new_tokens=20, temperature=0, stop_ids=(), no_repeat_ngram=2)
+    seq = PROMPTS[0] + gen.ids[0]
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(bigrams) == len(set(bigrams))
+    gen, _ = run(engine, PROMPTS[:1], max_new_tokens=20, temperature=0, stop_ids=(), repetition_penalty=1e9)
+    assert len(set(gen.ids[0])) > len(set(plain))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1), "temperature=-1 must be >= 0"),
+    (dict(top_k=0), "top_k=0 must be at least 1"),
+    (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+    (dict(max_new_tokens=0), "max_new_tokens=0 must be at least 1"),
+])
+def test_bad_sampling_settings_are_clear_errors(kw, message):
+    with pytest.raises(GptrainError, match=message):
+        Engine(lively_model()).generate(PROMPTS, **kw)
+
+
+def test_bad_prompts_are_clear_errors():
+    engine = Engine(lively_model())
+    with pytest.raises(GptrainError, match="at least one token"):
+        engine.generate([[1, 2], []])
+    with pytest.raises(GptrainError, match="token id 50300 outside the model's vocabulary of 50257"):
+        engine.generate([[1, 50300]])
+
+
+def _gptrain(*args, stdin=None):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gptrain", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_sample_command_prints_only_the_generated_text(tmp_path):
+    from gptrain.generate import SAMPLE_SEPARATOR
+    model = lively_model()
+    model.save_pretrained(tmp_path / "m")
+    tok = get_tokenizer()
+    prompt = "Hello, I'm a language model,"
+    common = ["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--num-samples", "2",
+              "--max-new-tokens", "12", "--temperature", "0"]
+    cached, full = _gptrain(*common), _gptrain(*common, "--no-kv-cache")
+    assert cached.returncode == 0, cached.stderr
+    expected = complete(model, [tok.encode(prompt)] * 2, max_new_tokens=12, temperature=0)
+    assert cached.stdout == SAMPLE_SEPARATOR.join(tok.decode(ids) for ids in expected) + "\n"
+    assert full.stdout == cached.stdout
+    assert "tokens/s" in cached.stderr and "tokens/s" not in cached.stdout
+    bad = _gptrain("sample", "--model", str(tmp_path / "m"), "--max-new-tokens", "100")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("gptrain: error: prompt 0 of 1 tokens + max_new_tokens=100 exceeds")
