@@ -100,10 +100,12 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
 class TextStream:
     """Token ids -> text, incrementally, for one row. Bytes of a character split across tokens are held until
     the character is complete; text that may be the start of a stop string is held until it is known not to be.
-    `stopped` turns True once a stop string appears; the text then ends just before it."""
+    `stopped` turns True once a stop string appears; the text then ends just before it. Special tokens
+    (<|endoftext|>, the chat tokens) are markup, not text: they add nothing."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self._token_bytes = tokenizer.enc.decode_single_token_bytes
+        self._special = set(tokenizer.special_tokens.values())
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = stop
         self.text = ""  # decoded so far, possibly past a stop string
@@ -111,7 +113,7 @@ class TextStream:
         self.stopped = False
 
     def add(self, token: int) -> str:
-        if self.stopped:
+        if self.stopped or token in self._special:
             return ""
         self.text += self._utf8.decode(self._token_bytes(token))
         hits = [i for i in (self.text.find(s, self.shown) for s in self.stop) if i >= 0]

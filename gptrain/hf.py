@@ -140,8 +140,13 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights_into(model: GPT, sd: dict[str, torch.Tensor], source: str) -> GPT:
-    """Copy a gptrain-named state dict into `model`, with one-line errors for missing/extra/misshapen tensors."""
+def load_weights_into(config: GPTConfig, sd: dict[str, torch.Tensor], source: str) -> GPT:
+    """A GPT holding these gptrain-named weights, with one-line errors for missing/extra/misshapen tensors.
+
+    The model is built on the meta device and takes the tensors as they are (no random initialisation, no
+    second copy), which matters for gpt2-xl on a CPU; weights stored in another dtype become float32."""
+    with torch.device("meta"):
+        model = GPT(config)
     sd = dict(sd)
     sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))
     expected = model.state_dict()
@@ -153,7 +158,8 @@ def load_weights_into(model: GPT, sd: dict[str, torch.Tensor], source: str) -> G
     for k, t in sd.items():
         if t.shape != expected[k].shape:
             raise GptrainError(f"{source}: {k} has shape {tuple(t.shape)}, the config needs {tuple(expected[k].shape)}")
-    model.load_state_dict(sd)
+    model.load_state_dict({k: t.to(expected[k].dtype).contiguous() for k, t in sd.items()}, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign= replaced the two tied parameters separately
     return model
 
 
@@ -204,7 +210,7 @@ def _load_hf_dir(path: Path) -> GPT:
         raise GptrainError(f"{cfg_path} is not readable JSON ({e})") from None
     config = config_from_hf(hf, str(cfg_path))
     sd = state_dict_from_hf(_read_hf_weights(path), config, str(path))
-    return load_weights_into(GPT(config), sd, str(path))
+    return load_weights_into(config, sd, str(path))
 
 
 def _is_gptrain_dir(path: Path) -> bool:
@@ -219,7 +225,7 @@ def _load_gptrain(path: Path) -> GPT:
     if ckpt is None:
         raise GptrainError(f"--model {path}: this run has no valid checkpoint under checkpoints/ yet")
     config, sd, _meta = load_model_weights(ckpt)
-    return load_weights_into(GPT(config), sd, str(ckpt))
+    return load_weights_into(config, sd, str(ckpt))
 
 
 def _hub_snapshot(name: str) -> Path:

@@ -249,3 +249,29 @@ def test_numpy_state_round_trips_through_weights_only_load(tmp_path):
     np.random.seed(99)
     ck.restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
     assert np.array_equal(np.random.rand(3), a)
+
+
+def test_different_world_size_continues_the_data_without_gaps(tmp_path, monkeypatch, capsys):
+    """A 1-process checkpoint resumed by 2 ranks: their batches are exactly the 1-process run's next two."""
+    from gptrain.data.loader import TrainLoader
+    from gptrain.data.shards import write_shard
+    rng = np.random.default_rng(0)
+    docs = np.concatenate([[50256, *rng.integers(0, 500, rng.integers(5, 30))] for _ in range(40)])
+    write_shard(tmp_path / "t_train_000.bin", docs[:400])
+    write_shard(tmp_path / "t_val_000.bin", docs[400:500])
+    model = GPT(CFG)
+    opt = torch.optim.AdamW(model.parameters())
+    one = TrainLoader(tmp_path, 2, 16, seed=3)
+    for _ in range(3):
+        one.next_batch()
+    ckpt = Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=one, config={}).save(3, 96)
+    expected = [one.next_batch() for _ in range(2)]
+
+    monkeypatch.setattr(ck, "_broadcast_from_rank0", lambda obj: str(ckpt))  # what rank 0 would tell every rank
+    for rank in (0, 1):
+        monkeypatch.setattr(ck, "_world", lambda: (rank, 2))
+        loader = TrainLoader(tmp_path, 2, 16, rank=rank, world_size=2, seed=3)
+        Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=loader, config={}).resume("auto")
+        x, y = loader.next_batch()
+        assert torch.equal(x, expected[rank][0]) and torch.equal(y, expected[rank][1])
+    assert "no longer bit for bit" in capsys.readouterr().err

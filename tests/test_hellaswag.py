@@ -1,4 +1,5 @@
 import gzip
+import math
 import http.server
 import json
 import threading
@@ -199,3 +200,41 @@ def test_data_path_reads_jsonl_and_gz_and_rejects_garbage(val_bytes, val_gz, tmp
         hellaswag.load_examples(bad)
     with pytest.raises(GptrainError, match="no such file"):
         hellaswag.load_examples(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------- the `gptrain eval` command
+
+def test_eval_hellaswag_command_prints_baselines_and_writes_json(val_gz, opinionated_model, tmp_path, capsys):
+    from gptrain.cli import main as gptrain_main
+    from gptrain.hf import save_pretrained
+    save_pretrained(opinionated_model, tmp_path / "model")
+    out = tmp_path / "hs.json"
+    assert gptrain_main(["eval", "hellaswag", "--model", str(tmp_path / "model"), "--data", str(val_gz),
+                         "--limit", "12", "--batch-size", "5", "--device", "cpu", "--json", str(out)]) == 0
+    examples = hellaswag.read_jsonl(val_gz)[:12]
+    acc, acc_norm = _accuracy(lecture_predictions(opinionated_model, examples), examples)
+    assert json.loads(out.read_text()) == {"acc": acc, "acc_norm": acc_norm, "n": 12}
+    printed = capsys.readouterr().out
+    assert "GPT-2 124M (OpenAI)" in printed and "0.2955" in printed and "0.4893" in printed
+    assert gptrain_main(["eval", "hellaswag", "--model", str(tmp_path / "model"), "--data", str(val_gz),
+                         "--limit", "0"]) == 2
+
+
+def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
+    from gptrain.cli import main as gptrain_main
+    from gptrain.hf import save_pretrained
+    corpus = tmp_path / "corpus.jsonl"  # 40 documents: the first ones form the validation split
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 10})
+                              + "\n" for i in range(40)))
+    assert gptrain_main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--val-tokens", "1000",
+                         "--workers", "1"]) == 0
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(block_size=64, n_layer=1, n_head=1, n_embd=16)), tmp_path / "model")
+    out = tmp_path / "val.json"
+    assert gptrain_main(["eval", "val", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
+                         "--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--device", "cpu",
+                         "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tokens"] == 512  # 4 batches of 2 x 32
+    assert abs(res["val_loss"] - math.log(50257)) < 0.5  # an untrained model is near-uniform
+    assert "3.2924" in capsys.readouterr().out

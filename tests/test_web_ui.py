@@ -29,7 +29,7 @@ def served():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=get_tokenizer(chat=True).n_vocab, n_layer=2, n_head=2, n_embd=32))
     # slow each forward a little so that the reply visibly arrives over many network reads
-    model.register_forward_hook(lambda *_: time.sleep(0.02))
+    model.register_forward_hook(lambda *_: time.sleep(0.01))
     service = ChatService(model, "tiny-chat", ServeConfig(max_tokens_limit=256))
     srv = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -88,7 +88,7 @@ def test_send_message_and_see_streamed_reply(served, browser, tmp_path):
     browser.execute_script("localStorage.clear()")
     browser.refresh()
     wait_for(lambda: "tiny-chat" in browser.find_element(By.ID, "model").text)
-    for field, value in (("seed", "7"), ("max_tokens", "40"), ("system", "You are a helpful assistant.")):
+    for field, value in (("seed", "7"), ("max_tokens", "24"), ("system", "You are a helpful assistant.")):
         el = browser.find_element(By.ID, field)
         el.clear()
         el.send_keys(value)
@@ -105,7 +105,7 @@ def test_send_message_and_see_streamed_reply(served, browser, tmp_path):
     lengths = browser.execute_script("return window.__lengths")
     assert len(set(lengths)) >= 3 and lengths == sorted(lengths), lengths  # grew piece by piece: streamed
     # the page shows exactly what the API returns for the same request
-    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "max_tokens": 40, "seed": 7}
+    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "max_tokens": 24, "seed": 7}
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Hello! What can you do?"}]
     assert text == api_reply(served, {"messages": messages, **settings})

@@ -33,7 +33,7 @@ from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
 from gptrain.train.config import TrainConfig
 from gptrain.train.metrics import console
-from gptrain.train.trainer import Trainer, seed_everything
+from gptrain.train.trainer import Trainer, _announce, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
@@ -282,6 +282,7 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
                                         world_size=env.world_size, pack=opts.pack)
         trainer = ChatTrainer(cfg, model, loader, val, env=env, tokenizer=tok, question=opts.sample_question)
         if env.is_master:
+            _announce(trainer)
             learned = sum(int(m[1:].sum()) for _, m in train_ex)
             console(f"sft: {len(convs)} conversations from {cfg.data}: {len(train_ex)} train ({rows} rows of "
                     f"{cfg.seq_len}, {learned:,} assistant tokens; {truncated} truncated, {dropped} dropped), "

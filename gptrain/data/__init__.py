@@ -1,0 +1,1 @@
+"""Data: corpora into verified token shards (`prepare`), and shards into training/validation batches (`loader`)."""

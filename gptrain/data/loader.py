@@ -11,7 +11,8 @@ final partial step), ranks never share a row, and the whole position is one glob
 TrainLoader(shuffle=False) is the lecture's DataLoaderLite: train shards in file order, consecutive B*T+1
 windows, rank-strided, the tail of each shard dropped. (The lecture tests the end of a shard with each rank's
 own offset, which lets ranks drift onto different shards; here every rank uses rank 0's test, which is the
-condition that the next global step fits, so ranks > 0 stay in step. Rank 0, and W = 1, match it exactly.)
+condition that the next global step fits, so ranks > 0 stay in step. Rank 0, and W = 1, match it exactly.
+A shard shorter than one step, on which the lecture's loader would fail, is skipped.)
 
 Shards are memory-mapped. The first time a shard is used its sha256 is checked against the manifest and its
 document index built, in a background thread that runs one shard ahead, so switching shards does not stall.

@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from gptrain.config import add_dataclass_args, overrides_from_args, write_json_atomic
+from gptrain.data.loader import read_manifest_json
 from gptrain.data.shards import file_sha256, write_shard
 from gptrain.data.sources import Source, resolve_source
 from gptrain.errors import GptrainError
@@ -162,7 +163,6 @@ def _resume(out: Path, identity: dict) -> dict | None:
     path = out / MANIFEST
     if not path.exists():
         return None
-    from gptrain.data.loader import read_manifest_json
     manifest = read_manifest_json(path)
     for key, want in identity.items():
         if manifest.get(key) != want:

@@ -153,7 +153,7 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
             raise GptrainError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
                                "pass --text-field NAME")
         for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for i, text in enumerate(batch.column(0).to_pylist()):
+            for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
                     raise GptrainError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text; "
                                        "pass --text-field NAME of a string column")

@@ -107,7 +107,8 @@ def verify_checkpoint(ckpt: str | os.PathLike, full: bool = True) -> str | None:
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
         files = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+        if (manifest.get("format") != FORMAT or not isinstance(files, dict)
+                or not all(isinstance(e, dict) and "/" not in n and n not in ("..", MANIFEST) for n, e in files.items())):
             return f"{MANIFEST} is not a gptrain checkpoint manifest"
     except FileNotFoundError:
         return f"no {MANIFEST} (the save did not finish)"
@@ -375,15 +376,17 @@ class Checkpointer:
         """Write checkpoint `step` (updates completed) atomically, verify it, then prune. Returns its path."""
         rank_state = {"rng": capture_rng_state(), "loader": _to_safe(self.loader.state_dict())}
         ranks = _gather_to_rank0(rank_state)
-        error = None
+        failure = None
         if self.rank == 0:
             try:
                 self._write(step, tokens_seen, ranks, extra or {})
-            except GptrainError as e:
-                error = str(e)
-        error = _broadcast_from_rank0(error)
-        if error:
-            raise GptrainError(error)
+            except Exception as e:  # every rank must hear of it, or the others would wait forever
+                failure = e
+        message = _broadcast_from_rank0(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message:
+            raise GptrainError(message)
         self.last_good = step_dir(self.run_dir, step)
         return self.last_good
 
@@ -410,7 +413,10 @@ class Checkpointer:
         if reason:
             raise GptrainError(f"checkpoint {final} failed verification right after writing ({reason}); the disk "
                                "may be failing. Earlier checkpoints were kept")
-        self._prune(final)
+        try:
+            self._prune(final)
+        except OSError as e:
+            warn(f"could not prune old checkpoints in {self.root} ({e}); they are kept")
 
     def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list, extra: dict) -> None:
         model = unwrap_model(self.model)
@@ -524,7 +530,12 @@ class Checkpointer:
         model = unwrap_model(self.model)
         self._check_compatible(ckpt, meta, model)
         model.load_state_dict(_read_weights(ckpt))  # rank 0 verified every hash when it chose `ckpt`
-        self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True,
+                                                      mmap=True))
+        except (ValueError, KeyError) as e:
+            raise GptrainError(f"{ckpt / OPTIMIZER} does not fit this run's optimizer ({e}); resume with the "
+                               "settings the run started with") from None
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
         ranks = state["ranks"]
         if len(ranks) == self.world_size:

@@ -1,0 +1,96 @@
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptrain.chat.format import render_for_completion
+from gptrain.chat.terminal import BOT_PROMPT, USER_PROMPT, ChatSession, run
+from gptrain.errors import GptrainError
+from gptrain.generate import Engine, SamplingParams
+from gptrain.model import GPT, GPTConfig
+
+
+def chat_model(block_size=64, vocab_size=50261):
+    """A random tiny model with the chat vocabulary (weights scaled so greedy replies vary)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+def session(model=None, system=None, **kw):
+    return ChatSession(Engine(model or chat_model()), SamplingParams(**{"temperature": 0, "max_new_tokens": 8, **kw}),
+                       system)
+
+
+def test_chat_command_turns_reset_and_quit(tmp_path):
+    chat_model().save_pretrained(tmp_path / "m")
+    lines = "hello there\nhow are you?\n/reset\nhello there\n/quit\nnever read\n"
+    proc = subprocess.run([sys.executable, "-m", "gptrain", "chat", "--model", str(tmp_path / "m"), "--temperature",
+                           "0", "--max-new-tokens", "8", "--system", "Be brief."], input=lines, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    turns = proc.stdout.split(USER_PROMPT)
+    # one prompt per line read up to /quit: 2 replies, the /reset line (no reply), 1 reply, /quit
+    assert turns[0] == "" and len(turns) == 6 and turns[3] == "" and turns[5] == ""
+    replies = [t[len(BOT_PROMPT):].rstrip("\n") for t in (turns[1], turns[2], turns[4])]
+    assert all(t.startswith(BOT_PROMPT) for t in (turns[1], turns[2], turns[4])) and all(replies)
+    assert replies[2] == replies[0]  # after /reset the same question gets the same (greedy) answer
+    assert replies[1] != replies[0]
+    assert "(conversation reset)" in proc.stderr and "/reset starts over" in proc.stderr
+
+
+def test_history_and_reset_in_process():
+    s = session(system="Be brief.")
+    out = io.StringIO()
+    run(s, io.StringIO("hi\nwhat now?\n"), out)
+    assert [m["role"] for m in s.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert out.getvalue().count(BOT_PROMPT) == 2
+    s.reset()
+    assert s.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_oldest_turns_are_dropped_when_the_window_is_full(capsys):
+    s = session(system="Be brief.")
+    for i in range(6):
+        "".join(s.reply(f"message number {i} is here"))
+        prompt = render_for_completion(s.messages[:-1], s.tok)
+        assert len(prompt) + 8 <= 64  # the prompt always left room for the reply
+    assert s.messages[0]["role"] == "system"
+    assert s.messages[1] != {"role": "user", "content": "message number 0 is here"}
+    assert s.messages[-2] == {"role": "user", "content": "message number 5 is here"}
+    assert "dropped the" in capsys.readouterr().err
+
+
+def test_message_too_long_for_the_window_is_refused_not_fatal(capsys):
+    s = session()
+    out = io.StringIO()
+    run(s, io.StringIO("word " * 100 + "\nshort\n"), out)
+    assert "only 56 fit in the context window" in capsys.readouterr().err
+    assert [m["content"] for m in s.messages if m["role"] == "user"] == ["short"]
+
+
+def test_reply_stops_at_end_token():
+    model = chat_model()
+    with torch.no_grad():  # every hidden state becomes <|end|>'s embedding: <|end|> is the greedy choice
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[50260])
+    s = session(model)
+    gens = []
+    generate = s.engine.generate
+    s.engine.generate = lambda *a, **k: gens.append(generate(*a, **k)) or gens[-1]
+    assert "".join(s.reply("hi")) == ""
+    assert gens[0].finish_reasons == ["stop"] and gens[0].new_tokens == 1
+    assert gens[0].prompts[0][-1] == 50259  # the prompt ends with <|assistant|>
+    assert s.messages[-1] == {"role": "assistant", "content": ""}
+
+
+def test_plain_gpt2_vocabulary_is_refused():
+    with pytest.raises(GptrainError, match="no chat tokens; fine-tune it"):
+        session(chat_model(vocab_size=50257))
