@@ -89,6 +89,9 @@ def test_openai_messages_jsonl(tmp_path):
             {"messages": [{"role": "user", "content": "unanswered"}]}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_conversations(str(path)) == [rows[0]["messages"]]
+    as_json = tmp_path / "chats.json"  # a JSON array of the same records
+    as_json.write_text(json.dumps(rows))
+    assert load_conversations(str(as_json)) == [rows[0]["messages"]]
 
 
 @pytest.mark.parametrize("content, words", [

@@ -267,7 +267,7 @@ def test_different_world_size_continues_the_data_without_gaps(tmp_path, monkeypa
     ckpt = Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=one, config={}).save(3, 96)
     expected = [one.next_batch() for _ in range(2)]
 
-    monkeypatch.setattr(ck, "_broadcast_from_rank0", lambda obj: str(ckpt))  # what rank 0 would tell every rank
+    monkeypatch.setattr(ck, "_broadcast_from_rank0", lambda obj: (str(ckpt), None))  # rank 0's choice
     for rank in (0, 1):
         monkeypatch.setattr(ck, "_world", lambda: (rank, 2))
         loader = TrainLoader(tmp_path, 2, 16, rank=rank, world_size=2, seed=3)

@@ -100,3 +100,16 @@ def test_generate_until_matches_hf_greedy(setup):
     got = ours.generate_until(_requests("generate_until", reqs), disable_tqdm=True)
     want = setup["hf"].generate_until(_requests("generate_until", reqs), disable_tqdm=True)
     assert got == want and all(isinstance(t, str) for t in got)
+
+
+def test_missing_task_data_is_a_one_line_error(setup, tmp_path, capsys):
+    import lm_eval
+    builtin = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
+    (tmp_path / "t.yaml").write_text(
+        f"include: {builtin}\ntask: hellaswag_nodata\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {tmp_path / 'missing.jsonl'}\ntraining_split: null\n")
+    assert gptrain_main(["eval", "lm-eval", "--model", str(setup["export"]), "--tasks", "hellaswag_nodata",
+                         "--include-path", str(tmp_path), "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gptrain: error: lm-eval could not load the data of --tasks hellaswag_nodata")
+    assert "missing.jsonl" in err

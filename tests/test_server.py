@@ -222,6 +222,8 @@ def test_malformed_oversize_and_wrong_type_bodies(server):
     assert status == 404
     status, _, body = request(server, "DELETE", "/v1/chat/completions")
     assert status == 405
+    status, _, body = request(server, "GET", "/health", headers={"Host": "evil.example:8000"})  # DNS rebinding
+    assert status == 403 and "not this loopback server" in json.loads(body)["error"]["message"]
     # the server is still healthy after all that
     assert request(server, "GET", "/health")[0] == 200
 

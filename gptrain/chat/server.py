@@ -11,7 +11,8 @@ interleave, and a client that disconnects frees the model at once. Every bad req
 OpenAI-style JSON error (`{"error": {"message", "type", "param"}}`): malformed JSON, unknown roles, a body over
 `--max-request-bytes`, `max_tokens` over `--max-tokens-limit`, a last message that cannot fit the context window.
 POSTs must be `Content-Type: application/json`, which browsers cannot send cross-origin without a CORS preflight
-(never granted here), so other web pages cannot drive a local server.
+(never granted here), and on loopback a Host header naming another machine (DNS rebinding) gets 403, so other
+web pages cannot drive a local server.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -193,8 +193,22 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, e: ApiError) -> None:
         self._send_json(e.status, e.body())
 
+    def _foreign_host(self) -> bool:
+        """On loopback, a Host header naming another machine means a DNS-rebinding page is calling: refuse it."""
+        if not getattr(self.server, "loopback", False):
+            return False
+        host = self.headers.get("Host", "")
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if name in LOOPBACK:
+            return False
+        self._error(ApiError(403, f"Host {host!r} is not this loopback server; use http://127.0.0.1:PORT/",
+                             kind="forbidden"))
+        return True
+
     # ------------------------------------------------------------ routes
     def do_GET(self):
+        if self._foreign_host():
+            return
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             page = (resources.files("gptrain.chat") / "ui" / "index.html").read_bytes()
@@ -212,6 +226,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(ApiError(404, f"no such endpoint: GET {path}", kind="not_found"))
 
     def do_POST(self):
+        if self._foreign_host():
+            return
         if self.path.split("?", 1)[0] != "/v1/chat/completions":
             return self._error(ApiError(404, f"no such endpoint: POST {self.path}", kind="not_found"))
         gen = None
@@ -303,6 +319,7 @@ def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000)
     handler = type("BoundHandler", (Handler,), {"service": service})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
+    server.loopback = host in LOOPBACK
     return server
 
 

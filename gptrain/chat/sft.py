@@ -188,8 +188,7 @@ def widen_to_chat(model: GPT, seed: int = 0) -> GPT:
     if n != get_tokenizer(chat=False).n_vocab:
         raise GptrainError(f"cannot fine-tune a model with vocabulary {n} into the chat format; "
                            f"expected {get_tokenizer(chat=False).n_vocab} (GPT-2) or {chat.n_vocab} (gptrain chat)")
-    from dataclasses import replace
-    config = replace(model.config, vocab_size=chat.n_vocab)
+    config = dataclasses.replace(model.config, vocab_size=chat.n_vocab)
     if config.padded_vocab_size != model.config.padded_vocab_size:
         raise GptrainError(f"model pads its vocabulary to {model.config.padded_vocab_size} rows, too few for the "
                            f"{chat.n_vocab} chat tokens")

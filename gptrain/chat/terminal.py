@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, TextIO
 
 from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
     from gptrain.config import overrides_from_args
     from gptrain.generate import resolve_device
     from gptrain.hf import load_model
-    params = replace(SamplingParams(max_new_tokens=256), **overrides_from_args(args, SamplingParams))
+    params = SamplingParams(**overrides_from_args(args, SamplingParams))
     params.validate()
     cfg = ChatConfig(**overrides_from_args(args, ChatConfig))
     model = load_model(args.model).to(resolve_device(cfg.device)).eval()

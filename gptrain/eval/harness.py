@@ -125,5 +125,10 @@ def evaluate(model, tasks: list[str], *, include_path: str | None = None, limit:
                            f"{f' and to --include-path {include_path}' if include_path else ''}; "
                            "see `lm_eval ls tasks` or add a task YAML under --include-path")
     lm = GptrainLM(model=model, batch_size=batch_size, device=device)
-    return evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size,
-                                     log_samples=False)
+    try:
+        return evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                         batch_size=batch_size, log_samples=False)
+    except OSError as e:  # datasets' ConnectionError (hub unreachable), missing local data_files, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptrainError(f"lm-eval could not load the data of --tasks {','.join(tasks)} ({msg}); offline, use task "
+                           "YAMLs that read local files (dataset_path: json + data_files) via --include-path") from None

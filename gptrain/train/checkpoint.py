@@ -3,8 +3,8 @@
 Layout: RUN/checkpoints/step_XXXXXXXX/ holds (XXXXXXXX = optimizer updates completed)
   model.safetensors  unwrapped weights (no `module.`/`_orig_mod.` prefixes; a tied tensor stored once)
   optimizer.pt       optimizer.state_dict()                       } torch.save, read back only with
-  state.pt           every rank's RNGs and loader state, guard,  } torch.load(weights_only=True)
-                     the trainer's extra state
+  state.pt           every rank's RNGs and loader state, the     } torch.load(weights_only=True)
+                     divergence guard's state
   meta.json          readable: step, tokens seen, time, git revision, configs, tokenizer, world size
   MANIFEST.json      sha256 and size of each file above, written last
 
@@ -158,7 +158,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
         reason = verify_checkpoint(ckpt)
         if reason is None:
             return ckpt
-        warn(f"skipping checkpoint {ckpt}: {reason}; falling back to the previous one")
+        warn(f"skipping checkpoint {ckpt}: {reason}; trying the one before it")
     return None
 
 
@@ -168,11 +168,12 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
-                                                     if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
-        if inner is None:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
             return model
-        model = inner
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -346,7 +347,6 @@ class ResumeState:
     path: Path
     step: int
     tokens_seen: int
-    extra: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 
@@ -355,7 +355,7 @@ class Checkpointer:
     points (they exchange small state); only rank 0 touches the disk when saving.
 
     `config` is the resolved run configuration (JSON-able); `tokenizer` is {"name", "sha256"}; `guard` any object
-    with state_dict/load_state_dict (the divergence guard); `extra` passed to `save` is the trainer's own state.
+    with state_dict/load_state_dict (the divergence guard); `metrics_path` the log that resuming cuts back.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, model, optimizer, loader, config: dict,
@@ -372,14 +372,14 @@ class Checkpointer:
         self.last_good: Path | None = None  # the newest complete checkpoint
 
     # -- saving ---------------------------------------------------------------------------------------------
-    def save(self, step: int, tokens_seen: int, extra: dict | None = None) -> Path:
+    def save(self, step: int, tokens_seen: int) -> Path:
         """Write checkpoint `step` (updates completed) atomically, verify it, then prune. Returns its path."""
         rank_state = {"rng": capture_rng_state(), "loader": _to_safe(self.loader.state_dict())}
         ranks = _gather_to_rank0(rank_state)
         failure = None
         if self.rank == 0:
             try:
-                self._write(step, tokens_seen, ranks, extra or {})
+                self._write(step, tokens_seen, ranks)
             except Exception as e:  # every rank must hear of it, or the others would wait forever
                 failure = e
         message = _broadcast_from_rank0(None if failure is None else str(failure))
@@ -390,7 +390,7 @@ class Checkpointer:
         self.last_good = step_dir(self.run_dir, step)
         return self.last_good
 
-    def _write(self, step: int, tokens_seen: int, ranks: list, extra: dict) -> None:
+    def _write(self, step: int, tokens_seen: int, ranks: list) -> None:
         final = step_dir(self.run_dir, step)
         tmp = self.root / f".tmp-{final.name}"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -398,7 +398,7 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp.mkdir()
-            self._write_files(tmp, step, tokens_seen, ranks, extra)
+            files = self._write_files(tmp, step, tokens_seen, ranks)
             if final.exists():
                 self._set_aside(final, "replaced")
             os.replace(tmp, final)
@@ -409,16 +409,20 @@ class Checkpointer:
             prev = f"the previous checkpoint {self.last_good} is intact" if self.last_good else "no earlier checkpoint was touched"
             raise GptrainError(f"could not write checkpoint {final}: {why}; {prev}. Free space in {self.root} "
                                "(or lower --keep-last) and resume with --resume auto") from None
-        reason = verify_checkpoint(final)
+        # The manifest's hashes were computed by reading back the fsynced files; what remains to check is that
+        # the renamed directory holds them all, at their sizes.
+        reason = verify_checkpoint(final, full=False)
         if reason:
             raise GptrainError(f"checkpoint {final} failed verification right after writing ({reason}); the disk "
                                "may be failing. Earlier checkpoints were kept")
+        _verified[str(final)] = _signature(final, files)
         try:
             self._prune(final)
         except OSError as e:
             warn(f"could not prune old checkpoints in {self.root} ({e}); they are kept")
 
-    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list, extra: dict) -> None:
+    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list) -> list[str]:
+        """Write every file into `tmp`, fsynced, the manifest last; returns the names the manifest lists."""
         model = unwrap_model(self.model)
         stored, tied = _split_tied(model_state_dict(model))
         save_file(stored, tmp / MODEL, metadata={"format": "pt", "gptrain.tied": json.dumps(tied)})
@@ -429,8 +433,7 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         with open(tmp / STATE, "wb") as f:
-            torch.save({"ranks": ranks, "guard": self.guard.state_dict() if self.guard else None,
-                        "extra": _to_safe(extra)}, f)
+            torch.save({"ranks": ranks, "guard": self.guard.state_dict() if self.guard else None}, f)
             f.flush()
             os.fsync(f.fileno())
         now = time.time()
@@ -450,15 +453,23 @@ class Checkpointer:
                  for name in (MODEL, OPTIMIZER, STATE, META)}
         _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
         fsync_dir(tmp)
+        return list(files)
 
     def _metrics_size(self) -> int | None:
+        """metrics.jsonl's length now (made durable), where a resume from this checkpoint cuts it back to."""
         if self.metrics_path is None or not self.metrics_path.exists():
             return None
+        _fsync_file(self.metrics_path)
         return self.metrics_path.stat().st_size
 
     def _set_aside(self, ckpt: Path, why: str) -> Path:
         """Move a checkpoint out of the way without deleting it (its name no longer looks like a checkpoint)."""
-        dest = ckpt.with_name(f"{ckpt.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
+        stamp = time.strftime('%Y%m%dT%H%M%S')
+        dest = ckpt.with_name(f"{ckpt.name}.{why}-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = ckpt.with_name(f"{ckpt.name}.{why}-{stamp}-{n}")
         os.replace(ckpt, dest)
         fsync_dir(ckpt.parent)
         warn(f"moved {ckpt.name} aside to {dest} (kept, not deleted)")
@@ -488,13 +499,18 @@ class Checkpointer:
         checkpoints), "auto" (newest valid checkpoint in this run, or fresh when none) or a path (a checkpoint,
         or a run directory's newest valid one). Call after building model, optimizer and loader; restores RNGs
         last. Returns None for a fresh start."""
-        ckpt = None
-        if self.rank == 0:
-            ckpt = self._choose(spec)
-        ckpt = _broadcast_from_rank0(str(ckpt) if ckpt else None)
-        if ckpt is None:
-            return None
-        return self._load(Path(ckpt))
+        choice, failure = None, None
+        if self.rank == 0:  # one rank verifies and decides; the others follow
+            try:
+                choice = self._choose(spec)
+            except Exception as e:
+                failure = e
+        choice, message = _broadcast_from_rank0((str(choice) if choice else None, failure and str(failure)))
+        if failure is not None:
+            raise failure
+        if message:
+            raise GptrainError(message)
+        return self._load(Path(choice)) if choice else None
 
     def _choose(self, spec: str | None) -> Path | None:
         if not spec:
@@ -554,8 +570,7 @@ class Checkpointer:
             info(f"resuming from {ckpt} (step {meta['step']}, {meta['tokens_seen']:,} tokens seen)")
         restore_rng_state(mine["rng"])  # last: nothing above may draw from a generator afterwards
         self.last_good = ckpt
-        return ResumeState(path=ckpt, step=int(meta["step"]), tokens_seen=int(meta["tokens_seen"]),
-                           extra=_from_safe(state.get("extra") or {}), meta=meta)
+        return ResumeState(path=ckpt, step=int(meta["step"]), tokens_seen=int(meta["tokens_seen"]), meta=meta)
 
     def _check_compatible(self, ckpt: Path, meta: dict, model) -> None:
         saved = meta.get("model_config") or {}

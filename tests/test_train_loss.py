@@ -1,0 +1,46 @@
+"""The chunked cross-entropy (gptrain.model.lm_loss) equals the plain expression, values and gradients."""
+
+import torch
+import torch.nn.functional as F
+
+from gptrain.model import lm_loss
+
+
+def _reference(x, w, t, vocab):
+    return F.cross_entropy(F.linear(x, w[:vocab]).reshape(-1, vocab).float(), t.reshape(-1), ignore_index=-1)
+
+
+def _grads(fn, x, w, t, vocab):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(x, w, t, vocab)
+    (3.0 * loss).backward()  # a non-unit upstream gradient
+    return loss.detach(), x.grad, w.grad
+
+
+def test_chunked_loss_matches_plain_cross_entropy():
+    torch.manual_seed(0)
+    vocab, padded = 1000, 1024
+    x, w = torch.randn(5, 120, 16), torch.randn(padded, 16) * 0.3
+    t = torch.randint(0, vocab, (5, 120))
+    t[0, :50] = -1  # ignored positions (SFT masks)
+    t[2] = -1  # a whole chunk ignored
+    chunked = lambda *a: lm_loss(*a, chunk_tokens=64)  # noqa: E731  (forces 10 chunks, the last one partial)
+    (l1, gx1, gw1), (l2, gx2, gw2) = _grads(chunked, x, w, t, vocab), _grads(_reference, x, w, t, vocab)
+    assert torch.allclose(l1, l2, atol=1e-6, rtol=0)
+    assert torch.allclose(gx1, gx2, atol=1e-7) and torch.allclose(gw1, gw2, atol=1e-7)
+    assert gx1.shape == x.shape and gw1.shape == w.shape
+    assert torch.count_nonzero(gw1[vocab:]) == 0  # padded rows get no gradient
+    with torch.no_grad():
+        assert torch.allclose(lm_loss(x, w, t, vocab, chunk_tokens=64), l2, atol=1e-6, rtol=0)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_plain():
+    torch.manual_seed(0)
+    vocab = 500
+    x, w, t = torch.randn(300, 32), torch.randn(512, 32) * 0.3, torch.randint(0, vocab, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (l1, gx1, gw1) = _grads(lambda *a: lm_loss(*a, chunk_tokens=64), x, w, t, vocab)
+        (l2, gx2, gw2) = _grads(_reference, x, w, t, vocab)
+    assert gx1.dtype == torch.float32 and gw1.dtype == torch.float32
+    assert torch.allclose(l1, l2, atol=1e-3)
+    assert torch.allclose(gx1, gx2, atol=2e-3, rtol=2e-2) and torch.allclose(gw1, gw2, atol=2e-3, rtol=2e-2)
