@@ -149,7 +149,6 @@ def summarize(run: Run) -> str:
         lines.append("")
     steps = sorted(run.train)
     if steps:
-        last = run.train[steps[-1]]
         recent = [run.train[s] for s in steps[-50:]]
         tps = statistics.median(r["tokens_per_sec"] for r in recent if "tokens_per_sec" in r) \
             if any("tokens_per_sec" in r for r in recent) else None

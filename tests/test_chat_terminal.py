@@ -13,6 +13,14 @@ from gptrain.generate import Engine, SamplingParams
 from gptrain.model import GPT, GPTConfig
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def chat_model(block_size=64, vocab_size=50261):
     """A random tiny model with the chat vocabulary (weights scaled so greedy replies vary)."""
     torch.manual_seed(0)

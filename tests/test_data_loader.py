@@ -234,11 +234,16 @@ def test_val_loader_is_deterministic_and_split_across_ranks(data):
     assert len(ValLoader(data_dir, B, T, max_tokens=2 * B * T)) == 2
 
 
-def test_prefetch_builds_the_document_index(data):
+def test_prefetch_builds_the_document_index_ahead(data):
     data_dir, shards = data
     L = TrainLoader(data_dir, 2, 8)
+    L.next_batch()
+    first, second = int(L.order[0]), int(L.order[1])
+    assert second in L.shards._index  # the next shard is being indexed (and verified) before it is reached
+    assert L.shards._index[second].result().tolist() == np.cumsum([0] + [len(d) for d in shards[second][:-1]]).tolist()
     for i, docs in enumerate(shards):
         assert L.shards.starts(i).tolist() == np.cumsum([0] + [len(d) for d in docs[:-1]]).tolist()
+    assert first != second
 
 
 def test_bad_shards_and_data(tmp_path, data):

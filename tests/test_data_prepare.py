@@ -111,6 +111,17 @@ def test_jsonl_webtext_under_spawn(tmp_path, shared_data, monkeypatch):
     assert [d.tolist() for d in docs] == [[EOT] + ref.encode_ordinary(t) for t in texts]
 
 
+def test_hub_path_reads_webtext_jsonl_through_datasets(tmp_path, shared_data):
+    pytest.importorskip("datasets")
+    files = sorted((shared_data / "webtext").glob("*.jsonl"))
+    texts = [json.loads(line)["text"] for f in files for line in f.read_text().splitlines() if line.strip()]
+    m = prepare(f"hf:{shared_data / 'webtext'}", PrepareConfig(out=str(tmp_path / "o"), val_tokens=2_000, workers=1),
+                progress=False)
+    assert m["documents_read"] == len(texts) == m["totals"]["documents"]
+    tok = get_tokenizer()
+    assert [tok.decode(d[1:]) for d in shard_docs(tmp_path / "o")] == texts  # files in name order, rows in order
+
+
 def test_local_formats_txt_gz_parquet(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
@@ -193,6 +204,16 @@ def test_interrupted_prepare_continues_without_rewriting(tmp_path, shakespeare_d
     assert m["shards"] == full["shards"]  # the same shards, byte for byte (sha256), as one uninterrupted prepare
     with pytest.raises(GptrainError, match="different shard_tokens"):
         prepare("shakespeare", PrepareConfig(out=str(out), shard_tokens=1000), progress=False)
+
+
+def test_document_longer_than_a_shard_gets_its_own(tmp_path):
+    out = tmp_path / "big"
+    m = prepare("shakespeare", PrepareConfig(out=str(out), shard_tokens=20_000, val_tokens=30_000, max_tokens=150_000,
+                                             workers=1), progress=False)
+    assert all(sh["documents"] == 1 and sh["tokens"] > 20_000 for sh in m["shards"])  # every work is > 20k tokens
+    assert [sh["split"] for sh in m["shards"]] == ["val", "train", "train", "train"]
+    tok = get_tokenizer()
+    assert [tok.decode(d[1:]) for d in shard_docs(out)] == shakespeare_documents()[:4]
 
 
 def test_prepare_errors(tmp_path):

@@ -6,6 +6,15 @@ from gptrain.generate import Engine, TextStream, complete, filter_logits, sample
 from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import get_tokenizer
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: threads only add overhead (and contention on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [15496, 11], [40, 1101, 257, 3303]]
 
 
@@ -28,11 +37,11 @@ def run(engine, prompts=PROMPTS, **kw):
 
 def test_greedy_with_cache_equals_full_forward_for_ragged_batch():
     model = lively_model()
-    kw = dict(max_new_tokens=40, temperature=0, stop_ids=[])
+    kw = dict(max_new_tokens=24, temperature=0, stop_ids=[])
     cached = complete(model, PROMPTS, **kw)
     full = complete(model, PROMPTS, **kw, use_cache=False)
     assert cached == full
-    assert all(len(set(row)) > 10 for row in cached)  # a real sequence, not one token repeated
+    assert all(len(set(row)) > 8 for row in cached)  # a real sequence, not one token repeated
     # Each row of the batch decodes as it would alone (left padding is invisible).
     assert [complete(model, [p], **kw)[0] for p in PROMPTS] == cached
 
@@ -68,7 +77,7 @@ def test_compiled_decode_matches_and_compiles_once():
 
 def test_seed_fixes_samples():
     engine = Engine(lively_model())
-    kw = dict(max_new_tokens=20, temperature=1.0, top_k=None, stop_ids=())
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=None, stop_ids=())
     a, _ = run(engine, seed=1, **kw)
     b, _ = run(engine, seed=1, **kw)
     c, _ = run(engine, seed=2, **kw)
@@ -77,9 +86,9 @@ def test_seed_fixes_samples():
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
     engine = Engine(lively_model())
-    greedy, _ = run(engine, max_new_tokens=15, temperature=0, stop_ids=())
-    k1, _ = run(engine, max_new_tokens=15, temperature=1.5, top_k=1, stop_ids=(), seed=5)
-    p0, _ = run(engine, max_new_tokens=15, temperature=1.5, top_k=None, top_p=1e-6, stop_ids=(), seed=6)
+    greedy, _ = run(engine, max_new_tokens=10, temperature=0, stop_ids=())
+    k1, _ = run(engine, max_new_tokens=10, temperature=1.5, top_k=1, stop_ids=(), seed=5)
+    p0, _ = run(engine, max_new_tokens=10, temperature=1.5, top_k=None, top_p=1e-6, stop_ids=(), seed=6)
     assert greedy.ids == k1.ids == p0.ids
 
 
@@ -116,11 +125,11 @@ def test_stops_at_endoftext_by_default_and_at_given_ids():
 
 def test_stop_strings_cut_text_even_across_tokens():
     engine = Engine(lively_model())
-    free, _ = run(engine, max_new_tokens=30, seed=4, stop_ids=())
+    free, _ = run(engine, max_new_tokens=20, seed=4, stop_ids=())
     text = free.texts[1]
     stop = text[12:18]  # six characters, very likely spanning a token boundary
     assert stop.strip()
-    gen, steps = run(engine, max_new_tokens=30, seed=4, stop_ids=(), stop=("zzzzqqq", stop))
+    gen, steps = run(engine, max_new_tokens=20, seed=4, stop_ids=(), stop=("zzzzqqq", stop))
     assert gen.texts[1] == text[:text.index(stop)] and gen.finish_reasons[1] == "stop"
     assert "".join(s.text[1] for s in steps) == gen.texts[1]
     assert gen.texts[0] == free.texts[0] or gen.finish_reasons[0] == "stop"
@@ -173,29 +182,26 @@ def test_bad_prompts_are_clear_errors():
         engine.generate([[1, 50300]])
 
 
-def _gptrain(*args, stdin=None):
+def test_sample_command_prints_only_the_generated_text(tmp_path, capsys):
     import os
     import subprocess
     import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gptrain", *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=120)
-
-
-def test_sample_command_prints_only_the_generated_text(tmp_path):
+    from gptrain.cli import main
     from gptrain.generate import SAMPLE_SEPARATOR
     model = lively_model()
     model.save_pretrained(tmp_path / "m")
     tok = get_tokenizer()
     prompt = "Hello, I'm a language model,"
-    common = ["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--num-samples", "2",
-              "--max-new-tokens", "12", "--temperature", "0"]
-    cached, full = _gptrain(*common), _gptrain(*common, "--no-kv-cache")
-    assert cached.returncode == 0, cached.stderr
+    args = ["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--num-samples", "2",
+            "--max-new-tokens", "12", "--temperature", "0"]
+    proc = subprocess.run([sys.executable, "-m", "gptrain", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
     expected = complete(model, [tok.encode(prompt)] * 2, max_new_tokens=12, temperature=0)
-    assert cached.stdout == SAMPLE_SEPARATOR.join(tok.decode(ids) for ids in expected) + "\n"
-    assert full.stdout == cached.stdout
-    assert "tokens/s" in cached.stderr and "tokens/s" not in cached.stdout
-    bad = _gptrain("sample", "--model", str(tmp_path / "m"), "--max-new-tokens", "100")
-    assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.startswith("gptrain: error: prompt 0 of 1 tokens + max_new_tokens=100 exceeds")
+    assert proc.stdout == SAMPLE_SEPARATOR.join(tok.decode(ids) for ids in expected) + "\n"
+    assert "tokens/s" in proc.stderr
+    assert main(args + ["--no-kv-cache"]) == 0
+    assert capsys.readouterr().out == proc.stdout
+    assert main(["sample", "--model", str(tmp_path / "m"), "--max-new-tokens", "100"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("gptrain: error: prompt 0 of 1 tokens + max_new_tokens=100 exceeds")

@@ -257,6 +257,7 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
     try:
         seed_everything(cfg.seed)
         tok = get_tokenizer(chat=True)
+        convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
         model = widen_to_chat(load_model(cfg.init_from), seed=cfg.seed)
         if "seq_len" not in user_set:
             cfg = dataclasses.replace(cfg, seq_len=min(1024, model.config.block_size))
@@ -265,7 +266,6 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         if "max_steps" in user_set and "epochs" not in user_set:
             cfg = dataclasses.replace(cfg, epochs=0.0)
 
-        convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
         train_convs, val_convs = split_train_val(convs, opts.val_fraction, cfg.seed)
         train_ex, truncated, dropped = encode_conversations(train_convs, cfg.seq_len, tok)
         val_ex, _, _ = encode_conversations(val_convs, cfg.seq_len, tok)
@@ -275,6 +275,8 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         if cfg.epochs > 0:
             rows_per_step = cfg.total_batch_size // cfg.seq_len
             cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * rows / rows_per_step)))
+        if cfg.max_steps <= 0:
+            raise GptrainError(f"--max-steps {cfg.max_steps} must be positive (or pass --epochs)")
         val = None
         if val_ex and cfg.eval_every > 0:
             val = ConversationValLoader(val_ex, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,

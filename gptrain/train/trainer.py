@@ -50,6 +50,12 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_size // per_step
 
 
+def check_seq_len(cfg: TrainConfig, model: GPT) -> None:
+    if cfg.seq_len > model.config.block_size:
+        raise GptrainError(f"--seq-len {cfg.seq_len} exceeds the model's context window of "
+                           f"{model.config.block_size}; use --seq-len {model.config.block_size} or less")
+
+
 class Trainer:
     """One training run. Everything a continuation depends on is an attribute here (see module docstring)."""
 
@@ -58,9 +64,7 @@ class Trainer:
         self.cfg, self.env = cfg, env or distributed.DistEnv(device=distributed.choose_device(cfg.device))
         self.device = self.env.device
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
-        if cfg.seq_len > model.config.block_size:
-            raise GptrainError(f"--seq-len {cfg.seq_len} exceeds the model's context window of "
-                               f"{model.config.block_size}; use --seq-len {model.config.block_size} or less")
+        check_seq_len(cfg, model)
         self.model = model.to(self.device)
         self.compile = cfg.compile if cfg.compile is not None else self.env.device_type == "cuda"
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.env.device_type == "cuda" else "float32")
@@ -282,6 +286,8 @@ def train(cfg: TrainConfig) -> dict:
         model = build_model(cfg, vocab_size=_manifest_vocab(manifest))
         tokenizer = tokenizer_for_vocab(model.config.vocab_size)
         check_tokenizer(manifest, tokenizer)
+        check_seq_len(cfg, model)
+        grad_accum_steps(cfg, env.world_size)
         train_loader = TrainLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
                                    world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle)
         cfg = _resolve_steps(cfg, train_loader.tokens_per_epoch)

@@ -1,0 +1,70 @@
+"""`gptrain train` as a user runs it: real prepared data, config.json, metrics.jsonl, determinism, bad input."""
+
+import json
+
+import pytest
+
+from gptrain.cli import main as cli
+
+SMALL = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+         "--micro-batch-size", "2", "--total-batch-size", "128", "--max-steps", "4", "--eval-every", "2",
+         "--val-tokens", "256", "--sample-every", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shakespeare")
+    assert cli(["prepare", "shakespeare", "--out", str(d)]) == 0
+    return d
+
+
+def _events(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_resolved_config_and_metrics(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--lr", "0.01"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["lr"] == 0.01 and cfg["train"]["device"] == "cpu" and cfg["train"]["compile"] is False
+    assert cfg["train"]["dtype"] == "float32" and cfg["grad_accum_steps"] == 2 and cfg["world_size"] == 1
+    assert cfg["model"] == {"block_size": cfg["model"]["block_size"], "vocab_size": 50257, "n_layer": 1, "n_head": 2,
+                            "n_embd": 32, "pad_vocab_to": 64}
+    events = _events(run)
+    steps = [e for e in events if "train_loss" in e]
+    assert [e["step"] for e in steps] == [0, 1, 2, 3]
+    assert all({"lr", "grad_norm", "tokens_per_sec"} <= e.keys() for e in steps)
+    assert [e["step"] for e in events if "val_loss" in e] == [0, 2, 4]
+    out = capsys.readouterr().out
+    assert "device cpu" in out and "step      4/4" in out and "eta" in out and f"run directory: {run}" in out
+
+
+def test_cpu_runs_are_bit_for_bit_reproducible(data_dir, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        assert cli(["train", "--data", str(data_dir), "--out", str(tmp_path / name), *SMALL]) == 0
+        losses.append([e["train_loss"] for e in _events(tmp_path / name) if "train_loss" in e])
+    assert losses[0] == losses[1]  # exact: JSON floats round-trip, so the files hold the exact losses
+    assert cli(["train", "--data", str(data_dir), "--out", str(tmp_path / "c"), *SMALL, "--seed", "7"]) == 0
+    assert [e["train_loss"] for e in _events(tmp_path / "c") if "train_loss" in e] != losses[0]
+
+
+def test_epochs_set_the_step_count(data_dir, tmp_path):
+    args = [a for a in SMALL if a not in ("--max-steps", "4")]
+    # ~1.44M train tokens / 128 per step ≈ 11k steps per epoch; 0.0003 epochs ≈ 4 steps
+    assert cli(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), *args, "--epochs", "0.0003",
+                "--eval-every", "0"]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total-batch-size", "100"], "--total-batch-size 100 is not a multiple of"),
+    (["--seq-len", "4096"], "--seq-len 4096 exceeds the model's context window"),
+    (["--val-tokens", "100"], "fewer than one batch"),
+])
+def test_bad_input_is_one_line(data_dir, tmp_path, capsys, flags, message):
+    code = cli(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), *SMALL, *flags])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptrain: error: ") and message in err and "\n" not in err
