@@ -402,7 +402,8 @@ def main(args: argparse.Namespace) -> int:
     _print_in_order(gen, cfg.num_samples)
     print(f"gptrain sample: {cfg.num_samples} sample(s), prompt {len(prompt)} tokens, {gen.new_tokens} new "
           f"tokens in {gen.seconds:.2f}s ({gen.new_tokens / max(gen.seconds, 1e-9):.1f} tokens/s, "
-          f"{'KV cache' if cfg.kv_cache else 'no cache'}{', compiled' if cfg.compile else ''}, {engine.device})",
+          f"{'KV cache' if cfg.kv_cache else 'no cache'}{', compile time included' if cfg.compile else ''}, "
+          f"{engine.device})",
           file=sys.stderr)
     return 0
 

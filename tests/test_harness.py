@@ -78,7 +78,9 @@ def _requests(kind, args_list):
 
 
 def test_loglikelihoods_match_hf_including_left_truncation(setup):
-    ours = harness.GptrainLM(model=setup["model"], batch_size=3)
+    # built the way `lm_eval --model gptrain --model_args pretrained=RUN` builds it: from the raw checkpoint
+    ours = harness.GptrainLM.create_from_arg_string(f"pretrained={setup['run']}",
+                                                    {"batch_size": 3, "max_batch_size": None, "device": "cpu"})
     long_ctx = "The quick brown fox jumps over the lazy dog. " * 40  # ~400 tokens: cut from the left to 256
     pairs = [("The capital of France is", " Paris"), ("", "Hello world"), ("Numbers: 1, 2, 3,", " 4, 5"),
              ("trailing space ", "moves"), (long_ctx, " And then the end.")]

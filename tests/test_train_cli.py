@@ -61,7 +61,7 @@ def test_epochs_set_the_step_count(data_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--total-batch-size", "100"], "--total-batch-size 100 is not a multiple of"),
     (["--seq-len", "4096"], "--seq-len 4096 exceeds the model's context window"),
-    (["--val-tokens", "100"], "fewer than one batch"),
+    (["--val-tokens", "10"], "fewer than one batch"),
 ])
 def test_bad_input_is_one_line(data_dir, tmp_path, capsys, flags, message):
     code = cli(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), *SMALL, *flags])

@@ -81,7 +81,7 @@ class Trainer:
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
         self.train_losses: list[float] = []
-        self.last_val_loss: float | None = None
+        self.last_eval: dict = {}
         self.last_samples: list[str] = []
         self.peak = peak_flops(self.device)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
@@ -172,12 +172,13 @@ class Trainer:
             distributed.all_reduce_sum(total, self.env)
             distributed.all_reduce_sum(count, self.env)
             if count.item() > 0:
-                out["val_loss"] = self.last_val_loss = (total / count).item()
+                out["val_loss"] = (total / count).item()
         if self.hellaswag is not None:
             from gptrain.eval.hellaswag import evaluate as hellaswag_evaluate
             hs = hellaswag_evaluate(self.wrapped.raw, self.hellaswag, device=self.device, rank=self.env.rank,
                                     world_size=self.env.world_size, autocast=self.amp_dtype)
             out["hellaswag_acc"], out["hellaswag_acc_norm"] = hs["acc"], hs["acc_norm"]
+        self.last_eval = out
         return out
 
     @torch.no_grad()
@@ -185,14 +186,11 @@ class Trainer:
         """Continuations of the fixed prompt (rank 0 only), from the eager module: no recompiles per length."""
         if not self.env.is_master or self.tokenizer is None:
             return []
-        try:
-            from gptrain.generate import complete
-        except ImportError:
-            return []
+        from gptrain.generate import complete
         prompt = self.tokenizer.encode(SAMPLE_PROMPT)
         with self.autocast():
             new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
-                           top_k=50, seed=self.cfg.seed, stop_ids=None)
+                           top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
         self.last_samples = [SAMPLE_PROMPT + self.tokenizer.decode(ids) for ids in new]
         return self.last_samples
 
@@ -238,7 +236,8 @@ class Trainer:
         finally:
             preempt.uninstall()
             self.log.close()
-        return {"train_losses": self.train_losses, "val_loss": self.last_val_loss, "samples": self.last_samples,
+        return {"train_losses": self.train_losses, "val_loss": self.last_eval.get("val_loss"),
+                "eval": self.last_eval, "samples": self.last_samples,
                 "step": self.step, "tokens_seen": self.tokens_seen}
 
 
