@@ -116,7 +116,7 @@ def test_send_message_and_see_streamed_reply(served, browser, tmp_path):
     box.send_keys("Tell me more.")
     box.send_keys(Keys.ENTER)
     wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-streaming='false']")) == 2)
-    history = json.loads(browser.execute_script("return localStorage.getItem('gptrain.history')"))
+    history = json.loads(browser.execute_script("return localStorage.getItem('gptrain.conversation')"))
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert history[1]["content"] == text and history[2]["content"] == "Tell me more."
     browser.save_screenshot(str(tmp_path / "chat2.png"))
