@@ -59,7 +59,7 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
     "gpt3-small": GPTConfig(block_size=2048, n_layer=12, n_head=12, n_embd=768),
-    "tiny": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=256),
+    "tiny": GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),  # the CPU demo (see train preset "tiny")
 }
 
 
@@ -280,16 +280,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for i in range(0, x.size(0), chunk):
                 xc, tc, vc = xc_all[i:i + chunk], t[i:i + chunk].clamp(min=0), valid[i:i + chunk]
                 logits = (xc @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=1)
                 rows = torch.arange(xc.size(0), device=x.device)
-                loss_sum += ((lse - logits[rows, tc]) * vc).sum()
-                if grads:  # d(sum of losses)/d(logits) = softmax - onehot on counted rows
-                    p = logits.sub_(lse[:, None]).exp_()
+                target_logit = logits[rows, tc]
+                m = logits.amax(dim=1, keepdim=True)
+                e = logits.sub_(m).exp_()  # in place: one (chunk x vocab) buffer serves loss and gradient
+                s = e.sum(dim=1, keepdim=True)
+                lse = (m + s.log()).squeeze(1)
+                loss_sum += ((lse - target_logit) * vc).sum()
+                if grads:  # d(sum of losses)/d(logits) = softmax - onehot; ignored rows masked on the C side
+                    p = e.div_(s)
                     p[rows, tc] -= 1.0
-                    p.mul_(vc[:, None])
                     p = p.to(cdt)
-                    dx[i:i + chunk] = p @ w
-                    dw.add_((p.t() @ xc).float())
+                    keep = vc[:, None].to(cdt)
+                    dx[i:i + chunk] = (p @ w) * keep
+                    if cdt == torch.float32:
+                        dw.addmm_(p.t(), xc * keep)
+                    else:
+                        dw.add_((p.t() @ (xc * keep)).float())
         ctx.vocab_size, ctx.padded, ctx.dtypes = vocab_size, weight.size(0), (x.dtype, weight.dtype)
         if grads:
             ctx.save_for_backward(dx, dw, count)

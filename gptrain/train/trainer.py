@@ -188,8 +188,9 @@ class Trainer:
             return []
         from gptrain.generate import complete
         prompt = self.tokenizer.encode(SAMPLE_PROMPT)
+        n_new = min(self.cfg.sample_tokens, self.model.config.block_size - len(prompt))
         with self.autocast():
-            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
+            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
                            top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
         self.last_samples = [SAMPLE_PROMPT + self.tokenizer.decode(ids) for ids in new]
         return self.last_samples

@@ -1,0 +1,141 @@
+"""One prepared check for a single-GPU machine (see gpu_check.sh): train-step speed with torch.compile + bf16
+against compile off, then one evaluation round (val loss, a sample, HellaSwag) with compile on, in one process.
+
+Synthetic tokens, so no data preparation or `datasets` is needed; the real trainer (`gptrain.train.trainer.Trainer`)
+runs every step. `--dry-run` runs the same logic on the CPU with a tiny model and without compiling, so the
+script itself is tested where there is no GPU (tests/test_train_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gptrain.model import GPT, preset as model_preset  # noqa: E402
+from gptrain.tokenizer import get_tokenizer  # noqa: E402
+from gptrain.train import distributed  # noqa: E402
+from gptrain.train.config import resolve  # noqa: E402
+from gptrain.train.trainer import Trainer  # noqa: E402
+
+HELLASWAG = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl.gz"
+
+
+class RandomTokens:
+    """Uniform random tokens from a fixed generator: the step's cost without any data pipeline."""
+
+    def __init__(self, B, T, vocab, seed=0):
+        self.B, self.T, self.vocab, self.g = B, T, vocab, torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        buf = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=self.g)
+        return buf[:, :-1], buf[:, 1:]
+
+    def state_dict(self):
+        return {"rng": self.g.get_state()}
+
+    def load_state_dict(self, s):
+        self.g.set_state(s["rng"])
+
+    def batches(self):  # also a fixed validation source: the same 4 batches every call
+        g = torch.Generator().manual_seed(1234)
+        for _ in range(4):
+            buf = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=g)
+            yield buf[:, :-1], buf[:, 1:]
+
+
+def run_phase(cfg, model_cfg, env, steps, warmup):
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, GPT(model_cfg), RandomTokens(cfg.micro_batch_size, cfg.seq_len, model_cfg.vocab_size),
+                      env=env, tokenizer=get_tokenizer())
+    name = f"{'compiled' if trainer.compile else 'eager'} {trainer.cfg.dtype}"
+    t0, per_step = time.perf_counter(), []
+    for i in range(steps):
+        m = trainer.train_step()
+        per_step.append(m)
+        print(f"  {name} step {i + 1}/{steps}: loss {m['train_loss']:.4f}, {m['ms']:.0f} ms", flush=True)
+    timed = per_step[warmup:] or per_step[-1:]
+    tps = statistics.median(m["tokens_per_sec"] for m in timed)
+    mfu = statistics.median(m["mfu"] for m in timed) if "mfu" in timed[0] else None
+    first_ms = per_step[0]["ms"]
+    return trainer, {"phase": name, "tokens_per_sec": tps, "mfu": mfu, "first_step_s": first_ms / 1000,
+                     "wall_s": time.perf_counter() - t0, "final_loss": per_step[-1]["train_loss"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10, help="steps excluded from the medians (compile, autotune)")
+    p.add_argument("--hellaswag", default=str(HELLASWAG), help="HellaSwag val .jsonl[.gz] (skipped when absent)")
+    p.add_argument("--hellaswag-limit", type=int, default=300)
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no compile: tests this script itself")
+    a = p.parse_args(argv)
+    over = {"micro_batch_size": a.micro_batch_size, "device": a.device, "eval_every": 0, "sample_every": 0,
+            "hellaswag_data": None, "log_every": 0, "sample_tokens": 32, "num_samples": 1}
+    if a.seq_len:
+        over["seq_len"] = a.seq_len
+    if a.dry_run:
+        over.update(device="cpu", micro_batch_size=2, seq_len=32)
+        a.steps, a.warmup, a.hellaswag_limit = min(a.steps, 3), 1, 4
+    cfg = resolve(a.preset, over)
+    cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len, max_steps=a.steps,
+                              warmup_steps=min(cfg.warmup_steps, a.steps))
+    model_cfg = model_preset(cfg.model)
+    if a.dry_run:
+        model_cfg = dataclasses.replace(model_cfg, n_layer=1, n_head=2, n_embd=32, block_size=32)
+    env = distributed.DistEnv(device=distributed.choose_device(cfg.device))
+    compile_on = not a.dry_run
+    print(f"gpu_check: {cfg.model} {model_cfg.n_layer}L/{model_cfg.n_embd}C, B={cfg.micro_batch_size} "
+          f"T={cfg.seq_len}, {a.steps} steps, device {env.device}"
+          + (f" ({torch.cuda.get_device_name(env.device)})" if env.device_type == "cuda" else ""), flush=True)
+    rows = []
+    trainer, row = run_phase(dataclasses.replace(cfg, compile=compile_on, dtype="auto"), model_cfg, env, a.steps,
+                             a.warmup)
+    rows.append(row)
+    _, row = run_phase(dataclasses.replace(cfg, compile=False, dtype="auto"), model_cfg, env, a.steps, a.warmup)
+    rows.append(row)
+    del _
+    if env.device_type == "cuda":
+        torch.cuda.empty_cache()
+
+    # one evaluation round on the compiled trainer: val loss (compiled fwd), a sample and HellaSwag (eager handle)
+    evals = {}
+    trainer.val_source = trainer.train_loader
+    if Path(a.hellaswag).exists():
+        from gptrain.eval.hellaswag import load_examples
+        trainer.hellaswag = load_examples(a.hellaswag, limit=a.hellaswag_limit)
+    t0 = time.perf_counter()
+    ev = trainer.evaluate()
+    evals["eval round s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = trainer.sample()
+    evals["sample s"] = time.perf_counter() - t0
+    print(f"  val_loss {ev.get('val_loss'):.4f}; sample: {samples[0]!r}" if samples else "  (no sample)")
+
+    print("\n| phase | tokens/s | MFU | first step (compile) s | final loss |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {r['phase']} | {r['tokens_per_sec']:,.0f} | {mfu} | {r['first_step_s']:.1f} | {r['final_loss']:.4f} |")
+    print(f"| compile speed-up | {rows[0]['tokens_per_sec'] / rows[1]['tokens_per_sec']:.2f}x | | | |")
+    hs = (f"acc {ev['hellaswag_acc']:.3f} acc_norm {ev['hellaswag_acc_norm']:.3f} (n={len(trainer.hellaswag)})"
+          if "hellaswag_acc" in ev else "skipped (no data)")
+    print(f"| eval round ({rows[0]['phase']}) | val_loss {ev.get('val_loss', float('nan')):.4f} | HellaSwag {hs} | "
+          f"{evals['eval round s']:.1f} s | sample {evals['sample s']:.1f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""benchmarks/gpu_check.sh runs its whole logic on a CPU (--dry-run) from the source tree, without `datasets`."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_check_dry_run_without_datasets(tmp_path):
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "datasets.py").write_text("raise ImportError('datasets is not installed on the GPU machine')\n")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(block), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout.strip().splitlines()[-6:]
+    assert table[0] == "| phase | tokens/s | MFU | first step (compile) s | final loss |"
+    assert table[2].startswith("| eager float32 |") and table[3].startswith("| eager float32 |")
+    assert "compile speed-up" in table[4]
+    assert table[5].startswith("| eval round") and "val_loss 10." in table[5] and "sample" in table[5]
