@@ -174,17 +174,32 @@ def _lecture_losses(hf_dir, data, B, T, accum, steps, max_lr, warmup):
     return losses
 
 
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    from gptrain.cli import main as cli
+    d = tmp_path_factory.mktemp("shakespeare")
+    assert cli(["prepare", "shakespeare", "--out", str(d)]) == 0
+    return d
+
+
 @pytest.mark.parametrize("accum", [1, 2])
-def test_lecture_parity_from_hf_weights(tmp_path, accum):
+def test_lecture_parity_from_hf_weights(tmp_path, shakespeare_dir, accum):
+    """gptrain's own pieces (TrainLoader in sequential mode, --init-from, Trainer) against the lecture's loop
+    reading the same shard the way its DataLoaderLite does."""
+    from gptrain.data.loader import TrainLoader, load_manifest
+    from gptrain.data.shards import open_shard
     from gptrain.hf import load_model
     hf_dir = _hf_dir(tmp_path)
-    data, B, T = tokens(), 4, 16
+    B, T = 4, 16
+    first = next(sh for sh in load_manifest(shakespeare_dir)["shards"] if sh["split"] == "train")
+    data = torch.from_numpy(open_shard(shakespeare_dir / first["path"]).astype("int64"))
     ref = _lecture_losses(hf_dir, data, B, T, accum, steps=20, max_lr=3e-3, warmup=5)
     cfg = small_cfg(micro_batch_size=B, seq_len=T, total_batch_size=B * T * accum, lr=3e-3, warmup_steps=5,
-                    max_steps=20, init_from=str(hf_dir))
+                    max_steps=20, init_from=str(hf_dir), shuffle=False)
     model = load_model(str(hf_dir))
     assert model.config.vocab_size == 50257
-    out = Trainer(cfg, model, SeqLoader(data, B, T)).run()
+    loader = TrainLoader(shakespeare_dir, B, T, shuffle=False)
+    out = Trainer(cfg, model, loader).run()
     assert len(out["train_losses"]) == 20
     assert ref[-1] < ref[0] - 0.5  # it learned something, so the comparison means something
     for step, (a, b) in enumerate(zip(out["train_losses"], ref)):
