@@ -8,6 +8,7 @@ written with `json`'s shortest round-trip repr, so losses read back bit for bit.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from gptrain.errors import GptrainError
+
 # Dense bf16 peak FLOP/s per GPU (vendor data sheets), for MFU. Unknown GPUs print no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 def peak_flops(device: str) -> float | None:
@@ -45,6 +48,14 @@ def step_line(m: dict, max_steps: int, eta_s: float | None) -> str:
     return " | ".join(parts)
 
 
+def _optional(module: str, flag: str):
+    """Writers that are never dependencies: asked for but absent is one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise GptrainError(f"{flag} needs the package {module!r}, which is not installed: pip install {module}") from None
+
+
 class MetricsLog:
     """Appends events to RUN/metrics.jsonl (rank 0 only; other ranks get a log that writes nothing)."""
 
@@ -58,16 +69,14 @@ class MetricsLog:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "w" if fresh else "a")
         if tensorboard:
-            from gptrain.errors import require
-            require("tensorboard", "--tensorboard")
+            _optional("tensorboard", "--tensorboard")
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(run_dir / "tb"))
         if wandb_project:
-            from gptrain.errors import require
-            self._wandb = require("wandb", "--wandb-project")
+            self._wandb = _optional("wandb", "--wandb-project")
             self._wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+        self._file = open(self.path, "w" if fresh else "a")
 
     def log(self, event: dict) -> None:
         if not self.enabled:
