@@ -29,5 +29,5 @@ if [ -d "$run/checkpoints" ]; then
 fi
 gptrain report "$run" >/dev/null 2>&1 && echo "report: $run/report/report.png" || true
 echo
-echo "demo finished in $((SECONDS - start)) s after set-up; the run is in $root/$run"
+echo "demo finished in $((SECONDS - start)) s after set-up; the run is in $(cd "$run" && pwd)"
 echo "next: gptrain sample --model $run --prompt 'JULIET:'   |   gptrain report $run   |   bash scripts/test.sh"
