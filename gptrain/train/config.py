@@ -88,10 +88,12 @@ TRAIN_PRESETS: dict[str, dict] = {
     "gpt2-774m": dict(_GPT2_124M, model="gpt2-large", micro_batch_size=16, lr=2.5e-4),
     "gpt2-1558m": dict(_GPT2_124M, model="gpt2-xl", micro_batch_size=8, lr=2e-4),
     # The demo: learns Shakespeare in minutes on two CPU cores. The 50k-vocabulary head dominates a step there,
-    # so the model is narrow (128) and the batch small (2,048 tokens: many updates per second) with a high LR.
-    "tiny": dict(model="tiny", seq_len=128, micro_batch_size=16, total_batch_size=2048, lr=3e-3, min_lr_ratio=0.1,
-                 warmup_steps=20, max_steps=500, weight_decay=0.1, grad_clip=1.0, eval_every=500, val_tokens=65536,
-                 sample_every=500, sample_tokens=48, num_samples=3, save_every=0, hellaswag_data=None),
+    # so the model is narrow (128), and the batch is small (1,024 tokens: per token seen, 1,024-token steps learned
+    # far faster than 2,048 or 4,096 in our runs on this data) with a high LR.
+    "tiny": dict(model="tiny", seq_len=128, micro_batch_size=8, total_batch_size=1024, lr=2e-3, min_lr_ratio=0.1,
+                 warmup_steps=40, max_steps=1000, weight_decay=0.1, grad_clip=1.0, eval_every=1000,
+                 val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2, save_every=0,
+                 hellaswag_data=None),
 }
 
 
