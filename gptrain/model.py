@@ -248,7 +248,7 @@ class GPT(nn.Module):
 
 
 def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-            chunk_tokens: int = 1024) -> torch.Tensor:
+            chunk_tokens: int = 512) -> torch.Tensor:
     """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored.
 
     Eager mode computes it in chunks of `chunk_tokens` rows with the gradient formed in the same pass
