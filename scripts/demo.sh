@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gptrain's demo, the README's first command: set up ./.venv, tokenize the shipped Shakespeare corpus, train the
-# `tiny` preset (CPU, or the GPU when there is one), print samples and where the run is. About 6-8 minutes on two
-# CPU cores including the set-up. Extra arguments go to `gptrain train` (e.g. --max-steps 100 for a quick look).
+# `tiny` preset (CPU, or the GPU when there is one), print samples and where the run is (timings and the val loss it reaches: README).
+# Extra arguments go to `gptrain train` (e.g. --max-steps 100 for a quick look).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/scripts/setup_env.sh" report

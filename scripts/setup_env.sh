@@ -13,6 +13,8 @@ stamp="$root/.venv/.gptrain-installed-$extras"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   echo "setting up $root/.venv (gptrain[$extras], torch==${GPTRAIN_TORCH:-2.13.0}) ..." >&2
   python -m pip install -q --upgrade pip >/dev/null
+  # GPTRAIN_TORCH_INDEX: a wheel index for torch alone, e.g. PyTorch's CPU-only index on a machine without a GPU.
+  python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" ${GPTRAIN_TORCH_INDEX:+--index-url "$GPTRAIN_TORCH_INDEX"}
   python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" -e "$root[$extras]"
   touch "$stamp"
 fi

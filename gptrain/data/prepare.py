@@ -247,7 +247,7 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     write_json_atomic(out / MANIFEST, manifest)
     if manifest["totals"]["train"]["tokens"] == 0:
         raise GptrainError(f"all {total:,} tokens of {source_spec} went to the validation split (--val-tokens "
-                           f"{val_target:,}); pass a smaller --val-tokens (the shards in {out} stay valid)")
+                           f"{val_target:,}); run again into a new --out directory with a smaller --val-tokens")
     if progress:
         bar.update(total, len(manifest["shards"]), final=True)
         t = manifest["totals"]

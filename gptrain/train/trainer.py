@@ -323,8 +323,12 @@ def _load_hellaswag(cfg: TrainConfig):
     if cfg.hellaswag_data in (None, "", "none"):
         return None
     from gptrain.eval.hellaswag import load_examples
-    return load_examples(None if cfg.hellaswag_data == "auto" else cfg.hellaswag_data,
-                         limit=cfg.hellaswag_limit or None)
+    try:
+        return load_examples(None if cfg.hellaswag_data == "auto" else cfg.hellaswag_data,
+                             limit=cfg.hellaswag_limit or None)
+    except GptrainError as e:  # the eval command's advice names its own --data; in train the flag differs
+        raise GptrainError(f"{str(e).replace('--data PATH', '--hellaswag-data PATH')} "
+                           "(or --hellaswag-data none to train without it)") from None
 
 
 def _announce(t: Trainer) -> None:
