@@ -29,7 +29,7 @@ def served():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=get_tokenizer(chat=True).n_vocab, n_layer=2, n_head=2, n_embd=32))
     # slow each forward a little so that the reply visibly arrives over many network reads
-    model.register_forward_hook(lambda *_: time.sleep(0.01))
+    model.register_forward_hook(lambda *_: time.sleep(0.03))
     service = ChatService(model, "tiny-chat", ServeConfig(max_tokens_limit=256))
     srv = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()

@@ -19,21 +19,19 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gptrain.chat.datasets import load_conversations
 from gptrain.chat.format import render_conversation, render_for_completion, stop_ids
-from gptrain.config import add_dataclass_args, overrides_from_args, write_json_atomic
+from gptrain.config import add_dataclass_args, overrides_from_args
 from gptrain.errors import GptrainError
 from gptrain.model import GPT
 from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
 from gptrain.train.config import TrainConfig
-from gptrain.train.metrics import console
-from gptrain.train.trainer import Trainer, _announce, seed_everything
+from gptrain.train.trainer import Trainer, run_and_record, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
@@ -282,23 +280,14 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
             val = ConversationValLoader(val_ex, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
                                         world_size=env.world_size, pack=opts.pack)
         trainer = ChatTrainer(cfg, model, loader, val, env=env, tokenizer=tok, question=opts.sample_question)
-        if env.is_master:
-            _announce(trainer)
-            learned = sum(int(m[1:].sum()) for _, m in train_ex)
-            console(f"sft: {len(convs)} conversations from {cfg.data}: {len(train_ex)} train ({rows} rows of "
-                    f"{cfg.seq_len}, {learned:,} assistant tokens; {truncated} truncated, {dropped} dropped), "
-                    f"{len(val_ex)} held out; model {cfg.init_from}, {trainer.cfg.max_steps} steps")
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(cfg.out) / "config.json", {
-                "train": trainer.cfg, "sft": opts, "model": model.config.to_dict(), "world_size": env.world_size,
-                "grad_accum_steps": trainer.grad_accum, "tokenizer": tok.name, "tokenizer_sha256": tok.sha256,
-                "data": {"source": cfg.data, "conversations": len(convs), "train": len(train_ex),
-                         "val": len(val_ex), "truncated": truncated, "dropped": dropped, "train_rows": rows,
-                         "assistant_tokens": learned}})
-        result = trainer.run()
-        if env.is_master:
-            console(f"run directory: {Path(cfg.out).resolve()}")
-        return result
+        learned = sum(int(m[1:].sum()) for _, m in train_ex)
+        note = (f"sft: {len(convs)} conversations from {cfg.data}: {len(train_ex)} train ({rows} rows of "
+                f"{cfg.seq_len}, {learned:,} assistant tokens; {truncated} truncated, {dropped} dropped), "
+                f"{len(val_ex)} held out; model {cfg.init_from}, {trainer.cfg.max_steps} steps")
+        record = {"sft": opts, "data": {"source": cfg.data, "conversations": len(convs), "train": len(train_ex),
+                                        "val": len(val_ex), "truncated": truncated, "dropped": dropped,
+                                        "train_rows": rows, "assistant_tokens": learned}}
+        return run_and_record(trainer, record, note)
     finally:
         distributed.teardown()
 

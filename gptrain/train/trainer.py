@@ -297,19 +297,29 @@ def train(cfg: TrainConfig) -> dict:
                             world_size=env.world_size, max_tokens=cfg.val_tokens)
         hellaswag = _load_hellaswag(cfg) if cfg.eval_every > 0 else None
         trainer = Trainer(cfg, model, train_loader, val, env=env, hellaswag=hellaswag, tokenizer=tokenizer)
-        if env.is_master:
-            _announce(trainer)
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(cfg.out) / "config.json",
-                              {"train": trainer.cfg, "model": model.config.to_dict(), "world_size": env.world_size,
-                               "grad_accum_steps": trainer.grad_accum, "tokenizer": tokenizer.name,
-                               "tokenizer_sha256": tokenizer.sha256})
-        result = trainer.run()
-        if env.is_master:
-            console(f"run directory: {Path(cfg.out).resolve()}")
-        return result
+        return run_and_record(trainer)
     finally:
         distributed.teardown()
+
+
+def run_and_record(trainer: Trainer, record: dict | None = None, note: str | None = None) -> dict:
+    """Announce the run, write RUN/config.json (the resolved config plus `record`), train, say where the run is.
+
+    Shared by `train` and `sft`, so every run directory records the same things."""
+    cfg, env, tok = trainer.cfg, trainer.env, trainer.tokenizer
+    if env.is_master:
+        _announce(trainer)
+        if note:
+            console(note)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cfg.out) / "config.json",
+                          {"train": cfg, "model": trainer.model.config.to_dict(), "world_size": env.world_size,
+                           "grad_accum_steps": trainer.grad_accum, "tokenizer": tok.name,
+                           "tokenizer_sha256": tok.sha256, **(record or {})})
+    result = trainer.run()
+    if env.is_master:
+        console(f"run directory: {Path(cfg.out).resolve()}")
+    return result
 
 
 def _manifest_vocab(manifest: dict) -> int:
