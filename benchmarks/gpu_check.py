@@ -1,5 +1,7 @@
 """One prepared check for a single-GPU machine (see gpu_check.sh): train-step speed with torch.compile + bf16
-against compile off, then one evaluation round (val loss, a sample, HellaSwag) with compile on, in one process.
+against compile off, then one evaluation round (val loss, a sample, HellaSwag) with compile on, then HellaSwag
+examples/s of the batched scorer against the lecture's per-example loop (benchmarks/hellaswag_throughput.py's), in
+one process.
 
 Synthetic tokens, so no data preparation or `datasets` is needed; the real trainer (`gptrain.train.trainer.Trainer`)
 runs every step. `--dry-run` runs the same logic on the CPU with a tiny model and without compiling, so the
@@ -20,6 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.hellaswag_throughput import per_example_loop, timed  # noqa: E402
+from gptrain.eval import hellaswag  # noqa: E402
 from gptrain.model import GPT, preset as model_preset  # noqa: E402
 from gptrain.tokenizer import get_tokenizer  # noqa: E402
 from gptrain.train import distributed  # noqa: E402
@@ -70,6 +74,26 @@ def run_phase(cfg, model_cfg, env, steps, warmup):
                      "wall_s": time.perf_counter() - t0, "final_loss": per_step[-1]["train_loss"]}
 
 
+def hellaswag_speed(model_cfg, examples, device, repeats):
+    """(batched examples/s, per-example loop examples/s, predictions that agree): float32, same model, same run,
+    interleaved runs after a warm-up, medians."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    model = GPT(model_cfg).to(device).eval()
+    batched = lambda: hellaswag.predict(model, examples, device=device)  # noqa: E731
+    loop = lambda: per_example_loop(model, examples, device)  # noqa: E731
+    batched(), loop()
+    t_batched, t_loop = [], []
+    for _ in range(repeats):
+        dt, _, a = timed(batched, device)
+        t_batched.append(dt)
+        dt, _, b = timed(loop, device)
+        t_loop.append(dt)
+    agree = sum(x == y for x, y in zip(a, b))  # random weights: near-ties may flip under TF32, so counted, not asserted
+    n = len(examples)
+    return n / statistics.median(t_batched), n / statistics.median(t_loop), agree
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-124m")
@@ -80,6 +104,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="steps excluded from the medians (compile, autotune)")
     p.add_argument("--hellaswag", default=str(HELLASWAG), help="HellaSwag val .jsonl[.gz] (skipped when absent)")
     p.add_argument("--hellaswag-limit", type=int, default=300)
+    p.add_argument("--speed-examples", type=int, default=200, help="HellaSwag examples for the scorer speed row")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no compile: tests this script itself")
     a = p.parse_args(argv)
     over = {"micro_batch_size": a.micro_batch_size, "device": a.device, "eval_every": 0, "sample_every": 0,
@@ -88,7 +113,7 @@ def main(argv=None):
         over["seq_len"] = a.seq_len
     if a.dry_run:
         over.update(device="cpu", micro_batch_size=2, seq_len=32)
-        a.steps, a.warmup, a.hellaswag_limit = min(a.steps, 3), 1, 4
+        a.steps, a.warmup, a.hellaswag_limit, a.speed_examples = min(a.steps, 3), 1, 4, 4
     cfg = resolve(a.preset, over)
     cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len, max_steps=a.steps,
                               warmup_steps=min(cfg.warmup_steps, a.steps))
@@ -124,6 +149,13 @@ def main(argv=None):
     evals["sample s"] = time.perf_counter() - t0
     print(f"  val_loss {ev.get('val_loss'):.4f}; sample: {samples[0]!r}" if samples else "  (no sample)")
 
+    # HellaSwag scoring speed on the full-size model shape (the dry run's tiny model gets the real context window)
+    speed = None
+    if Path(a.hellaswag).exists():
+        hs_cfg = dataclasses.replace(model_cfg, block_size=model_preset(cfg.model).block_size)
+        speed = hellaswag_speed(hs_cfg, hellaswag.load_examples(a.hellaswag, limit=a.speed_examples), env.device,
+                                repeats=1 if a.dry_run else 3)
+
     print("\n| phase | tokens/s | MFU | first step (compile) s | final loss |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -134,6 +166,12 @@ def main(argv=None):
           if "hellaswag_acc" in ev else "skipped (no data)")
     print(f"| eval round ({rows[0]['phase']}) | val_loss {ev.get('val_loss', float('nan')):.4f} | HellaSwag {hs} | "
           f"{evals['eval round s']:.1f} s | sample {evals['sample s']:.1f} s |")
+    if speed:
+        print(f"| HellaSwag scoring ({cfg.model} float32, {a.speed_examples} examples) | batched {speed[0]:.1f} ex/s | "
+              f"lecture loop {speed[1]:.1f} ex/s | speed-up {speed[0] / speed[1]:.2f}x | "
+              f"predictions agree {speed[2]}/{a.speed_examples} |")
+    else:
+        print("| HellaSwag scoring | skipped (no data) | | | |")
     return 0
 
 

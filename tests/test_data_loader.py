@@ -1,5 +1,5 @@
-"""The loader: every train token once per epoch across ranks, a new document order each epoch, the same order
-for the same seed, exact resume (also on another world size), the lecture's order in sequential mode, a
+"""The loader: every train token once per epoch across ranks, rows of whole documents in a new order each
+epoch, the same order for the same seed, exact resume (also on another world size), the lecture's order in sequential mode, a
 deterministic validation stream, and clear errors for bad shards."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 
 from gptrain.config import write_json_atomic
 from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest
-from gptrain.data.shards import HEADER_BYTES, document_starts, write_shard
+from gptrain.data.shards import HEADER_BYTES, write_shard
 from gptrain.errors import GptrainError
 from gptrain.tokenizer import get_tokenizer
 
@@ -41,7 +41,7 @@ def make_dir(path, shard_docs: list[int], val_docs: int = 4, seed: int = 0) -> l
 
 
 def epoch_stream(data_dir, B, T, W, seed=0, steps=None, shuffle=True):
-    """The token stream one epoch feeds, rebuilt from all ranks' batches: per step, rank 0's rows, rank 1's..."""
+    """The rows one epoch feeds, flattened in the order of all ranks' batches: per step, rank 0's, rank 1's..."""
     loaders = [TrainLoader(data_dir, B, T, rank=r, world_size=W, seed=seed, shuffle=shuffle) for r in range(W)]
     steps = loaders[0].batches_per_epoch if steps is None else steps
     xs, ys = [], []
@@ -54,26 +54,34 @@ def epoch_stream(data_dir, B, T, W, seed=0, steps=None, shuffle=True):
     return torch.cat(xs).numpy(), torch.cat(ys).numpy(), loaders
 
 
-def doc_order(stream: np.ndarray, shards) -> list[tuple[int, int]]:
-    """(shard, document) of each complete document in a stream, checking each appears whole and in one piece."""
-    where = {int(d[1]): (s, i) for s, docs in enumerate(shards) for i, d in enumerate(docs)}
-    starts = list(document_starts(stream, EOT)) + [len(stream)]
-    order = []
-    for a, b in zip(starts, starts[1:]):
-        piece = stream[a:b]
-        if piece[0] != EOT or len(piece) == 1:
-            continue
-        s, i = where[int(piece[1])]
-        doc = shards[s][i]
-        assert np.array_equal(piece, doc[:len(piece)]) and (b == len(stream) or len(piece) == len(doc))
-        order.append((s, i))
-    return order
-
-
 @pytest.fixture
 def data(tmp_path):
     shards = make_dir(tmp_path, [30, 12, 25, 1, 18])
     return tmp_path, shards
+
+
+def shard_streams(shards):
+    """(shard, document, position) of every token but EOT (they are unique), and each document's length."""
+    where = {int(t): (s, i, k) for s, docs in enumerate(shards) for i, d in enumerate(docs)
+             for k, t in enumerate(d) if t != EOT}
+    return where, {(s, i): len(d) for s, docs in enumerate(shards) for i, d in enumerate(docs)}
+
+
+def check_row(row: np.ndarray, shards, index) -> int:
+    """A row is a contiguous piece of one shard's stream of whole documents; returns that shard."""
+    where, length = index
+    owners = {where[int(t)][0] for t in row if t != EOT}
+    assert len(owners) == 1
+    for a, b in zip(row, row[1:]):
+        if a != EOT and b != EOT:  # inside a document: consecutive tokens of it
+            (sa, ia, ka), (sb, ib, kb) = where[int(a)], where[int(b)]
+            assert (sa, ia, ka + 1) == (sb, ib, kb)
+        elif a != EOT:  # a document ends whole before the next one's EOT
+            s, i, k = where[int(a)]
+            assert k == length[(s, i)] - 1
+        elif b != EOT:  # a document starts right after its EOT
+            assert where[int(b)][2] == 1
+    return owners.pop()
 
 
 @pytest.mark.parametrize("W", [1, 2, 3])
@@ -82,15 +90,17 @@ def test_each_train_token_once_per_epoch(data, W):
     B, T = 2, 16
     x, y, loaders = epoch_stream(data_dir, B, T, W)
     all_tokens = np.concatenate([d for docs in shards for d in docs])
-    n = len(all_tokens)
-    step = B * T * W
-    assert loaders[0].batches_per_epoch == (n - 1) // step and len(x) == loaders[0].tokens_per_epoch
+    rows = sum((sum(len(d) for d in docs) - 1) // T for docs in shards)
+    assert loaders[0].batches_per_epoch == rows // (B * W) and len(x) == loaders[0].tokens_per_epoch
     words = x[x != EOT]
     assert len(np.unique(words)) == len(words)  # no token twice: ranks disjoint, no repeats
-    assert len(all_tokens) - len(x) <= step  # all but the final partial step
-    assert np.array_equal(x[1:], y[:-1])  # y is the next token of the same stream
-    order = doc_order(np.append(x, y[-1]), shards)
-    assert len(order) >= sum(len(d) for d in shards) - step // 2  # whole documents, only the tail cut
+    assert len(all_tokens) - len(x) <= len(shards) * T + B * T * W  # all but shard tails and the final partial step
+    xr, yr = x.reshape(-1, T), y.reshape(-1, T)
+    assert np.array_equal(xr[:, 1:], yr[:, :-1])  # y is the next token of the same row
+    where = shard_streams(shards)
+    owners = [check_row(np.append(a, b[-1]), shards, where) for a, b in zip(xr, yr)]
+    runs = [s for k, s in enumerate(owners) if k == 0 or s != owners[k - 1]]
+    assert len(runs) == len(set(runs))  # shards are read one after another
     assert all(L.epoch == 1 for L in loaders)
 
 
@@ -100,24 +110,23 @@ def test_new_order_each_epoch_same_for_same_seed(data):
     L = TrainLoader(data_dir, B, T, seed=3)
     epochs = []
     for _ in range(3):
-        xs = [L.next_batch()[0].reshape(-1) for _ in range(L.batches_per_epoch)]
-        epochs.append(torch.cat(xs).numpy())
-    orders = [doc_order(e, shards) for e in epochs]
-    assert orders[0] != orders[1] != orders[2] != orders[0]
+        epochs.append(np.stack([L.next_batch()[0].numpy() for _ in range(L.batches_per_epoch)]).reshape(-1, T))
+    where = shard_streams(shards)
     shard_orders = set()
-    for o in orders:  # shards are permuted as units: a shard's documents are contiguous in the stream
-        shard_seq = [s for s, _ in o]
-        runs = tuple(s for k, s in enumerate(shard_seq) if k == 0 or s != shard_seq[k - 1])
-        assert len(runs) == len(set(runs))
-        shard_orders.add(runs)
-        for s in set(shard_seq):  # and so are the documents inside each shard
-            assert [i for t, i in o if t == s] != sorted(i for t, i in o if t == s) or len(shards[s]) == 1
+    for rows in epochs:
+        owners = [check_row(r, shards, where) for r in rows]
+        shard_orders.add(tuple(s for k, s in enumerate(owners) if k == 0 or s != owners[k - 1]))
+        for s in set(owners):  # the rows of a shard come in shuffled order, not as its stream runs
+            mine = rows[[o == s for o in owners]]
+            assert any(not np.array_equal(a[1:], b[:-1]) for a, b in zip(mine, mine[1:])) or len(mine) < 3
     assert len(shard_orders) > 1
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    assert {tuple(r) for r in epochs[0]} != {tuple(r) for r in epochs[1]}  # new documents order, so new rows
     again = TrainLoader(data_dir, B, T, seed=3)
-    assert np.array_equal(torch.cat([again.next_batch()[0].reshape(-1) for _ in range(L.batches_per_epoch)]),
-                          epochs[0])
+    assert np.array_equal(np.stack([again.next_batch()[0].numpy() for _ in range(L.batches_per_epoch)])
+                          .reshape(-1, T), epochs[0])
     other = TrainLoader(data_dir, B, T, seed=4)
-    assert not np.array_equal(other.next_batch()[0].numpy(), epochs[0][:B * T].reshape(B, T))
+    assert not np.array_equal(other.next_batch()[0].numpy(), epochs[0][:B])
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -293,3 +302,5 @@ def test_state_from_other_data_is_refused(tmp_path, data):
     sd = TrainLoader(other, 2, 8).state_dict()
     with pytest.raises(GptrainError, match="resume with the data directory"):
         TrainLoader(data_dir, 2, 8).load_state_dict(sd)
+    with pytest.raises(GptrainError, match="rows of 8 tokens, this one 16; resume with --seq-len 8"):
+        TrainLoader(data_dir, 2, 16).load_state_dict(TrainLoader(data_dir, 2, 8).state_dict())

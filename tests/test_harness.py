@@ -82,8 +82,10 @@ def test_loglikelihoods_match_hf_including_left_truncation(setup):
     ours = harness.GptrainLM.create_from_arg_string(f"pretrained={setup['run']}",
                                                     {"batch_size": 3, "max_batch_size": None, "device": "cpu"})
     long_ctx = "The quick brown fox jumps over the lazy dog. " * 40  # ~400 tokens: cut from the left to 256
+    # shared contexts (scored once per group) next to contexts of their own and over-long requests cut from the left
     pairs = [("The capital of France is", " Paris"), ("", "Hello world"), ("Numbers: 1, 2, 3,", " 4, 5"),
-             ("trailing space ", "moves"), (long_ctx, " And then the end.")]
+             ("trailing space ", "moves"), (long_ctx, " And then the end."), ("The capital of France is", " Rome"),
+             ("Numbers: 1, 2, 3,", " 4"), ("The capital of France is", " a city on the Seine"), (long_ctx, " Fin.")]
     got = ours.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     want = setup["hf"].loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
     for (a, ga), (b, gb) in zip(got, want):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain.errors import GptrainError
-from gptrain.eval import hellaswag
+from gptrain.eval import hellaswag, scoring
 from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import get_tokenizer
 
@@ -114,6 +114,62 @@ def test_left_truncation_to_the_context_window(val_examples):
     model = GPT(GPTConfig(block_size=24, n_layer=1, n_head=1, n_embd=16))
     res = hellaswag.evaluate(model, val_examples[:3])
     assert res["n"] == 3 and 0 <= res["acc"] <= 1
+
+
+def _full_row_score(model, ctx, cont):
+    """A request scored the obvious way: its whole row (cut from the left to the window) through the model."""
+    toks = (ctx + cont)[-(model.config.block_size + 1):]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([toks[:-1]]))
+    logits, targets = logits[0, -len(cont):], torch.tensor(cont)
+    return F.cross_entropy(logits, targets, reduction="sum").item(), bool((logits.argmax(-1) == targets).all())
+
+
+def test_shared_contexts_score_as_whole_rows(monkeypatch):
+    """Requests sharing a context (run once, its cache copied per continuation) score as their own full rows do:
+    groups of 1..5, contexts of 1..20 tokens in one batch, one-token continuations, greedy ones, and over-long
+    requests that fall back to left-truncated plain rows while their group's other members share."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_size=300)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.normal_(0, 1.0)  # decisive logits, so greedy continuations are unambiguous
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(0, 300, (n,), generator=g).tolist()  # noqa: E731
+    requests = []
+    for size, ctx_len in [(4, 20), (1, 7), (3, 1), (5, 12), (2, 16), (4, 3)]:
+        ctx = rand(ctx_len)
+        greedy = []
+        with torch.no_grad():
+            for _ in range(4):
+                greedy.append(model(torch.tensor([ctx + greedy]))[0][0, -1].argmax().item())
+        requests += [(ctx, greedy)] + [(ctx, rand(1 + (3 * k + ctx_len) % 11)) for k in range(size - 1)]
+    long_ctx = rand(26)
+    # 36 and 34 tokens: cut to the window's 33 (32 inputs + the last target); 33 and 28 tokens fit and share
+    requests += [(long_ctx, rand(10)), (long_ctx, rand(8)), (long_ctx, rand(7)), (long_ctx, rand(2))]
+    order = torch.randperm(len(requests), generator=g).tolist()
+    requests = [requests[i] for i in order]
+
+    shared_rows = []  # the batches of groups that went through the shared path
+    real = scoring._shared_rows
+    monkeypatch.setattr(scoring, "_shared_rows", lambda net, groups, *a: shared_rows.append(groups)
+                        or real(net, groups, *a))
+    got = scoring.score_continuations(model, requests, batch_size=7)
+    assert len(shared_rows) > 1 and any(len({len(grp[0][0]) for grp in b}) > 1 for b in shared_rows)
+    assert sum(len(grp) for b in shared_rows for grp in b) == len(requests) - 3  # all but a 1-group and 2 cut
+    for (ctx, cont), score in zip(requests, got):
+        nll, greedy = _full_row_score(model, ctx, cont)
+        assert score.n == len(cont) and score.nll == pytest.approx(nll, rel=1e-5, abs=1e-5)
+        assert score.greedy == greedy
+    assert sum(s.greedy for s in got) == 6 and not all(s.greedy for s in got)
+
+    bf16 = scoring.score_continuations(model, requests, batch_size=7, autocast=torch.bfloat16)
+    assert [s.nll for s in bf16] == pytest.approx([s.nll for s in got], rel=0.05, abs=0.5)
+
+
+def test_empty_context_is_a_clear_error():
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=16))
+    with pytest.raises(GptrainError, match="empty context.*<\\|endoftext\\|>"):
+        scoring.score_continuations(model, [([], [1, 2])])
 
 
 # ---------------------------------------------------------------- data: --data, download, cache

@@ -116,6 +116,32 @@ def test_optimizer_groups_match_torch_adamw(tiny_config):
         assert torch.equal(pa, pb), ka
 
 
+def test_embedding_lr_scale_is_a_third_group_at_a_multiple_of_the_schedule(tiny_config):
+    from gptrain.train.optim import make_optimizer
+    torch.manual_seed(0)
+    a, b = GPT(tiny_config), GPT(tiny_config)
+    b.load_state_dict(a.state_dict())
+    opt = make_optimizer(a, lr=1e-3, weight_decay=0.1, embedding_lr_scale=5.0)
+    wte = a.transformer.wte.weight
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, 5e-3]
+    assert opt.param_groups[2]["params"] == [wte] and opt.param_groups[2]["weight_decay"] == 0.1
+    assert not any(p is wte for g in opt.param_groups[:2] for p in g["params"])
+    named = dict(b.named_parameters())
+    wte_b = b.transformer.wte.weight
+    ref = torch.optim.AdamW([
+        {"params": [p for p in named.values() if p.dim() >= 2 and p is not wte_b], "weight_decay": 0.1, "lr": 1e-3},
+        {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0, "lr": 1e-3},
+        {"params": [wte_b], "weight_decay": 0.1, "lr": 5e-3}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    x = torch.randint(0, 50257, (2, 16))
+    for _ in range(3):
+        for m, o in ((a, opt), (b, ref)):
+            o.zero_grad()
+            m(x[:, :-1], x[:, 1:])[1].backward()
+            o.step()
+    for (ka, pa), (kb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), ka
+
+
 def test_bad_total_batch_size_is_one_clear_line():
     with pytest.raises(GptrainError, match=r"--total-batch-size 1000 is not a multiple of .* 2×16×2 = 64"):
         grad_accum_steps(small_cfg(total_batch_size=1000), world_size=2)

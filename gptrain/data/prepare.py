@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         prepare(args.source if len(args.source) > 1 else args.source[0], cfg)
     except KeyboardInterrupt:
-        print(f"\nprepare: interrupted; finished shards are kept, re-run the same command to continue",
+        print("\nprepare: interrupted; finished shards are kept, re-run the same command to continue",
               file=sys.stderr)
         return 130
     return 0

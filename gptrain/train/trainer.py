@@ -75,7 +75,8 @@ class Trainer:
         self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type)
         self.wrapped = distributed.wrap(self.model, self.env, self.compile)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, device_type=self.env.device_type)
+                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        embedding_lr_scale=cfg.embedding_lr_scale, device_type=self.env.device_type)
         self.train_loader, self.val_source = train_loader, val_source
         self.hellaswag, self.tokenizer = hellaswag, tokenizer
         self.step = 0  # optimizer steps completed
@@ -134,7 +135,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         last_good = self.checkpoints.last_good if self.checkpoints else None
         skipped = self.guard.check(self.step, loss_accum.item(), norm.item(), last_good)  # same on every rank
         if skipped is None:
