@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gptrain.allocator import keep_freed_memory  # noqa: E402
 from gptrain.eval import hellaswag  # noqa: E402
 from gptrain.model import GPT, preset  # noqa: E402
 
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the `gptrain` command does, for both scorers
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = GPT(preset(args.preset)).to(device).eval()

@@ -36,6 +36,11 @@ class Run:
     def tokens_per_step(self) -> int | None:
         return (self.config.get("train") or self.config).get("total_batch_size")
 
+    @property
+    def on_fineweb_edu(self) -> bool:
+        """Whether the published GPT-2 val loss (measured on FineWeb-EDU) is comparable with this run's."""
+        return "fineweb-edu" in json.dumps(self.config.get("data_source")).lower()
+
     def series(self, records: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
         pts = sorted((s, r[key]) for s, r in records.items() if isinstance(r.get(key), (int, float)))
         return [s for s, _ in pts], [v for _, v in pts]
@@ -95,16 +100,20 @@ def plot(runs: list[Run], out: Path) -> Path:
             if s:
                 loss_ax.plot(xmap(run, s), v, color=c, lw=2, marker="." if len(s) < 30 else None,
                              label=f"{label}val loss")
-                shown += v
+                shown += [x for step, x in zip(s, v) if step > 0] or v  # the untrained model's ~11 too
             s, v = run.series(run.evals, "hellaswag_acc_norm")
             if s:
                 hs_ax.plot(xmap(run, s), v, color=c, lw=2, marker="." if len(s) < 30 else None,
                            label=f"{label}HellaSwag acc_norm")
-        loss_ax.axhline(baselines.GPT2_124M_VAL_LOSS, color="r", ls="--",
-                        label=f"OpenAI GPT-2 (124M) checkpoint val loss ({baselines.GPT2_124M_VAL_LOSS})")
+        if any(run.on_fineweb_edu for run in runs):  # the published number is a FineWeb-EDU loss
+            loss_ax.axhline(baselines.GPT2_124M_VAL_LOSS, color="r", ls="--",
+                            label=f"OpenAI GPT-2 (124M) checkpoint val loss ({baselines.GPT2_124M_VAL_LOSS})")
+            shown.append(baselines.GPT2_124M_VAL_LOSS)
         if shown:
-            loss_ax.set_ylim(0.95 * min(shown + [baselines.GPT2_124M_VAL_LOSS]),
-                             1.05 * max(shown + [baselines.GPT2_124M_VAL_LOSS]))
+            loss_ax.set_ylim(0.95 * min(shown), 1.05 * max(shown))
+        if not any(run.series(run.evals, "hellaswag_acc_norm")[0] for run in runs):
+            hs_ax.text(0.5, 0.6, "no HellaSwag evaluations in this run\n(train with --hellaswag-data auto or PATH)",
+                       ha="center", va="center", transform=hs_ax.transAxes, color="0.4")
         hs_ax.axhline(baselines.GPT2_124M_HELLASWAG, color="r", ls="--",
                       label=f"OpenAI GPT-2 (124M) checkpoint ({baselines.GPT2_124M_HELLASWAG})")
         hs_ax.axhline(baselines.GPT3_SMALL_HELLASWAG, color="g", ls="--",
@@ -164,8 +173,9 @@ def summarize(run: Run) -> str:
     s, v = run.series(run.evals, "val_loss")
     if s:
         best = min(range(len(v)), key=v.__getitem__)
-        lines.append(f"- best val loss: {v[best]:.4f} at step {s[best]} (latest {v[-1]:.4f} at step {s[-1]}; "
-                     f"OpenAI GPT-2 124M: {baselines.GPT2_124M_VAL_LOSS})")
+        reference = f"; OpenAI GPT-2 124M: {baselines.GPT2_124M_VAL_LOSS}" if run.on_fineweb_edu else ""
+        lines.append(f"- best val loss: {v[best]:.4f} at step {s[best]} (latest {v[-1]:.4f} at step {s[-1]}"
+                     f"{reference})")
     s, v = run.series(run.evals, "hellaswag_acc_norm")
     if s:
         acc = run.evals[s[-1]].get("hellaswag_acc")

@@ -10,13 +10,18 @@ from gptrain.errors import GptrainError  # noqa: E402
 from gptrain.report import load_run, report  # noqa: E402
 
 
-def write_run(path, steps, evals_every, hellaswag=True, partial_tail=True, tokens_per_step=2048):
+SHAKESPEARE = {"kind": "shakespeare", "name": "shakespeare"}
+FINEWEB_EDU = {"kind": "hub", "path": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT", "split": "train"}
+
+
+def write_run(path, steps, evals_every, hellaswag=True, partial_tail=True, tokens_per_step=2048, source=SHAKESPEARE):
     """A run directory as the trainer writes it: config.json and metrics.jsonl (step, eval and sample records)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({
         "train": {"model": "tiny", "total_batch_size": tokens_per_step, "seq_len": 128, "micro_batch_size": 16,
                   "max_steps": 400, "lr": 3e-3, "data": "data/shakespeare", "seed": 0},
-        "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256}, "world_size": 1}))
+        "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256}, "world_size": 1,
+        "data_source": source}))
     lines = []
     for s in range(steps):
         lines.append({"step": s, "train_loss": 3.3 + 7.7 * math.exp(-s / 30), "lr": 3e-3, "grad_norm": 1.0,
@@ -61,6 +66,15 @@ def test_report_overlays_two_runs_with_several_evaluations(tmp_path):
     assert "HellaSwag at step 250: acc_norm 0.3333" in md
     assert "To be, or not to be" in md and "1 unreadable line(s)" in md
     assert "| tokens per step | 2048 |" in md and "tokens/s" in md
+
+
+def test_the_gpt2_val_loss_is_a_reference_only_for_fineweb_edu_runs(tmp_path):
+    fw = write_run(tmp_path / "fw", steps=60, evals_every=20, source=FINEWEB_EDU)
+    sh = write_run(tmp_path / "sh", steps=60, evals_every=20)
+    assert load_run(fw).on_fineweb_edu and not load_run(sh).on_fineweb_edu
+    _, md = report([str(fw), str(sh)], out=str(tmp_path / "both"))
+    fw_part, sh_part = md.read_text().split("## sh")
+    assert "OpenAI GPT-2 124M: 3.2924" in fw_part and "3.2924" not in sh_part
 
 
 def test_report_default_out_and_a_run_without_records(tmp_path):

@@ -298,7 +298,7 @@ def train(cfg: TrainConfig) -> dict:
                             world_size=env.world_size, max_tokens=cfg.val_tokens)
         hellaswag = _load_hellaswag(cfg) if cfg.eval_every > 0 else None
         trainer = Trainer(cfg, model, train_loader, val, env=env, hellaswag=hellaswag, tokenizer=tokenizer)
-        return run_and_record(trainer)
+        return run_and_record(trainer, {"data_source": manifest.get("source")})
     finally:
         distributed.teardown()
 
