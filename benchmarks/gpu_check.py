@@ -1,7 +1,8 @@
 """One prepared check for a single-GPU machine (see gpu_check.sh): train-step speed with torch.compile + bf16
 against compile off, then one evaluation round (val loss, a sample, HellaSwag) with compile on, then HellaSwag
-examples/s of the batched scorer against the lecture's per-example loop (benchmarks/hellaswag_throughput.py's), in
-one process.
+examples/s of the batched scorer against the lecture's per-example loop (benchmarks/hellaswag_throughput.py's),
+then gptrain's compiled bf16 step against transformers' GPT2LMHeadModel eager (benchmarks/train_throughput.py's),
+in one process.
 
 Synthetic tokens, so no data preparation or `datasets` is needed; the real trainer (`gptrain.train.trainer.Trainer`)
 runs every step. `--dry-run` runs the same logic on the CPU with a tiny model and without compiling, so the
@@ -22,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import train_throughput  # noqa: E402
 from benchmarks.hellaswag_throughput import per_example_loop, timed  # noqa: E402
 from gptrain.eval import hellaswag  # noqa: E402
 from gptrain.model import GPT, preset as model_preset  # noqa: E402
@@ -156,6 +158,13 @@ def main(argv=None):
         speed = hellaswag_speed(hs_cfg, hellaswag.load_examples(a.hellaswag, limit=a.speed_examples), env.device,
                                 repeats=1 if a.dry_run else 3)
 
+    # gptrain's step against the plain PyTorch baseline (transformers' GPT2LMHeadModel, eager), same batch
+    versus = train_throughput.main(
+        ["--preset", "tiny", "--micro-batch-size", "2", "--seq-len", "32", "--device", "cpu", "--steps", "1",
+         "--warmup", "0"] if a.dry_run else
+        ["--preset", a.preset, "--micro-batch-size", str(cfg.micro_batch_size), "--seq-len", str(cfg.seq_len),
+         "--device", env.device, "--dtype", "bfloat16", "--steps", "10", "--warmup", "5"])
+
     print("\n| phase | tokens/s | MFU | first step (compile) s | final loss |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -172,6 +181,9 @@ def main(argv=None):
               f"predictions agree {speed[2]}/{a.speed_examples} |")
     else:
         print("| HellaSwag scoring | skipped (no data) | | | |")
+    print(f"| vs HF GPT2LMHeadModel eager ({versus['dtype']}) | baseline {versus['baseline_tokens_per_sec']:,.0f} tok/s | "
+          f"gptrain {'compiled' if versus['compiled'] else 'eager'} {versus['gptrain_tokens_per_sec']:,.0f} tok/s | "
+          f"speed-up {versus['gptrain_tokens_per_sec'] / versus['baseline_tokens_per_sec']:.2f}x | |")
     return 0
 
 

@@ -119,6 +119,7 @@ def main(argv=None):
         print(f"| {name} | {wall:,.0f} | {cpu:,.0f} | {mfu} |")
     (bw, bc), (ow, oc) = result.values()
     print(f"speed-up: {ow / bw:.2f}x wall, {oc / bc:.2f}x per CPU-second")
+    return {"baseline_tokens_per_sec": bw, "gptrain_tokens_per_sec": ow, "compiled": compile, "dtype": dtype}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    table = r.stdout.strip().splitlines()[-7:]
+    table = r.stdout.strip().splitlines()[-8:]
     assert table[0] == "| phase | tokens/s | MFU | first step (compile) s | final loss |"
     assert table[2].startswith("| eager float32 |") and table[3].startswith("| eager float32 |")
     assert "compile speed-up" in table[4]
@@ -23,3 +23,4 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     assert table[6].startswith("| HellaSwag scoring")
     if (SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl.gz").is_file():  # the speed row needs the examples
         assert "lecture loop" in table[6] and "predictions agree" in table[6] and "/4 |" in table[6]
+    assert table[7].startswith("| vs HF GPT2LMHeadModel eager (float32) | baseline ") and "speed-up" in table[7]
