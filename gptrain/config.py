@@ -41,8 +41,11 @@ def _parser_for(tp, optional: bool, name: str):
     return parse
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of dataclass `cls` (defaults suppressed: see `overrides_from_args`)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (),
+                       shown_defaults: dict | None = None) -> None:
+    """Add one flag per field of dataclass `cls` (defaults suppressed: see `overrides_from_args`).
+
+    `shown_defaults` replaces the field's default in the help text, for a command whose recipe differs."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude or f.name.startswith("_"):
@@ -51,6 +54,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str,
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (shown_defaults or {}).get(f.name, default)
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         if tp is bool and not optional:

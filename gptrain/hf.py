@@ -337,6 +337,8 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
+        # safetensors creates its file owner-only; give it the mode the user's umask gives the others
+        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())

@@ -217,6 +217,8 @@ def test_gptrain_run_and_checkpoint_load_and_export(tmp_path, capsys):
         save_pretrained(model, tmp_path / "run", force=True)
     assert cli.main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     assert "vocabulary 50261" in capsys.readouterr().out
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the rest (umask), not owner-only
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert logits_diff(model, hf, 50261) <= 1e-4
 

@@ -298,12 +298,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="conversations: .jsonl/.jsonl.gz/.json/.parquet (OpenAI messages, OpenAssistant trees, "
                              "Human/Assistant transcripts) or hf:NAME with a messages column")
-    add_dataclass_args(parser, TrainConfig, exclude=NOT_FOR_SFT)
+    add_dataclass_args(parser, TrainConfig, exclude=NOT_FOR_SFT, shown_defaults={
+        **SFT_DEFAULTS, "seq_len": "the model's context window, up to 1024", "total_batch_size": "4 micro-steps"})
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
                         default=argparse.SUPPRESS, help="torch.compile the model (default: on for CUDA, off elsewhere)")
     add_dataclass_args(parser, SFTOptions)
-    parser.epilog = ("Defaults differ from pretraining: " + ", ".join(f"{k}={v}" for k, v in SFT_DEFAULTS.items())
-                     + "; seq_len follows the model (up to 1024), total_batch_size = 4 micro-steps.")
+    parser.epilog = "Defaults are a fine-tuning recipe, not pretraining's: small LR, no weight decay, 2 epochs."
 
 
 def main(args: argparse.Namespace) -> int:
