@@ -18,8 +18,9 @@ import torch
 
 from gptrain.errors import GptrainError
 
-# Dense bf16 peak FLOP/s per GPU (vendor data sheets), for MFU. Unknown GPUs print no MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+# Dense bf16 peak FLOP/s per GPU (vendor data sheets), for MFU; the first key found in the device name wins, so
+# variants come before their family. Unknown GPUs print no MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
                    "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
