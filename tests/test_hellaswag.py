@@ -293,4 +293,15 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["tokens"] == 512  # 4 batches of 2 x 32
     assert abs(res["val_loss"] - math.log(50257)) < 0.5  # an untrained model is near-uniform
-    assert "3.2924" in capsys.readouterr().out
+    assert "3.2924" not in capsys.readouterr().out  # the FineWeb-EDU baseline is not a reference for this data
+
+    # On a training run, the defaults are the run's own seq_len and val_tokens: the same number as its val_loss
+    assert gptrain_main(["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                         "--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--seq-len", "32",
+                         "--micro-batch-size", "2", "--total-batch-size", "64", "--max-steps", "2",
+                         "--eval-every", "2", "--val-tokens", "256", "--sample-every", "0", "--threads", "1"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                         "--device", "cpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tokens"] == 256 and abs(res["val_loss"] - [r for r in logged if "val_loss" in r][-1]["val_loss"]) < 1e-5

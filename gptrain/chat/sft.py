@@ -221,7 +221,7 @@ SFT_DEFAULTS = dict(lr=5e-5, min_lr_ratio=0.1, warmup_steps=20, weight_decay=0.0
                     max_steps=0, eval_every=50, sample_every=100, num_samples=1, sample_tokens=64, save_every=200,
                     hellaswag_data="none")
 NOT_FOR_SFT = ("data", "init_from", "model", "n_layer", "n_head", "n_embd", "val_tokens", "hellaswag_data",
-               "hellaswag_limit", "compile")
+               "hellaswag_limit", "compile", "sample_prompt")
 
 
 class ChatTrainer(Trainer):

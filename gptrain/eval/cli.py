@@ -4,8 +4,10 @@ published baselines (gptrain/eval/baselines.py) and optionally written as JSON."
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,9 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "prepared data directory, as the training loop measures it.")
     common(p, 8, "sequences per forward pass")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (manifest.json + shards)")
-    p.add_argument("--seq-len", type=int, metavar="T", help="tokens per sequence (default: the model's context window)")
-    p.add_argument("--val-tokens", type=int, default=10_485_760, metavar="N",
-                   help="validation tokens to use (default: 10485760, the lecture's 20 x 64 x 1024 x 8)")
+    p.add_argument("--seq-len", type=int, metavar="T",
+                   help="tokens per sequence (default: the run's --seq-len when SRC is a gptrain run, else the model's "
+                        "context window)")
+    p.add_argument("--val-tokens", type=int, metavar="N",
+                   help="validation tokens to use (default: the run's --val-tokens when SRC is a gptrain run, so the "
+                        "number matches its in-loop val_loss; else 10485760, the lecture's 20 x 64 x 1024 x 8)")
     p.set_defaults(_run=run_val)
 
 
@@ -65,6 +70,19 @@ def _load(args):
     if args.batch_size < 1:
         raise GptrainError(f"--batch-size {args.batch_size} must be at least 1")
     return load_model(args.model).to(device).eval(), device
+
+
+def _run_settings(src: str) -> dict:
+    """The training settings of a gptrain run directory (or of the run a checkpoint belongs to); {} otherwise."""
+    path = Path(src)
+    for cfg in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
+        try:
+            train = json.loads(cfg.read_text()).get("train")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict):
+            return train
+    return {}
 
 
 def _write_json(path: str | None, obj) -> None:
@@ -121,10 +139,11 @@ def run_val(args) -> int:
     from gptrain.data.loader import ValLoader, check_tokenizer
     from gptrain.tokenizer import tokenizer_for_vocab
     model, device = _load(args)
-    T = args.seq_len or model.config.block_size
+    run = _run_settings(args.model)
+    T = args.seq_len or run.get("seq_len") or model.config.block_size
     if not 0 < T <= model.config.block_size:
         raise GptrainError(f"--seq-len {T} must be between 1 and the model's context window {model.config.block_size}")
-    val = ValLoader(args.data, args.batch_size, T, max_tokens=args.val_tokens)
+    val = ValLoader(args.data, args.batch_size, T, max_tokens=args.val_tokens or run.get("val_tokens") or 10_485_760)
     check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
     total, count = 0.0, 0
     for x, y in val.batches():
@@ -134,7 +153,9 @@ def run_val(args) -> int:
         count += n
     res = {"val_loss": total / count, "tokens": count}
     print(f"validation loss over {count:,} tokens of {args.data} (T={T})")
-    print(baselines.table("FineWeb-EDU validation loss for the baseline", {args.model: res, **baselines.VAL_LOSS},
-                          ["val_loss"]))
+    if "fineweb-edu" in json.dumps(val.manifest.get("source")).lower():  # where the published number was measured
+        print(baselines.table("FineWeb-EDU validation loss", {args.model: res, **baselines.VAL_LOSS}, ["val_loss"]))
+    else:
+        print(f"{args.model}: val_loss {res['val_loss']:.4f}")
     _write_json(args.json, res)
     return 0

@@ -61,13 +61,14 @@ class TrainConfig:
     hellaswag_limit: int = _f(0, "score only the first N HellaSwag examples (0: all)")
     sample_every: int = _f(250, "steps between text samples; 0: off")
     sample_tokens: int = _f(32, "new tokens per sample")
+    sample_prompt: str = _f("Hello, I'm a language model,", "prompt the in-loop samples continue")
     num_samples: int = _f(4, "samples per sampling round")
     log_every: int = _f(1, "steps between console lines")
     tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tb (needs tensorboard installed)")
     wandb_project: str | None = _f(None, "also log to this Weights & Biases project (needs wandb installed)")
     # --- checkpoints and resilience (issue 5 owns the behaviour; the flags live here)
     save_every: int = _f(5000, "steps between checkpoints; 0: only at the end")
-    keep_last: int = _f(3, "keep the newest K checkpoints")
+    keep_last: int = _f(3, "keep the newest K checkpoints (0: keep all)")
     keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of M permanently; 0: none")
     resume: str | None = _f(None, "'auto' (newest valid checkpoint in --out, or a fresh start) or a checkpoint path")
     guard_zscore: float = _f(0.0, "skip an update whose loss or grad-norm z-score exceeds this (0: off)")
@@ -95,7 +96,8 @@ TRAIN_PRESETS: dict[str, dict] = {
     # (README, "The demo's settings", has the runs behind each choice).
     "tiny": dict(model="tiny", seq_len=128, micro_batch_size=8, total_batch_size=1024, lr=2e-3, min_lr_ratio=0.1,
                  embedding_lr_scale=5.0, warmup_steps=40, max_steps=2000, weight_decay=0.1, grad_clip=1.0,
-                 eval_every=500, val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2, save_every=0,
+                 eval_every=500, val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2,
+                 sample_prompt="ROMEO:", save_every=0,
                  hellaswag_data=None),
 }
 

@@ -30,8 +30,6 @@ from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_l
 from gptrain.train.optim import lr_at, make_optimizer
 from gptrain.train.resilience import DivergenceGuard, Preemption, inject_test_nan
 
-SAMPLE_PROMPT = "Hello, I'm a language model,"
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -188,12 +186,12 @@ class Trainer:
         if not self.env.is_master or self.tokenizer is None:
             return []
         from gptrain.generate import complete
-        prompt = self.tokenizer.encode(SAMPLE_PROMPT)
+        prompt = self.tokenizer.encode(self.cfg.sample_prompt)
         n_new = min(self.cfg.sample_tokens, self.model.config.block_size - len(prompt))
         with self.autocast():
             new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
                            top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
-        self.last_samples = [SAMPLE_PROMPT + self.tokenizer.decode(ids) for ids in new]
+        self.last_samples = [self.cfg.sample_prompt + self.tokenizer.decode(ids) for ids in new]
         return self.last_samples
 
     # --- the loop
