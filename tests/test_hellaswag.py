@@ -305,3 +305,6 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
                          "--device", "cpu", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["tokens"] == 256 and abs(res["val_loss"] - [r for r in logged if "val_loss" in r][-1]["val_loss"]) < 1e-5
+    assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                         "--device", "cpu", "--autocast", "bfloat16", "--json", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["val_loss"] - res["val_loss"]) < 0.05  # bf16: close, not equal

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--val-tokens", type=int, metavar="N",
                    help="validation tokens to use (default: the run's --val-tokens when SRC is a gptrain run, so the "
                         "number matches its in-loop val_loss; else 10485760, the lecture's 20 x 64 x 1024 x 8)")
+    p.add_argument("--autocast", choices=("bfloat16", "float16"),
+                   help="run the forward pass under autocast in this dtype, as training with --dtype bfloat16 "
+                        "evaluates (default: the model's own dtype)")
     p.set_defaults(_run=run_val)
 
 
@@ -146,8 +149,10 @@ def run_val(args) -> int:
     val = ValLoader(args.data, args.batch_size, T, max_tokens=args.val_tokens or run.get("val_tokens") or 10_485_760)
     check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
     total, count = 0.0, 0
+    dtype = getattr(torch, args.autocast or "bfloat16")
     for x, y in val.batches():
-        _, loss = model(x.to(device), y.to(device))
+        with torch.autocast(device.type, dtype=dtype, enabled=args.autocast is not None):
+            _, loss = model(x.to(device), y.to(device))
         n = int((y != -1).sum())
         total += loss.item() * n
         count += n
