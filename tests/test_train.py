@@ -89,6 +89,18 @@ def test_lr_schedule_values():
     assert lr_at(mid, **w) == pytest.approx(6e-4 + (mid - start) / (19073 - start) * (6e-5 - 6e-4))
 
 
+def assert_same_updates(a, opt, b, ref, steps=3):
+    """Models a and b (same start) trained by opt and ref on the same batches stay bit-identical."""
+    x = torch.randint(0, 50257, (2, 16))
+    for _ in range(steps):
+        for m, o in ((a, opt), (b, ref)):
+            o.zero_grad()
+            m(x[:, :-1], x[:, 1:])[1].backward()
+            o.step()
+    for (ka, pa), (kb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), ka
+
+
 def test_optimizer_groups_match_torch_adamw(tiny_config):
     from gptrain.train.optim import make_optimizer
     torch.manual_seed(0)
@@ -106,14 +118,7 @@ def test_optimizer_groups_match_torch_adamw(tiny_config):
     ref = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": 0.1},
                              {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    x = torch.randint(0, 50257, (2, 16))
-    for _ in range(3):
-        for m, o in ((a, opt), (b, ref)):
-            o.zero_grad()
-            m(x[:, :-1], x[:, 1:])[1].backward()
-            o.step()
-    for (ka, pa), (kb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(pa, pb), ka
+    assert_same_updates(a, opt, b, ref)
 
 
 def test_embedding_lr_scale_is_a_third_group_at_a_multiple_of_the_schedule(tiny_config):
@@ -132,14 +137,7 @@ def test_embedding_lr_scale_is_a_third_group_at_a_multiple_of_the_schedule(tiny_
         {"params": [p for p in named.values() if p.dim() >= 2 and p is not wte_b], "weight_decay": 0.1, "lr": 1e-3},
         {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0, "lr": 1e-3},
         {"params": [wte_b], "weight_decay": 0.1, "lr": 5e-3}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    x = torch.randint(0, 50257, (2, 16))
-    for _ in range(3):
-        for m, o in ((a, opt), (b, ref)):
-            o.zero_grad()
-            m(x[:, :-1], x[:, 1:])[1].backward()
-            o.step()
-    for (ka, pa), (kb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(pa, pb), ka
+    assert_same_updates(a, opt, b, ref)
 
 
 def test_bad_total_batch_size_is_one_clear_line():
