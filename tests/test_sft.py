@@ -189,6 +189,7 @@ def test_sft_lowers_held_out_assistant_loss(pretrained, shared_data, tmp_path):
     assert len([e for e in events if "train_loss" in e]) == 16
     config = json.loads((run / "config.json").read_text())
     assert config["tokenizer"] == "gpt2-chat" and config["model"]["vocab_size"] == TOK.n_vocab
+    assert config["train"]["model"] is None and config["train"]["init_from"] == str(pretrained)  # no preset name
     assert 0 < config["data"]["val"] <= 15 and config["data"]["assistant_tokens"] > 0
     before = held_out_loss(widen_to_chat(load_model(str(pretrained))), data)
     after = held_out_loss(load_model(str(run)), data)  # the run's newest checkpoint

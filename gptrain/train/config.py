@@ -21,7 +21,8 @@ class TrainConfig:
     out: str | None = _f(None, "run directory: config.json, metrics.jsonl, checkpoints")
     init_from: str | None = _f(None, "start from these weights: HF directory, hub name, gptrain run or checkpoint")
     # --- model shape (None: the model preset's value)
-    model: str = _f("gpt2", "model shape preset (gptrain.model.PRESETS)")
+    model: str | None = _f("gpt2", "model shape preset (gptrain.model.PRESETS); recorded as null with --init-from, "
+                                   "whose model fixes the shape")
     n_layer: int | None = _f(None, "override the number of layers")
     n_head: int | None = _f(None, "override the number of attention heads")
     n_embd: int | None = _f(None, "override the embedding width")

@@ -70,7 +70,8 @@ class Trainer:
         if self.env.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type)
+        self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type,
+                                       model=None if cfg.init_from else cfg.model)
         self.wrapped = distributed.wrap(self.model, self.env, self.compile)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
