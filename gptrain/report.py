@@ -39,7 +39,7 @@ class Run:
     @property
     def on_fineweb_edu(self) -> bool:
         """Whether the published GPT-2 val loss (measured on FineWeb-EDU) is comparable with this run's."""
-        return "fineweb-edu" in json.dumps(self.config.get("data_source")).lower()
+        return baselines.val_loss_comparable(self.config.get("data_source"))
 
     def series(self, records: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
         pts = sorted((s, r[key]) for s, r in records.items() if isinstance(r.get(key), (int, float)))

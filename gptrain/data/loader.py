@@ -164,8 +164,9 @@ class TrainLoader:
             raise GptrainError(f"{data_dir} has no train shards; re-run `gptrain prepare` with a smaller --val-tokens")
         step = B * T * world_size
         self.rows = (self.shards.sizes - 1) // T  # rows of T+1 tokens each shard yields (shuffled mode)
+        self.epoch_rows = int(self.rows.sum())
         if self.shuffle:
-            usable = int(self.rows.sum()) * T + 1
+            usable = self.epoch_rows * T + 1
             what = "tokens in whole rows of T+1"
         else:
             usable = int(self.shards.sizes.max())
@@ -187,7 +188,7 @@ class TrainLoader:
     def batches_per_epoch(self) -> int:
         """Steps (one next_batch() on every rank) in a full epoch."""
         if self.shuffle:
-            return int(self.rows.sum()) // (self.B * self.world_size)
+            return self.epoch_rows // (self.B * self.world_size)
         step = self.B * self.T * self.world_size
         return int(sum((n - 1) // step for n in self.shards.sizes if n >= step + 1))
 
@@ -208,7 +209,7 @@ class TrainLoader:
     def _normalize(self) -> None:
         """Move past the end of a shard (sequential) or of the epoch (shuffled) when the next step would not fit."""
         if self.shuffle:
-            if self.cursor + self.B * self.world_size > int(self.rows.sum()):
+            if self.cursor + self.B * self.world_size > self.epoch_rows:
                 self.epoch, self.cursor = self.epoch + 1, 0
             self._plan()
             return

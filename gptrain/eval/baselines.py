@@ -8,6 +8,8 @@ the reference lecture reports it.
 
 from __future__ import annotations
 
+import json
+
 GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-EDU validation loss of OpenAI's GPT-2 124M
 GPT2_124M_HELLASWAG = 0.2955  # acc_norm, lecture-style scoring
 GPT3_SMALL_HELLASWAG = 0.337  # GPT-3 paper, 125M
@@ -23,6 +25,11 @@ HELLASWAG_HARNESS = {  # lm-eval's `hellaswag` task (preprocessed text, acc_norm
 }
 VAL_LOSS = {"GPT-2 124M (OpenAI)": {"val_loss": GPT2_124M_VAL_LOSS}}
 HARNESS_TASKS = {"hellaswag": HELLASWAG_HARNESS}  # lm-eval task name -> its baselines
+
+
+def val_loss_comparable(source: dict | None) -> bool:
+    """Whether a loss on data from `source` (a manifest's "source") compares with GPT2_124M_VAL_LOSS: FineWeb-EDU only."""
+    return "fineweb-edu" in json.dumps(source).lower()
 
 
 def table(title: str, rows: dict[str, dict[str, float]], metrics: list[str]) -> str:

@@ -158,7 +158,7 @@ def run_val(args) -> int:
         count += n
     res = {"val_loss": total / count, "tokens": count}
     print(f"validation loss over {count:,} tokens of {args.data} (T={T})")
-    if "fineweb-edu" in json.dumps(val.manifest.get("source")).lower():  # where the published number was measured
+    if baselines.val_loss_comparable(val.manifest.get("source")):
         print(baselines.table("FineWeb-EDU validation loss", {args.model: res, **baselines.VAL_LOSS}, ["val_loss"]))
     else:
         print(f"{args.model}: val_loss {res['val_loss']:.4f}")

@@ -98,8 +98,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny": dict(model="tiny", seq_len=128, micro_batch_size=8, total_batch_size=1024, lr=2e-3, min_lr_ratio=0.1,
                  embedding_lr_scale=5.0, warmup_steps=40, max_steps=2000, weight_decay=0.1, grad_clip=1.0,
                  eval_every=500, val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2,
-                 sample_prompt="ROMEO:", save_every=0,
-                 hellaswag_data=None),
+                 sample_prompt="ROMEO:", save_every=0, hellaswag_data=None),
 }
 
 

@@ -183,7 +183,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> list[str]:
-        """Continuations of the fixed prompt (rank 0 only), from the eager module: no recompiles per length."""
+        """Continuations of `cfg.sample_prompt` (rank 0 only), from the eager module: no recompiles per length."""
         if not self.env.is_master or self.tokenizer is None:
             return []
         from gptrain.generate import complete
