@@ -36,6 +36,8 @@ def build_parser(command: str | None = None) -> CommandParser:
     parser.add_argument("--version", action="version", version=f"gptrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, description) in COMMANDS.items():
+        if command is not None and name != command:
+            continue  # only the top-level help lists the commands
         p = sub.add_parser(name, help=description, description=description)
         if name == command:
             mod = importlib.import_module(module)

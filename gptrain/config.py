@@ -23,6 +23,7 @@ import json
 import math
 import operator
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -31,6 +32,7 @@ from gptrain.errors import GptrainError, disk_full, is_disk_full
 
 BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
 RANGE_KEYS = ("ge", "gt", "le", "lt", "allow_inf")
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 def _base_type(tp):
@@ -153,6 +155,8 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # argparse takes "-1" for a value but "-inf", "-1e-3" for an unknown flag; every number is a value here
+        self._negative_number_matcher = _NEGATIVE_NUMBER
         self.presets: tuple[str, dict] | None = None
         self.set_defaults(_parser=self)  # the innermost parser that parsed, for its error messages
 
@@ -201,7 +205,7 @@ class CommandParser(argparse.ArgumentParser):
             for arg in message.split(": ", 1)[1].split():
                 guess = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6) if arg.startswith("--") else []
                 parts.append(f"{arg} (did you mean {guess[0]}?)" if guess else arg)
-            message = "unrecognized arguments: " + ", ".join(parts)
+            message = "unrecognized arguments: " + " ".join(parts)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
