@@ -2,7 +2,9 @@
 
 Flags are generated from the fields (gptrain.config.add_dataclass_args), so `--micro-batch-size 8` exists because
 `micro_batch_size` does. A preset is a set of field values; flags the user passes override it, and the fully
-resolved result (model shape included) is written to RUN/config.json.
+resolved result (model shape included) is written to RUN/config.json. Each number carries its range (`ge`/`gt`/
+`le`/`lt`, checked when the flag is parsed and by `validate`); `runtime=True` marks what may change when the same
+run continues (how it executes, not what it trains); re-running a command with any other field changed is refused.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ TRAIN_PRESETS: dict[str, dict] = {
     # The demo: learns Shakespeare in minutes on two CPU cores. The 50k-vocabulary head dominates a step there,
     # so the model is narrow (128) and shallow (6 layers learned no faster per token), the batch is small (1,024
     # tokens learned faster per token than 512, 2,048 or 4,096), the LR high, and the tied embedding's LR 5x
-    # (README, "The demo's settings", has the runs behind each choice).
+    # (README, "The demo's settings", has the runs behind each choice). A checkpoint every 500 steps costs ~0.3 s
+    # each, ~0.3% of the run (benchmarks/RESULTS.md, "Checkpoints"), so a killed demo loses at most 500 steps.
     "tiny": dict(model="tiny", seq_len=128, micro_batch_size=8, total_batch_size=1024, lr=2e-3, min_lr_ratio=0.1,
                  embedding_lr_scale=5.0, warmup_steps=40, max_steps=2000, weight_decay=0.1, grad_clip=1.0,
                  eval_every=500, val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2,

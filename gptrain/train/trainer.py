@@ -72,7 +72,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type,
-                                       model=None if cfg.init_from else cfg.model)
+                                       model=None if cfg.init_from else cfg.model,
+                                       sample_prompt=self._sample_prompt(cfg, train_loader, tokenizer))
         self.wrapped = distributed.wrap(self.model, self.env, self.compile)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -89,6 +90,15 @@ class Trainer:
         self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
         self.log = MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
                               wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+
+    @staticmethod
+    def _sample_prompt(cfg: TrainConfig, loader, tokenizer) -> str | None:
+        """--sample-prompt, or by default the start of the data's first validation document (fits the data)."""
+        manifest = getattr(loader, "manifest", None)
+        if cfg.sample_prompt is not None or tokenizer is None or manifest is None:
+            return cfg.sample_prompt
+        from gptrain.data.loader import opening_words
+        return opening_words(manifest, tokenizer)
 
     def _resume(self):
         """The run's Checkpointer (None without --out) and, with --resume, the state it restored everything from."""
@@ -203,12 +213,13 @@ class Trainer:
         if not self.env.is_master or self.tokenizer is None:
             return []
         from gptrain.generate import complete
-        prompt = self.tokenizer.encode(self.cfg.sample_prompt)
+        text = self.cfg.sample_prompt or ""  # none (a loader without a manifest): unconditional samples
+        prompt = self.tokenizer.encode(text) or [self.tokenizer.eot]
         n_new = min(self.cfg.sample_tokens, self.model.config.block_size - len(prompt))
         with self.autocast():
             new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
                            top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
-        self.last_samples = [self.cfg.sample_prompt + self.tokenizer.decode(ids) for ids in new]
+        self.last_samples = [text + self.tokenizer.decode(ids) for ids in new]
         return self.last_samples
 
     # --- the loop
@@ -286,7 +297,7 @@ def _resolve_steps(cfg: TrainConfig, train_tokens: int | None) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Run `gptrain train` with a resolved config (the CLI's entry point; also callable from Python)."""
-    from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest, opening_words
+    from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest
     from gptrain.tokenizer import tokenizer_for_vocab
 
     check_run_inputs(cfg, "train")
@@ -299,8 +310,6 @@ def train(cfg: TrainConfig) -> dict:
         model = build_model(cfg, vocab_size=_manifest_vocab(manifest))
         tokenizer = tokenizer_for_vocab(model.config.vocab_size)
         check_tokenizer(manifest, tokenizer)
-        if cfg.sample_prompt is None:
-            cfg = dataclasses.replace(cfg, sample_prompt=opening_words(manifest, tokenizer))
         check_seq_len(cfg, model)
         grad_accum_steps(cfg, env.world_size)
         train_loader = TrainLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
