@@ -56,7 +56,7 @@ class PrepareConfig:
                 "(none: 100M for fineweb/fineweb-edu, as the lecture's val shard; 100k for shakespeare; 10M otherwise)",
         "ge": 0})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (val + train)", "ge": 1})
-    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per CPU core)", "ge": 0, "le": 1024})
+    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per CPU core)", "ge": 0, "le": 256})
     start_method: str | None = field(default=None, metadata={
         "help": "multiprocessing start method (none: the platform's default)", "choices": [None, "spawn", "fork", "forkserver"]})
 

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:
         p.add_argument("--model", required=True, metavar="SRC",
                        help="gptrain run or checkpoint directory, HF GPT-2 directory, or hub name in the local HF cache")
-        p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", ge=1,
+        p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", ge=1, le=1 << 16,
                        help=f"{batch_help} (default: {batch_size})")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
         p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")

@@ -25,15 +25,16 @@ class TrainConfig:
     # --- model shape (None: the model preset's value)
     model: str | None = _f("gpt2", "model shape preset (gptrain.model.PRESETS); recorded as null with --init-from, "
                                    "whose model fixes the shape")
-    n_layer: int | None = _f(None, "override the number of layers", ge=1)
-    n_head: int | None = _f(None, "override the number of attention heads", ge=1)
-    n_embd: int | None = _f(None, "override the embedding width", ge=1)
+    n_layer: int | None = _f(None, "override the number of layers", ge=1, le=1024)
+    n_head: int | None = _f(None, "override the number of attention heads", ge=1, le=1024)
+    n_embd: int | None = _f(None, "override the embedding width", ge=1, le=1 << 17)
     # --- batch and length
     seq_len: int = _f(1024, "tokens per sequence (T)", ge=1)
     micro_batch_size: int = _f(64, "sequences per forward pass per process (B)", ge=1)
     total_batch_size: int = _f(524288, "tokens per optimizer step; must be a multiple of B*T*world_size", ge=1)
     max_steps: int = _f(19073, "optimizer steps (0: derive from --epochs and the data size)", ge=0)
-    epochs: float = _f(0.0, "train for this many passes over the data instead of --max-steps (when > 0)", ge=0)
+    epochs: float = _f(0.0, "train for this many passes over the data instead of --max-steps (when > 0)", ge=0,
+                        le=1e6)
     # --- optimizer and schedule
     lr: float = _f(6e-4, "maximum learning rate", gt=0, le=1)
     min_lr_ratio: float = _f(0.1, "minimum learning rate as a fraction of --lr", ge=0, le=1)
@@ -66,7 +67,7 @@ class TrainConfig:
     sample_tokens: int = _f(32, "new tokens per sample", ge=1, runtime=True)
     sample_prompt: str | None = _f(None, "prompt the in-loop samples continue (none: the start of the first validation "
                                           "document, a few words, so the prompt fits the data)", runtime=True)
-    num_samples: int = _f(4, "samples per sampling round", ge=1, runtime=True)
+    num_samples: int = _f(4, "samples per sampling round", ge=1, le=1024, runtime=True)
     log_every: int = _f(1, "steps between console lines (0: none)", ge=0, runtime=True)
     tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tb (needs tensorboard installed)", runtime=True)
     wandb_project: str | None = _f(None, "also log to this Weights & Biases project (needs wandb installed)",
@@ -82,7 +83,8 @@ class TrainConfig:
                                   "over, first moving the old checkpoints, metrics.jsonl and config.json aside to "
                                   "RUN/previous-TIME/; or a checkpoint (or run directory) path", runtime=True)
     guard_zscore: float = _f(0.0, "skip an update whose loss or grad-norm z-score exceeds this (0: off)", ge=0)
-    guard_window: int = _f(100, "steps in the running window of the divergence guard", ge=2)
+    guard_window: int = _f(100, "steps in the running window of the divergence guard", ge=2,
+                          le=1_000_000)
     guard_max_skips: int = _f(5, "stop the run after this many consecutive skipped updates", ge=1)
 
 
