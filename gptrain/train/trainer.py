@@ -259,7 +259,7 @@ class Trainer:
                     self.checkpoints.save(self.step, self.tokens_seen)
                 if stop:
                     if self.env.is_master:
-                        console(f"stopped after step {self.step} on a signal; continue with --resume auto")
+                        console(f"stopped after step {self.step} on a signal; run the same command again to continue")
                     break
         finally:
             preempt.uninstall()
