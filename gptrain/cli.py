@@ -6,13 +6,14 @@ A command module provides `add_arguments(parser)` and `main(args) -> int | None`
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
 import sys
 
 from gptrain import __version__
 from gptrain.allocator import keep_freed_memory
-from gptrain.errors import GptrainError
+from gptrain.config import CommandParser
+from gptrain.errors import GptrainError, disk_full, is_disk_full
 
 COMMANDS = {  # name -> (module, one-line description)
     "prepare": ("gptrain.data.prepare", "tokenize a corpus (FineWeb-EDU, hub datasets, local files, shakespeare) into shards"),
@@ -27,14 +28,16 @@ COMMANDS = {  # name -> (module, one-line description)
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(command: str | None = None) -> CommandParser:
+    parser = CommandParser(
         prog="gptrain",
         description="Reproduce GPT-2 and GPT-3 Small end to end: prepare, train, evaluate, fine-tune, chat.",
         epilog="Run 'gptrain COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"gptrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, description) in COMMANDS.items():
+        if command is not None and name != command:
+            continue  # only the top-level help lists the commands
         p = sub.add_parser(name, help=description, description=description)
         if name == command:
             mod = importlib.import_module(module)
@@ -44,11 +47,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse (every value checked against its field's range before any work), run, and turn a GptrainError, a
+    full disk or Ctrl-C into one line on stderr: exit 2, 2 and 130."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command if command in COMMANDS else None)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's own parser: its usage, and a suggestion for a mistyped flag
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:
             parser.print_help()
             return 0
@@ -56,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except GptrainError as e:
         print(f"gptrain: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk met where no caller knew more to say
+        if not is_disk_full(e):
+            raise
+        where = e.filename or os.getcwd()
+        print(f"gptrain: error: {disk_full(os.path.dirname(where) or where, None, where)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptrain: interrupted", file=sys.stderr)

@@ -1,18 +1,38 @@
-"""Typed configs on the command line: flags are generated from dataclass fields, so the two cannot drift.
+"""Typed configs on the command line: flags, help and validation come from the dataclass fields, so they cannot drift.
 
-A field `micro_batch_size: int = 16` becomes `--micro-batch-size N`; a bool `compile: bool = True` becomes
-`--compile/--no-compile`; `Optional[X]` fields accept `none`. Field metadata `help=` documents the flag.
-Only flags the user actually passed override a preset (argparse defaults are SUPPRESS).
+A field `micro_batch_size: int = _f(64, "sequences per pass", ge=1)` becomes `--micro-batch-size N`; a bool
+`compile: bool = True` becomes `--compile/--no-compile`; `Optional[X]` fields accept `none`. Field metadata:
+`help` documents the flag; `ge`/`gt`/`le`/`lt` bound a number (inclusive/exclusive, as pydantic's), `choices`
+lists the allowed values, floats must be finite unless `allow_inf=True`; `runtime=True` marks a setting that
+changes how a run executes, not what it trains (a changed runtime field never stops a resume). The bounds show
+in `--help` and are checked when the flag is parsed, before any work, with a one-line `GptrainError` naming the
+flag; `validate(obj)` checks a whole instance (presets, the Python API) the same way. Only flags the user
+actually passed override a preset (argparse defaults are SUPPRESS).
+
+`CommandParser` is every command's parser: no prefix abbreviations, "did you mean" for a mistyped flag, a
+short usage line, range keywords on plain options, and help that shows a preset's values
+(`gptrain train --preset tiny --help`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
+import operator
 import os
+import re
+import sys
 import typing
 from pathlib import Path
+
+from gptrain.errors import GptrainError, disk_full, is_disk_full
+
+BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
+RANGE_KEYS = ("ge", "gt", "le", "lt", "allow_inf")
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 def _base_type(tp):
@@ -24,7 +44,51 @@ def _base_type(tp):
     return tp, False
 
 
-def _parser_for(tp, optional: bool, name: str):
+def describe_range(meta: typing.Mapping) -> str:
+    """'>= 1', '> 0 and <= 1', or '' when `meta` bounds nothing."""
+    return " and ".join(f"{sym} {meta[key]:g}" if isinstance(meta[key], float) else f"{sym} {meta[key]}"
+                        for key, sym, _ in BOUNDS if meta.get(key) is not None)
+
+
+def check_value(flag: str, value, meta: typing.Mapping) -> None:
+    """Raise a one-line GptrainError when `value` breaks the field metadata `meta` (choices, finiteness, bounds)."""
+    if value is None or isinstance(value, bool):
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise GptrainError(f"{flag} {value!r} is not one of the choices: "
+                           f"{', '.join(str(c) for c in choices if c is not None)}")
+    if not isinstance(value, (int, float)):
+        return
+    rng = describe_range(meta)
+    if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not meta.get("allow_inf"))):
+        raise GptrainError(f"{flag} {value} is not a finite number; give one {rng}" if rng else
+                           f"{flag} {value} is not a finite number; give a finite one")
+    for key, _, ok in BOUNDS:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise GptrainError(f"{flag} {value:g} is out of range: it must be {rng}" if isinstance(value, float)
+                               else f"{flag} {value} is out of range: it must be {rng}")
+
+
+def validate(obj) -> None:
+    """Check every field of dataclass instance `obj` against its metadata (see `check_value`)."""
+    for f in dataclasses.fields(obj):
+        if not f.name.startswith("_"):
+            check_value(flag_name(f.name), getattr(obj, f.name), f.metadata)
+
+
+def runtime_fields(cls) -> frozenset[str]:
+    """The fields of `cls` marked `runtime=True`: how a run executes, not what it is."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _parser_for(tp, optional: bool, flag: str, meta: typing.Mapping):
+    """The argparse `type` of a flag: parse the string, then check it; both failures are one-line GptrainErrors."""
     def parse(s: str):
         if optional and s.lower() in ("none", "null", ""):
             return None
@@ -33,12 +97,22 @@ def _parser_for(tp, optional: bool, name: str):
                 return True
             if s.lower() in ("0", "false", "no", "off"):
                 return False
-            raise argparse.ArgumentTypeError(f"--{name} expects true/false, got {s!r}")
+            raise GptrainError(f"{flag} expects true/false, got {s!r}")
         try:
-            return tp(s)
+            value = tp(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} expects {tp.__name__}, got {s!r}") from None
+            kind = {int: "a whole number", float: "a number"}.get(tp, tp.__name__)
+            raise GptrainError(f"{flag} expects {kind}, got {s!r}") from None
+        check_value(flag, value, meta)
+        return value
+    parse.numeric = tp if tp in (int, float) else None  # for the CLI fuzz test: which flags take numbers
     return parse
+
+
+def _help(text: str, default, meta: typing.Mapping) -> str:
+    rng = describe_range(meta)
+    tail = f"default: {default}" + (f"; {rng}" if rng else "")
+    return (f"{text} ({tail})" if text else tail).replace("%", "%%")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (),
@@ -51,25 +125,105 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str,
         if f.name in exclude or f.name.startswith("_"):
             continue
         tp, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         default = (shown_defaults or {}).get(f.name, default)
-        help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         if tp is bool and not optional:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            action = parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                         default=argparse.SUPPRESS)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, dest=f.name, type=_parser_for(tp, optional, flag[2:]), choices=choices,
-                                default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+            metavar = "{" + ",".join(str(c).lower() for c in choices) + "}" if choices else f.name.upper()
+            action = parser.add_argument(flag, dest=f.name, type=_parser_for(tp, optional, flag, f.metadata),
+                                         default=argparse.SUPPRESS, metavar=metavar)
+        action.field_help, action.field_meta = f.metadata.get("help", ""), f.metadata
+        action.help = _help(action.field_help, default, f.metadata)
 
 
 def overrides_from_args(args: argparse.Namespace, cls) -> dict:
     """The fields of `cls` that the user set on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with gptrain's conventions (module docstring). `add_argument` also takes `ge/gt/le/lt/allow_inf`
+    for a plain numeric option; `presets` = (flag, {name: {field: value}}) makes --help show that preset's
+    values as the defaults when the flag is given."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1" for a value but "-inf", "-1e-3" for an unknown flag; every number is a value here
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+        self.presets: tuple[str, dict] | None = None
+        self.set_defaults(_parser=self)  # the innermost parser that parsed, for its error messages
+
+    def add_argument(self, *args, **kwargs):
+        meta = {k: kwargs.pop(k) for k in RANGE_KEYS if k in kwargs}
+        if meta:
+            tp, flag = kwargs.get("type", int), max(args, key=len)
+            kwargs["type"] = _parser_for(tp, False, flag, meta)
+            rng = describe_range(meta)
+            kwargs["help"] = f"{kwargs.get('help', '')} ({rng})".strip() if rng else kwargs.get("help")
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.presets is not None and args is not None:
+            flag, table = self.presets
+            for i, a in enumerate(args):
+                name = a.split("=", 1)[1] if a.startswith(flag + "=") else (
+                    args[i + 1] if a == flag and i + 1 < len(args) else None)
+                if name in table:
+                    self.show_defaults(table[name])
+                    self.epilog = f"The defaults shown are {flag} {name}'s values."
+        return super().parse_known_args(args, namespace)
+
+    def show_defaults(self, values: dict) -> None:
+        """Show `values` as the defaults in --help (for flags generated from dataclass fields)."""
+        for action in self._actions:
+            if hasattr(action, "field_help") and action.dest in values:
+                action.help = _help(action.field_help, values[action.dest], action.field_meta)
+
+    def format_usage(self) -> str:
+        """One short line (the full list is --help's): positionals and required options only."""
+        parts = []
+        for a in self._actions:
+            if a.help == argparse.SUPPRESS or isinstance(a, argparse._HelpAction):
+                continue
+            if not a.option_strings:
+                parts.append(a.metavar or a.dest.upper())
+            elif a.required:
+                parts.append(f"{a.option_strings[-1]} {a.metavar or a.dest.upper()}")
+        return f"usage: {self.prog} {' '.join(parts + ['[OPTIONS]'])}   ({self.prog} --help lists them)\n"
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            parts = []
+            for arg in message.split(": ", 1)[1].split():
+                guess = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6) if arg.startswith("--") else []
+                parts.append(f"{arg} (did you mean {guess[0]}?)" if guess else arg)
+            message = "unrecognized arguments: " + " ".join(parts)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output directory that cannot be one: a file, or below a file."""
+    p = Path(path)
+    while True:
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == Path(path) else f"is below {p}, which is a file"
+                raise GptrainError(f"{flag} {path} {what}, not a directory; choose another {flag}")
+            if not os.access(p, os.W_OK):
+                raise GptrainError(f"{flag} {path}: {p} is not writable; choose another {flag}")
+            return
+        if p == p.parent:
+            return
+        p = p.parent
 
 
 def to_jsonable(obj):
@@ -88,12 +242,18 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of either."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path.parent, len(text.encode()), str(path)) from None
+        raise
     fsync_dir(path.parent)
 
 

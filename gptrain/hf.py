@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gptrain.config import fsync_dir
-from gptrain.errors import GptrainError, require
+from gptrain.config import check_output_dir, fsync_dir
+from gptrain.errors import GptrainError, disk_full, is_disk_full, require
 from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import CHAT_TOKENS, ENDOFTEXT, EOT_ID, gpt2_ranks, tokenizer_for_vocab
 
@@ -35,7 +35,7 @@ EXPORT_FILES = frozenset(("config.json", "generation_config.json", "model.safete
 HUB_ORG = "openai-community"
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-STEP_DIR = re.compile(r"^step_\d{8,}$")  # a checkpoint directory's name (gptrain/train/checkpoint.py)
+STEP_DIR = re.compile(r"^step_\d{8,}$")  # a checkpoint directory's name (gptrain/train/checkpoint/layout.py)
 
 
 # ---------------------------------------------------------------- config
@@ -351,6 +351,13 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False)
         else:
             os.rename(tmp, out)
         fsync_dir(out.parent)
+    except Exception as e:  # safetensors wraps a full disk in its own exception type
+        needed = sum(t.numel() * t.element_size() for t in weights.values()) + sum(map(len, texts.values()))
+        if is_disk_full(e, out.parent, needed):
+            raise disk_full(out.parent, needed, f"the export {out.name}",
+                            "nothing was replaced (an earlier export there is intact); free space there (or choose "
+                            "another --out) and run the same command again") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sorted(out.iterdir())
@@ -366,6 +373,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    check_output_dir(args.out, "--out")
     model = load_model(args.model)
     files = save_pretrained(model, args.out, force=args.force)
     print(f"exported {args.model} ({model.num_params(padded=False):,} parameters, vocabulary "

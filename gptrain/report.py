@@ -215,6 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.out:
+        from gptrain.config import check_output_dir
+        check_output_dir(args.out, "--out")
     png, md = report(args.runs, args.out)
     print(f"wrote {png} and {md}")
     return 0

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from gptrain.errors import GptrainError
 from gptrain.model import GPT, GPTConfig
 from gptrain.train import checkpoint as ck
+from gptrain.train.checkpoint import checkpointer as ckr, verify
 from gptrain.train.checkpoint import Checkpointer, find_checkpoint, load_model_weights
 from gptrain.train.resilience import DivergenceGuard
 
@@ -139,7 +140,7 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, capsys, name, damage):
         f.write_bytes(bytes(data[: len(data) // 2]))
     else:
         f.unlink()
-    ck._verified.clear()
+    verify._verified.clear()
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000002"
     assert "skipping checkpoint" in capsys.readouterr().err
     with pytest.raises(GptrainError, match="not usable"):
@@ -172,11 +173,11 @@ def test_full_disk_while_saving(tmp_path, monkeypatch):
         f.write(b"x" * 10)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck.torch, "save", no_space)
+    monkeypatch.setattr(ckr.torch, "save", no_space)
     with pytest.raises(GptrainError) as e:
         ckpt.save(4, tokens_seen=128)
     msg = str(e.value)
-    assert "\n" not in msg and "step_00000004" in msg and "disk is full" in msg and "step_00000002" in msg
+    assert "\n" not in msg and "step_00000004" in msg and "is full" in msg and "step_00000002 (step 2) is intact" in msg
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing deleted, no debris
     monkeypatch.undo()
     assert find_checkpoint(tmp_path).name == "step_00000002"
@@ -217,10 +218,10 @@ def test_changed_settings_are_reported(tmp_path, capsys):
 def test_resume_modes(tmp_path):
     *_, ckpt = make_run(tmp_path / "new")
     assert ckpt.resume("auto") is None  # nothing yet: fresh start, so a scheduler can relaunch the same command
+    assert ckpt.resume(None) is None
     saved_run(tmp_path)
     *_, ckpt = make_run(tmp_path)
-    with pytest.raises(GptrainError, match="already has checkpoints.*--resume auto"):
-        ckpt.resume(None)  # a fresh start never overwrites a run
+    assert ckpt.resume(None).step == 4  # the same settings: the default continues the run
     with pytest.raises(GptrainError, match="does not exist"):
         ckpt.resume(str(tmp_path / "nope"))
     # an explicit older checkpoint: the later one is set aside, so --resume auto never jumps back onto it
@@ -267,11 +268,149 @@ def test_different_world_size_continues_the_data_without_gaps(tmp_path, monkeypa
     ckpt = Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=one, config={}).save(3, 96)
     expected = [one.next_batch() for _ in range(2)]
 
-    monkeypatch.setattr(ck, "_broadcast_from_rank0", lambda obj: (str(ckpt), None))  # rank 0's choice
+    monkeypatch.setattr(ckr, "_broadcast_from_rank0", lambda obj: (str(ckpt), None))  # rank 0's choice
     for rank in (0, 1):
-        monkeypatch.setattr(ck, "_world", lambda: (rank, 2))
+        monkeypatch.setattr(ckr, "_world", lambda: (rank, 2))
         loader = TrainLoader(tmp_path, 2, 16, rank=rank, world_size=2, seed=3)
         Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=loader, config={}).resume("auto")
         x, y = loader.next_batch()
         assert torch.equal(x, expected[rank][0]) and torch.equal(y, expected[rank][1])
     assert "no longer bit for bit" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- nothing a run wrote is lost (issue 15.1, 14.5)
+
+def _corrupt(ckpt_dir):
+    f = ckpt_dir / ck.MODEL
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def test_all_checkpoints_broken_stops_and_keeps_every_record(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(f'{{"step": {i}}}\n' for i in range(5)))
+    saved_run(tmp_path, steps=(1, 2, 4), metrics_path=metrics)
+    log_before = metrics.read_bytes()
+    for c in ck.list_checkpoints(tmp_path):
+        _corrupt(c)
+    verify._verified.clear()
+    messages = []
+    for spec in ("auto", None, "auto"):  # the same command again: still refused, nothing changes
+        *_, ckpt = make_run(tmp_path, metrics_path=metrics)
+        with pytest.raises(GptrainError) as e:
+            ckpt.resume(spec)
+        messages.append(msg := str(e.value))
+        assert "\n" not in msg and "none is usable" in msg and "--resume PATH" in msg and "--resume fresh" in msg
+        assert metrics.read_bytes() == log_before
+    assert "step_00000004 (model.safetensors has sha256" in messages[0] and "(corrupted)" in messages[0]
+    assert "step_00000001.broken-" in messages[1]  # named where they now are
+    aside = sorted(p.name.split(".")[0] for p in (tmp_path / "checkpoints").glob("step_*.broken-*"))
+    assert aside == ["step_00000001", "step_00000002", "step_00000004"] and not ck.list_checkpoints(tmp_path)
+
+    # the explicit fresh start moves the records aside (nothing deleted), then starts from step 0
+    (tmp_path / "config.json").write_text("{}\n")
+    *_, ckpt = make_run(tmp_path, metrics_path=metrics)
+    assert ckpt.resume("fresh") is None
+    prev = next(tmp_path.glob("previous-*"))
+    assert (prev / "metrics.jsonl").read_bytes() == log_before and (prev / "config.json").exists()
+    assert len(list((prev / "checkpoints").glob("step_*.broken-*"))) == 3
+    assert not metrics.exists() and not (tmp_path / "checkpoints").exists()
+    assert "previous-" in capsys.readouterr().err
+
+
+def test_a_run_without_checkpoints_starts_over_without_losing_its_log(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0}\n{"step": 1}\n')  # killed before its first checkpoint
+    *_, ckpt = make_run(tmp_path, metrics_path=metrics)
+    assert ckpt.resume(None) is None
+    prev = next(tmp_path.glob("previous-*"))
+    assert (prev / "metrics.jsonl").read_text() == '{"step": 0}\n{"step": 1}\n' and not metrics.exists()
+    assert "moved the earlier run's metrics.jsonl" in capsys.readouterr().err
+
+
+def test_cut_metrics_tail_is_kept(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0}\n')
+    *_, ckpt = make_run(tmp_path, metrics_path=metrics)
+    ckpt.save(1, tokens_seen=32)
+    with open(metrics, "a") as f:
+        f.write('{"step": 1}\n{"step": 2, "tr')
+    *_, ckpt2 = make_run(tmp_path, metrics_path=metrics)
+    ckpt2.resume(None)
+    assert metrics.read_text() == '{"step": 0}\n'
+    cut = list(tmp_path.glob("metrics.jsonl.cut-*"))
+    assert len(cut) == 1 and cut[0].read_text() == '{"step": 1}\n{"step": 2, "tr'
+    assert "2 line(s)" in capsys.readouterr().err
+
+
+def test_default_resume_refuses_a_changed_identity_and_allows_runtime_changes(tmp_path, capsys):
+    model, opt, loader, guard, _ = make_run(tmp_path)
+    Checkpointer(tmp_path, model=model, optimizer=opt, loader=loader, config={"lr": 1e-2, "seed": 0, "threads": 1},
+                 runtime={"threads"}).save(2, tokens_seen=64)
+
+    def again(**config):
+        model, opt, loader, _, _ = make_run(tmp_path)
+        return Checkpointer(tmp_path, model=model, optimizer=opt, loader=loader, runtime={"threads"},
+                            config={"lr": 1e-2, "seed": 0, "threads": 1, **config})
+
+    with pytest.raises(GptrainError, match=r"settings differ from these: --lr 0\.01 -> 0\.02\. .*--resume auto") as e:
+        again(lr=2e-2).resume(None)
+    assert "\n" not in str(e.value)
+    assert again(threads=2).resume(None).step == 2  # runtime: the same run
+    assert "threads 1 -> 2" in capsys.readouterr().err
+    assert again(lr=2e-2).resume("auto").step == 2  # explicit auto continues whatever changed, with a warning
+    assert "lr 0.01 -> 0.02" in capsys.readouterr().err
+
+
+def test_machine_is_recorded_and_a_different_one_is_reported(tmp_path, capsys):
+    saved_run(tmp_path, steps=(2,))
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000002" / ck.META).read_text())
+    assert meta["machine"]["threads"] == torch.get_num_threads() and meta["machine"]["torch"] == torch.__version__
+    *_, ckpt = make_run(tmp_path)
+    ckpt.resume("auto")
+    assert "not bit-for-bit" not in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        *_, ckpt = make_run(tmp_path)
+        ckpt.resume("auto")
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"threads {threads} -> {threads + 1}" in err and "the continuation is not bit-for-bit" in err
+
+
+# ---------------------------------------------------------------- a full disk (issue 15.2), injected
+
+@pytest.mark.parametrize("where", ["safetensors", "torch.save"])
+def test_full_disk_in_either_writer_is_one_line(tmp_path, monkeypatch, where):
+    from safetensors import SafetensorError
+    from gptrain import errors
+    model, opt, loader, guard, ckpt = saved_run(tmp_path, steps=(2,))
+    if where == "safetensors":
+        def fail(*a, **k):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(ckr, "save_file", fail)
+    else:  # torch.save given a path loses the OSError: less free space than a checkpoint needs decides
+        def fail(obj, f, *a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        monkeypatch.setattr(ckr.torch, "save", fail)
+        monkeypatch.setattr(errors, "free_bytes", lambda path: 1000)
+    with pytest.raises(GptrainError) as e:
+        ckpt.save(4, tokens_seen=128)
+    msg = str(e.value)
+    assert "\n" not in msg and "is full" in msg and "checkpoint step_00000004" in msg and "needed" in msg
+    assert "step_00000002 (step 2) is intact" in msg and "run the same command again" in msg
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    model, opt, loader, guard, ckpt = saved_run(tmp_path, steps=(2,))
+
+    def bug(obj, f, *a, **k):
+        raise RuntimeError("something else")
+    monkeypatch.setattr(ckr.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="something else"):
+        ckpt.save(4, tokens_seen=128)

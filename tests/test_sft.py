@@ -196,7 +196,7 @@ def test_sft_lowers_held_out_assistant_loss(pretrained, shared_data, tmp_path):
     assert after < before - 0.5 and abs(before - vals[0]) < 1e-3 and abs(after - vals[-1]) < 1e-3
 
 
-def test_sft_resumes_exactly(pretrained, shared_data, tmp_path):
+def test_sft_resumes_exactly(pretrained, shared_data, tmp_path, capsys):
     data = shared_data / "sft" / "hh-rlhf_harmless-base_test.jsonl.gz"
     run = tmp_path / "sft"
     args = ["sft", "--model", str(pretrained), "--data", str(data), "--out", str(run), "--max-steps", "6",
@@ -204,7 +204,9 @@ def test_sft_resumes_exactly(pretrained, shared_data, tmp_path):
     assert cli(args) == 0
     full = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(run / "checkpoints" / "step_00000006")  # as if killed between the checkpoints at 3 and 6
-    assert cli(args + ["--resume", "auto"]) == 0
+    assert cli(args + ["--lr", "1e-3"]) == 2  # another recipe is refused, naming the flag
+    assert "--lr 0.003 -> 0.001" in capsys.readouterr().err
+    assert cli(args) == 0  # the same command continues the run
     resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["train_loss"] for e in resumed] == [e["train_loss"] for e in full] and len(full) == 6
 

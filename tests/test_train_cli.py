@@ -28,7 +28,7 @@ def test_train_writes_resolved_config_and_metrics(data_dir, tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["lr"] == 0.01 and cfg["train"]["device"] == "cpu" and cfg["train"]["compile"] is False
     assert cfg["train"]["dtype"] == "float32" and cfg["grad_accum_steps"] == 2 and cfg["world_size"] == 1
-    assert cfg["train"]["embedding_lr_scale"] == 5.0 and cfg["train"]["sample_prompt"] == "ROMEO:"  # tiny's
+    assert cfg["train"]["embedding_lr_scale"] == 5.0 and cfg["train"]["save_every"] == 500  # tiny's
     assert cfg["data_source"] == {"kind": "shakespeare", "name": "shakespeare"}  # what the val loss is of
     assert cfg["model"] == {"block_size": cfg["model"]["block_size"], "vocab_size": 50257, "n_layer": 1, "n_head": 2,
                             "n_embd": 32, "pad_vocab_to": 64}
@@ -70,3 +70,46 @@ def test_bad_input_is_one_line(data_dir, tmp_path, capsys, flags, message):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptrain: error: ") and message in err and "\n" not in err
+
+
+def test_rerunning_the_same_command_continues_the_run(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--save-every", "2"]
+    assert cli(argv) == 0
+    ref = [e["train_loss"] for e in _events(run) if "train_loss" in e]
+    # a crash after step 3, before the checkpoint at 4: the same command continues from step 2, exactly
+    newest = run / "checkpoints" / "step_00000004"
+    newest.rename(run / "gone")
+    capsys.readouterr()
+    assert cli(argv) == 0
+    out, err = capsys.readouterr()
+    assert "resuming from" in out and "step_00000002" in out
+    assert [e["train_loss"] for e in _events(run) if "train_loss" in e] == ref  # steps 0-3 once each, same losses
+    assert len(list(run.glob("metrics.jsonl.cut-*"))) == 1 and "metrics.jsonl.cut-" in err  # the cut tail is kept
+
+    # a changed setting that defines the run is refused, naming it; a runtime one is not
+    assert cli([*argv, "--lr", "0.02"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--lr 0.002 -> 0.02" in err and "--resume auto" in err
+    assert cli([*argv, "--log-every", "2"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert cli([*argv, "--lr", "0.02", "--resume", "auto"]) == 0  # explicit auto continues, with a warning
+    assert "lr 0.002 -> 0.02" in capsys.readouterr().err
+
+
+def test_in_loop_samples_continue_the_datas_own_text(data_dir, tmp_path):
+    from gptrain.data.shards import open_shard
+    from gptrain.tokenizer import get_tokenizer
+    run = tmp_path / "run"
+    args = [a for a in SMALL if a not in ("--sample-every", "0")]
+    assert cli(["train", "--data", str(data_dir), "--out", str(run), *args, "--sample-every", "4",
+                "--sample-tokens", "4", "--eval-every", "0"]) == 0
+    prompt = json.loads((run / "config.json").read_text())["train"]["sample_prompt"]
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    val = next(sh for sh in manifest["shards"] if sh["split"] == "val")
+    tokens = open_shard(data_dir / val["path"])[:200].tolist()
+    first_doc = get_tokenizer().decode(tokens[1:tokens.index(50256, 1)] if 50256 in tokens[1:] else tokens[1:])
+    first_line = next(line for line in first_doc.splitlines() if line.strip())
+    assert prompt and first_line.startswith(prompt) and prompt != "ROMEO:"
+    samples = next(e["samples"] for e in _events(run) if "samples" in e)
+    assert all(s.startswith(prompt) for s in samples)

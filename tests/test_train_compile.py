@@ -14,7 +14,8 @@ def _run(compile, hellaswag):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=32))
     data = tokens()
-    cfg = small_cfg(max_steps=4, eval_every=2, sample_every=2, sample_tokens=6, num_samples=2, compile=compile)
+    cfg = small_cfg(max_steps=4, eval_every=2, sample_every=2, sample_tokens=6, num_samples=2, compile=compile,
+                    sample_prompt="Hello, I'm a language model,")
     t = Trainer(cfg, model, SeqLoader(data, 2, 16), FixedVal(data, 2, 16), hellaswag=hellaswag,
                 tokenizer=get_tokenizer())
     return t, t.run()

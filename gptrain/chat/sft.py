@@ -25,13 +25,13 @@ import torch
 
 from gptrain.chat.datasets import load_conversations
 from gptrain.chat.format import render_conversation, render_for_completion, stop_ids
-from gptrain.config import add_dataclass_args, overrides_from_args
+from gptrain.config import add_dataclass_args, overrides_from_args, validate
 from gptrain.errors import GptrainError
 from gptrain.model import GPT
 from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
 from gptrain.train.config import TrainConfig
-from gptrain.train.trainer import Trainer, run_and_record, seed_everything
+from gptrain.train.trainer import Trainer, check_run_inputs, run_and_record, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
@@ -207,8 +207,10 @@ def widen_to_chat(model: GPT, seed: int = 0) -> GPT:
 class SFTOptions:
     """What SFT adds to the training options (gptrain/train/config.py's TrainConfig)."""
     data_split: str = field(default="train", metadata={"help": "split of an hf: --data source"})
-    max_conversations: int = field(default=0, metadata={"help": "use only the first N conversations (0: all)"})
-    val_fraction: float = field(default=0.05, metadata={"help": "conversations held out for the validation loss"})
+    max_conversations: int = field(default=0, metadata={"help": "use only the first N conversations (0: all)",
+                                                        "ge": 0})
+    val_fraction: float = field(default=0.05, metadata={"help": "conversations held out for the validation loss",
+                                                        "ge": 0, "lt": 1})
     pack: bool = field(default=True, metadata={"help": "pack several whole conversations per row "
                                                       "(--no-pack: one conversation per row, padded)"})
     sample_question: str = field(default="What is the capital of France?",
@@ -247,15 +249,15 @@ class ChatTrainer(Trainer):
 def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
     """Run `gptrain sft`: cfg.init_from is the model to fine-tune, cfg.data the conversation source."""
     from gptrain.hf import load_model
-    if not cfg.out:
-        raise GptrainError("sft needs --out RUN (the run directory for config.json, metrics and checkpoints)")
+    check_run_inputs(cfg, "sft")
+    validate(opts)
+    convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     env = distributed.setup(cfg.device)
     try:
         seed_everything(cfg.seed)
         tok = get_tokenizer(chat=True)
-        convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
         model = widen_to_chat(load_model(cfg.init_from), seed=cfg.seed)
         if "seq_len" not in user_set:
             cfg = dataclasses.replace(cfg, seq_len=min(1024, model.config.block_size))

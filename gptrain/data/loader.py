@@ -79,6 +79,27 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def opening_words(manifest: dict, tokenizer, max_tokens: int = 16) -> str:
+    """A prompt that fits the data: the first line of the first validation document (the first train document
+    when there is no validation split), at most `max_tokens` tokens of it, so in-loop samples continue text of
+    the kind the model learns rather than a fixed string."""
+    for split in ("val", "train"):
+        entry = next((sh for sh in manifest["shards"] if sh["split"] == split and sh["tokens"]), None)
+        if entry is None:
+            continue
+        tokens = np.asarray(open_shard(Path(manifest["data_dir"]) / entry["path"])[:4 * max_tokens + 64])
+        doc = tokens[1:] if len(tokens) and tokens[0] == tokenizer.eot else tokens
+        ends = np.flatnonzero(doc == tokenizer.eot)
+        ids = doc[:ends[0] if len(ends) else len(doc)][:max_tokens].tolist()
+        while ids and tokenizer.decode(ids).endswith("\ufffd"):  # never end inside a multi-byte character
+            ids.pop()
+        text = tokenizer.decode(ids).strip()
+        line = next((ln.rstrip() for ln in text.splitlines() if ln.strip()), "")
+        if line:
+            return line
+    return "\n"
+
+
 def check_tokenizer(manifest: dict, tokenizer) -> None:
     """Stop unless the shards were tokenized with `tokenizer`'s vocabulary (GPT-2 shards also suit the chat
     tokenizer, whose extra tokens only add ids)."""

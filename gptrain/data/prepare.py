@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gptrain.config import add_dataclass_args, overrides_from_args, write_json_atomic
+from gptrain.config import add_dataclass_args, check_output_dir, overrides_from_args, validate, write_json_atomic
 from gptrain.data.loader import read_manifest_json
 from gptrain.data.shards import file_sha256, write_shard
 from gptrain.data.sources import Source, resolve_source
@@ -49,12 +49,14 @@ class PrepareConfig:
     out: str = field(default="", metadata={"help": "output directory for shards and manifest.json (required)"})
     split: str = field(default="train", metadata={"help": "dataset split to read (hub sources)"})
     text_field: str = field(default="text", metadata={"help": "field/column holding the text (hub, .jsonl, .parquet)"})
-    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard (shards close at a document boundary)"})
+    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard (shards close at a document boundary)",
+                                                             "ge": 1, "le": 2**31 - 1})
     val_tokens: int | None = field(default=None, metadata={
         "help": "the first documents of the source, up to this many tokens, form the validation split "
-                "(none: 100M for fineweb/fineweb-edu, as the lecture's val shard; 100k for shakespeare; 10M otherwise)"})
-    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (val + train)"})
-    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per CPU core)"})
+                "(none: 100M for fineweb/fineweb-edu, as the lecture's val shard; 100k for shakespeare; 10M otherwise)",
+        "ge": 0})
+    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (val + train)", "ge": 1})
+    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per CPU core)", "ge": 0, "le": 256})
     start_method: str | None = field(default=None, metadata={
         "help": "multiprocessing start method (none: the platform's default)", "choices": [None, "spawn", "fork", "forkserver"]})
 
@@ -179,9 +181,8 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     """Run (or continue) a prepare; returns the manifest."""
     if not cfg.out:
         raise GptrainError("prepare needs --out DIR, the directory for shards and manifest.json")
-    if cfg.shard_tokens < 1 or (cfg.val_tokens or 0) < 0 or (cfg.max_tokens is not None and cfg.max_tokens < 1):
-        raise GptrainError(f"--shard-tokens {cfg.shard_tokens} / --val-tokens {cfg.val_tokens} / --max-tokens "
-                           f"{cfg.max_tokens}: sizes must be positive (val may be 0)")
+    validate(cfg)
+    check_output_dir(cfg.out, "--out")
     source = resolve_source(source_spec, split=cfg.split, text_field=cfg.text_field)
     val_target = default_val_tokens(source) if cfg.val_tokens is None else cfg.val_tokens
     out = Path(cfg.out)

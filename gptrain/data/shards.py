@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gptrain.config import fsync_dir
-from gptrain.errors import GptrainError
+from gptrain.errors import GptrainError, disk_full, is_disk_full
 
 MAGIC = 20240520
 VERSION = 1
@@ -34,13 +34,21 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
     header[:3] = (MAGIC, VERSION, len(tokens))
     digest = hashlib.sha256()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for part in (header.tobytes(), memoryview(tokens).cast("B")):
-            f.write(part)
-            digest.update(part)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for part in (header.tobytes(), memoryview(tokens).cast("B")):
+                f.write(part)
+                digest.update(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path.parent, HEADER_BYTES + 2 * len(tokens), f"shard {path.name}",
+                            "the shards finished before it are kept: free space there and run the same command "
+                            "again to continue after them") from None
+        raise
     fsync_dir(path.parent)
     return digest.hexdigest()
 

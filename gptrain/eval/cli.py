@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:
         p.add_argument("--model", required=True, metavar="SRC",
                        help="gptrain run or checkpoint directory, HF GPT-2 directory, or hub name in the local HF cache")
-        p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help=f"{batch_help} (default: {batch_size})")
+        p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", ge=1, le=1 << 16,
+                       help=f"{batch_help} (default: {batch_size})")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
         p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "downloaded once into $GPTRAIN_CACHE (default ~/.cache/gptrain) and verified.")
     common(p, 16, "examples per forward pass (4 rows each)")
     p.add_argument("--data", metavar="PATH", help="read examples from this .jsonl / .jsonl.gz instead of the cache")
-    p.add_argument("--limit", type=int, metavar="N", help="score only the first N examples")
+    p.add_argument("--limit", type=int, metavar="N", ge=1, help="score only the first N examples")
     p.add_argument("--autocast", choices=("bfloat16", "float16"),
                    help="run the forward pass under autocast in this dtype (default: the model's own dtype)")
     p.set_defaults(_run=run_hellaswag)
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common(p, 32, "sequences per forward pass")
     p.add_argument("--tasks", required=True, help="comma-separated task, group or tag names (e.g. hellaswag,arc_easy)")
     p.add_argument("--include-path", metavar="DIR", help="directory of extra task YAMLs")
-    p.add_argument("--limit", type=int, metavar="N", help="documents per task (for quick checks)")
+    p.add_argument("--limit", type=int, metavar="N", ge=1, help="documents per task (for quick checks)")
     p.set_defaults(_run=run_lm_eval)
 
     p = sub.add_parser("val", help="validation loss on prepared shards (gptrain prepare)",
@@ -50,10 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "prepared data directory, as the training loop measures it.")
     common(p, 8, "sequences per forward pass")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (manifest.json + shards)")
-    p.add_argument("--seq-len", type=int, metavar="T",
+    p.add_argument("--seq-len", type=int, metavar="T", ge=1,
                    help="tokens per sequence (default: the run's --seq-len when SRC is a gptrain run, else the model's "
                         "context window)")
-    p.add_argument("--val-tokens", type=int, metavar="N",
+    p.add_argument("--val-tokens", type=int, metavar="N", ge=1,
                    help="validation tokens to use (default: the run's --val-tokens when SRC is a gptrain run, so the "
                         "number matches its in-loop val_loss; else 10485760, the lecture's 20 x 64 x 1024 x 8)")
     p.add_argument("--autocast", choices=("bfloat16", "float16"),
@@ -70,8 +71,6 @@ def _load(args):
     from gptrain.generate import resolve_device
     from gptrain.hf import load_model
     device = resolve_device(args.device)
-    if args.batch_size < 1:
-        raise GptrainError(f"--batch-size {args.batch_size} must be at least 1")
     return load_model(args.model).to(device).eval(), device
 
 
@@ -97,8 +96,6 @@ def _write_json(path: str | None, obj) -> None:
 
 def run_hellaswag(args) -> int:
     from gptrain.eval import hellaswag
-    if args.limit is not None and args.limit < 1:
-        raise GptrainError(f"--limit {args.limit} must be at least 1")
     examples = hellaswag.load_examples(args.data, limit=args.limit, progress=True)
     model, device = _load(args)
     t0 = time.perf_counter()

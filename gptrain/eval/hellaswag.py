@@ -44,8 +44,9 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------- reading and verifying
 
-def parse(lines, source: str) -> list[dict]:
-    """Examples from JSONL lines, each checked for the fields the scorer reads; labels become ints."""
+def parse(lines, source: str, flag: str = "--data") -> list[dict]:
+    """Examples from JSONL lines, each checked for the fields the scorer reads; labels become ints. `flag` is the
+    option that named the file, for the advice."""
     examples = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -59,7 +60,7 @@ def parse(lines, source: str) -> list[dict]:
               and str(ex.get("label")) in ("0", "1", "2", "3"))
         if not ok:
             raise GptrainError(f"{source}:{lineno} is not a HellaSwag example (needs \"ctx\": str, \"endings\": 4 strings, "
-                               f"\"label\": 0..3); point --data at the validation JSONL (.jsonl or .jsonl.gz)")
+                               f"\"label\": 0..3); point {flag} at the validation JSONL (.jsonl or .jsonl.gz)")
         ex["label"] = int(ex["label"])
         examples.append(ex)
     return examples
@@ -84,16 +85,16 @@ def verify_official(examples: list[dict], source: str) -> None:
                            "from HellaSwag's validation split")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, flag: str = "--data") -> list[dict]:
     path = Path(path)
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
-            return parse(f, str(path))
+            return parse(f, str(path), flag)
     except FileNotFoundError:
-        raise GptrainError(f"--data {path}: no such file") from None
+        raise GptrainError(f"{flag} {path}: no such file") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise GptrainError(f"--data {path} cannot be read ({type(e).__name__}: {e}); is it a .jsonl or .jsonl.gz file?") from None
+        raise GptrainError(f"{flag} {path} cannot be read ({type(e).__name__}: {e}); is it a .jsonl or .jsonl.gz file?") from None
 
 
 # ---------------------------------------------------------------- download
@@ -144,11 +145,12 @@ def download(url: str | None = None, dest: Path | None = None, progress: bool = 
 
 
 def load_examples(path: str | os.PathLike | None = None, limit: int | None = None, *, url: str | None = None,
-                  progress: bool = False) -> list[dict]:
-    """HellaSwag validation examples: from `path` (.jsonl / .jsonl.gz, checked for structure only), else from the
-    cache (downloaded on first use; verified on every read). `limit` keeps the first N."""
+                  progress: bool = False, flag: str = "--data") -> list[dict]:
+    """HellaSwag validation examples: from `path` (.jsonl / .jsonl.gz, checked for structure only; named by
+    option `flag`), else from the cache (downloaded on first use; verified on every read). `limit` keeps the
+    first N."""
     if path is not None:
-        examples = read_jsonl(path)
+        examples = read_jsonl(path, flag)
     else:
         cached = cache_dir() / FILENAME
         if not cached.is_file():

@@ -2,7 +2,9 @@
 
 Flags are generated from the fields (gptrain.config.add_dataclass_args), so `--micro-batch-size 8` exists because
 `micro_batch_size` does. A preset is a set of field values; flags the user passes override it, and the fully
-resolved result (model shape included) is written to RUN/config.json.
+resolved result (model shape included) is written to RUN/config.json. Each number carries its range (`ge`/`gt`/
+`le`/`lt`, checked when the flag is parsed and by `validate`); `runtime=True` marks what may change when the same
+run continues (how it executes, not what it trains); re-running a command with any other field changed is refused.
 """
 
 from __future__ import annotations
@@ -18,63 +20,72 @@ def _f(default, help: str, **meta):
 class TrainConfig:
     # --- what to train on and where to write
     data: str | None = _f(None, "prepared data directory (gptrain prepare ... --out DIR)")
-    out: str | None = _f(None, "run directory: config.json, metrics.jsonl, checkpoints")
+    out: str | None = _f(None, "run directory: config.json, metrics.jsonl, checkpoints", runtime=True)
     init_from: str | None = _f(None, "start from these weights: HF directory, hub name, gptrain run or checkpoint")
     # --- model shape (None: the model preset's value)
     model: str | None = _f("gpt2", "model shape preset (gptrain.model.PRESETS); recorded as null with --init-from, "
                                    "whose model fixes the shape")
-    n_layer: int | None = _f(None, "override the number of layers")
-    n_head: int | None = _f(None, "override the number of attention heads")
-    n_embd: int | None = _f(None, "override the embedding width")
+    n_layer: int | None = _f(None, "override the number of layers", ge=1, le=1024)
+    n_head: int | None = _f(None, "override the number of attention heads", ge=1, le=1024)
+    n_embd: int | None = _f(None, "override the embedding width", ge=1, le=1 << 17)
     # --- batch and length
-    seq_len: int = _f(1024, "tokens per sequence (T)")
-    micro_batch_size: int = _f(64, "sequences per forward pass per process (B)")
-    total_batch_size: int = _f(524288, "tokens per optimizer step; must be a multiple of B*T*world_size")
-    max_steps: int = _f(19073, "optimizer steps (0: derive from --epochs and the data size)")
-    epochs: float = _f(0.0, "train for this many passes over the data instead of --max-steps (when > 0)")
+    seq_len: int = _f(1024, "tokens per sequence (T)", ge=1)
+    micro_batch_size: int = _f(64, "sequences per forward pass per process (B)", ge=1)
+    total_batch_size: int = _f(524288, "tokens per optimizer step; must be a multiple of B*T*world_size", ge=1)
+    max_steps: int = _f(19073, "optimizer steps (0: derive from --epochs and the data size)", ge=0)
+    epochs: float = _f(0.0, "train for this many passes over the data instead of --max-steps (when > 0)", ge=0,
+                        le=1e6)
     # --- optimizer and schedule
-    lr: float = _f(6e-4, "maximum learning rate")
-    min_lr_ratio: float = _f(0.1, "minimum learning rate as a fraction of --lr")
-    warmup_steps: int = _f(715, "linear warm-up steps")
+    lr: float = _f(6e-4, "maximum learning rate", gt=0, le=1)
+    min_lr_ratio: float = _f(0.1, "minimum learning rate as a fraction of --lr", ge=0, le=1)
+    warmup_steps: int = _f(715, "linear warm-up steps", ge=0)
     schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd"))
-    decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end")
-    weight_decay: float = _f(0.1, "AdamW weight decay (applied to 2-D weights only)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end", ge=0, le=1)
+    weight_decay: float = _f(0.1, "AdamW weight decay (applied to 2-D weights only)", ge=0)
+    beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = _f(0.95, "AdamW beta2", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)", ge=0)
     embedding_lr_scale: float = _f(1.0, "the token embedding's (tied LM head's) learning rate as a multiple of the "
-                                        "schedule's (1: the lecture's single rate)")
+                                        "schedule's (1: the lecture's single rate)", gt=0)
     # --- numerics and speed
-    device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"), runtime=True)
     dtype: str = _f("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere)",
                     choices=("auto", "float32", "bfloat16"))
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)", runtime=True)
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)", ge=0, le=4096, runtime=True)
     # --- data order
     shuffle: bool = _f(True, "reshuffle the training data every epoch (--no-shuffle: the lecture's sequential order)")
-    seed: int = _f(1337, "seed for initialisation, data order and sampling")
+    seed: int = _f(1337, "seed for initialisation, data order and sampling", ge=0, lt=2**32)
     # --- in-loop evaluation (0 disables each)
-    eval_every: int = _f(250, "steps between validation-loss (and HellaSwag) evaluations; 0: off")
-    val_tokens: int = _f(10485760, "validation token budget per evaluation")
+    eval_every: int = _f(250, "steps between validation-loss (and HellaSwag) evaluations; 0: off", ge=0, runtime=True)
+    val_tokens: int = _f(10485760, "validation token budget per evaluation", ge=0, runtime=True)
     hellaswag_data: str | None = _f(None, "HellaSwag for in-loop accuracy: a val .jsonl[.gz], 'auto' (official file, "
-                                          "downloaded once into the cache) or none (off)")
-    hellaswag_limit: int = _f(0, "score only the first N HellaSwag examples (0: all)")
-    sample_every: int = _f(250, "steps between text samples; 0: off")
-    sample_tokens: int = _f(32, "new tokens per sample")
-    sample_prompt: str = _f("Hello, I'm a language model,", "prompt the in-loop samples continue")
-    num_samples: int = _f(4, "samples per sampling round")
-    log_every: int = _f(1, "steps between console lines")
-    tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tb (needs tensorboard installed)")
-    wandb_project: str | None = _f(None, "also log to this Weights & Biases project (needs wandb installed)")
+                                          "downloaded once into the cache) or none (off)", runtime=True)
+    hellaswag_limit: int = _f(0, "score only the first N HellaSwag examples (0: all)", ge=0, runtime=True)
+    sample_every: int = _f(250, "steps between text samples; 0: off", ge=0, runtime=True)
+    sample_tokens: int = _f(32, "new tokens per sample", ge=1, runtime=True)
+    sample_prompt: str | None = _f(None, "prompt the in-loop samples continue (none: the start of the first validation "
+                                          "document, a few words, so the prompt fits the data)", runtime=True)
+    num_samples: int = _f(4, "samples per sampling round", ge=1, le=1024, runtime=True)
+    log_every: int = _f(1, "steps between console lines (0: none)", ge=0, runtime=True)
+    tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tb (needs tensorboard installed)", runtime=True)
+    wandb_project: str | None = _f(None, "also log to this Weights & Biases project (needs wandb installed)",
+                                   runtime=True)
     # --- checkpoints and resilience (issue 5 owns the behaviour; the flags live here)
-    save_every: int = _f(5000, "steps between checkpoints; 0: only at the end")
-    keep_last: int = _f(3, "keep the newest K checkpoints (0: keep all)")
-    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of M permanently; 0: none")
-    resume: str | None = _f(None, "'auto' (newest valid checkpoint in --out, or a fresh start) or a checkpoint path")
-    guard_zscore: float = _f(0.0, "skip an update whose loss or grad-norm z-score exceeds this (0: off)")
-    guard_window: int = _f(100, "steps in the running window of the divergence guard")
-    guard_max_skips: int = _f(5, "stop the run after this many consecutive skipped updates")
+    save_every: int = _f(5000, "steps between checkpoints; 0: only at the end", ge=0, runtime=True)
+    keep_last: int = _f(3, "keep the newest K checkpoints (0: keep all)", ge=0, runtime=True)
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of M permanently; 0: none", ge=0,
+                        runtime=True)
+    resume: str | None = _f(None, "none (default): continue the run in --out when it holds checkpoints of the same "
+                                  "settings, refusing (naming them) when a setting that defines the run changed; "
+                                  "'auto': continue from its newest valid checkpoint whatever changed; 'fresh': start "
+                                  "over, first moving the old checkpoints, metrics.jsonl and config.json aside to "
+                                  "RUN/previous-TIME/; or a checkpoint (or run directory) path", runtime=True)
+    guard_zscore: float = _f(0.0, "skip an update whose loss or grad-norm z-score exceeds this (0: off)", ge=0)
+    guard_window: int = _f(100, "steps in the running window of the divergence guard", ge=2,
+                          le=1_000_000)
+    guard_max_skips: int = _f(5, "stop the run after this many consecutive skipped updates", ge=1)
 
 
 _GPT2_124M = dict(model="gpt2", seq_len=1024, micro_batch_size=64, total_batch_size=524288, lr=6e-4,
@@ -94,11 +105,12 @@ TRAIN_PRESETS: dict[str, dict] = {
     # The demo: learns Shakespeare in minutes on two CPU cores. The 50k-vocabulary head dominates a step there,
     # so the model is narrow (128) and shallow (6 layers learned no faster per token), the batch is small (1,024
     # tokens learned faster per token than 512, 2,048 or 4,096), the LR high, and the tied embedding's LR 5x
-    # (README, "The demo's settings", has the runs behind each choice).
+    # (README, "The demo's settings", has the runs behind each choice). A checkpoint every 500 steps costs ~0.3 s
+    # each, ~0.3% of the run (benchmarks/RESULTS.md, "Checkpoints"), so a killed demo loses at most 500 steps.
     "tiny": dict(model="tiny", seq_len=128, micro_batch_size=8, total_batch_size=1024, lr=2e-3, min_lr_ratio=0.1,
                  embedding_lr_scale=5.0, warmup_steps=40, max_steps=2000, weight_decay=0.1, grad_clip=1.0,
                  eval_every=500, val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2,
-                 sample_prompt="ROMEO:", save_every=0, hellaswag_data=None),
+                 save_every=500, hellaswag_data=None),
 }
 
 

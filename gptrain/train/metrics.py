@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gptrain.errors import GptrainError
+from gptrain.errors import GptrainError, disk_full, is_disk_full
 
 # Dense bf16 peak FLOP/s per GPU (vendor data sheets), for MFU; the first key found in the device name wins, so
 # variants come before their family. Unknown GPUs print no MFU.
@@ -58,9 +58,10 @@ def _optional(module: str, flag: str):
 
 
 class MetricsLog:
-    """Appends events to RUN/metrics.jsonl (rank 0 only; other ranks get a log that writes nothing)."""
+    """Appends events to RUN/metrics.jsonl (rank 0 only; other ranks get a log that writes nothing). It never
+    truncates: a fresh run finds no log (the Checkpointer moved an earlier one aside), a resumed one appends."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, *, enabled: bool = True, fresh: bool = True,
+    def __init__(self, run_dir: str | os.PathLike | None, *, enabled: bool = True,
                  tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
         self.enabled = enabled and run_dir is not None
         self._file = None
@@ -77,13 +78,19 @@ class MetricsLog:
         if wandb_project:
             self._wandb = _optional("wandb", "--wandb-project")
             self._wandb.init(project=wandb_project, config=config, dir=str(run_dir))
-        self._file = open(self.path, "w" if fresh else "a")
+        self._file = open(self.path, "a")
 
     def log(self, event: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(event) + "\n")
-        self._file.flush()
+        line = json.dumps(event) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.path.parent, len(line), str(self.path)) from None
+            raise
         scalars = {k: v for k, v in event.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
             for k, v in scalars.items():
@@ -93,7 +100,11 @@ class MetricsLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:  # the failed flush of a full disk was reported by log() already
+                if not is_disk_full(e):
+                    raise
             self._file = None
         if self._tb is not None:
             self._tb.close()

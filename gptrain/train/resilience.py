@@ -67,8 +67,8 @@ class Preemption:
             return
         if signum == self.received and time.monotonic() - self._at < self.DUPLICATE_WINDOW_S:
             return
-        print(f"gptrain: second {name}: exiting now without saving; resume from the last checkpoint with "
-              "--resume auto", file=sys.stderr, flush=True)
+        print(f"gptrain: second {name}: exiting now without saving; run the same command again to continue "
+              "from the last checkpoint", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     def should_stop(self, device: str | torch.device = "cpu") -> bool:

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptrain.config import add_dataclass_args, overrides_from_args, to_jsonable, write_json_atomic
-from gptrain.errors import GptrainError
+from gptrain.config import (add_dataclass_args, check_output_dir, overrides_from_args, runtime_fields, to_jsonable,
+                            validate, write_json_atomic)
+from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, preset as model_preset
 from gptrain.train import distributed
-from gptrain.train.checkpoint import Checkpointer
+from gptrain.train.checkpoint import Checkpointer, checkpoint_step
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
 from gptrain.train.optim import lr_at, make_optimizer
@@ -71,7 +72,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type,
-                                       model=None if cfg.init_from else cfg.model)
+                                       model=None if cfg.init_from else cfg.model,
+                                       sample_prompt=self._sample_prompt(cfg, train_loader, tokenizer))
         self.wrapped = distributed.wrap(self.model, self.env, self.compile)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -86,8 +88,17 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
         self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
-        self.log = MetricsLog(cfg.out, enabled=self.env.is_master, fresh=resumed is None, tensorboard=cfg.tensorboard,
+        self.log = MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
                               wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+
+    @staticmethod
+    def _sample_prompt(cfg: TrainConfig, loader, tokenizer) -> str | None:
+        """--sample-prompt, or by default the start of the data's first validation document (fits the data)."""
+        manifest = getattr(loader, "manifest", None)
+        if cfg.sample_prompt is not None or tokenizer is None or manifest is None:
+            return cfg.sample_prompt
+        from gptrain.data.loader import opening_words
+        return opening_words(manifest, tokenizer)
 
     def _resume(self):
         """The run's Checkpointer (None without --out) and, with --resume, the state it restored everything from."""
@@ -98,12 +109,27 @@ class Trainer:
             return None, None
         tok = {"name": self.tokenizer.name, "sha256": self.tokenizer.sha256} if self.tokenizer else None
         ckpt = Checkpointer(cfg.out, model=self.model, optimizer=self.optimizer, loader=self.train_loader,
-                            config=self.cfg, tokenizer=tok, guard=self.guard, keep_last=cfg.keep_last,
-                            keep_every=cfg.keep_every, metrics_path=Path(cfg.out) / "metrics.jsonl")
+                            config=self.cfg, runtime=runtime_fields(TrainConfig), tokenizer=tok, guard=self.guard,
+                            keep_last=cfg.keep_last, keep_every=cfg.keep_every,
+                            metrics_path=Path(cfg.out) / "metrics.jsonl")
         resumed = ckpt.resume(cfg.resume)
         if resumed is not None:
             self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
         return ckpt, resumed
+
+    def how_to_continue(self) -> str:
+        """For an error that stops the run (a full disk): what survived and how to go on."""
+        last = self.checkpoints.last_good if self.checkpoints else None
+        if last is None:
+            return "no checkpoint of this run was written yet; free space there and run the same command again"
+        return (f"the last good checkpoint {last} (step {checkpoint_step(last)}) is intact; free space there and "
+                "run the same command again to continue from it")
+
+    def _log(self, event: dict) -> None:
+        try:
+            self.log.log(event)
+        except DiskFullError as e:
+            raise e.with_continuation(self.how_to_continue()) from None
 
     # --- the pieces of a step
     def autocast(self):
@@ -187,12 +213,13 @@ class Trainer:
         if not self.env.is_master or self.tokenizer is None:
             return []
         from gptrain.generate import complete
-        prompt = self.tokenizer.encode(self.cfg.sample_prompt)
+        text = self.cfg.sample_prompt or ""  # none (a loader without a manifest): unconditional samples
+        prompt = self.tokenizer.encode(text) or [self.tokenizer.eot]
         n_new = min(self.cfg.sample_tokens, self.model.config.block_size - len(prompt))
         with self.autocast():
             new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
                            top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
-        self.last_samples = [self.cfg.sample_prompt + self.tokenizer.decode(ids) for ids in new]
+        self.last_samples = [text + self.tokenizer.decode(ids) for ids in new]
         return self.last_samples
 
     # --- the loop
@@ -206,14 +233,14 @@ class Trainer:
             while True:
                 if self._due(cfg.eval_every) and (self.val_source is not None or self.hellaswag is not None):
                     ev = self.evaluate()
-                    self.log.log(ev)
+                    self._log(ev)
                     if self.env.is_master:
                         console(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in ev.items()))
                 if self._due(cfg.sample_every) and self.step > 0 and self.env.is_master:
                     samples = self.sample()
                     if samples:
-                        self.log.log({"step": self.step, "samples": samples})
+                        self._log({"step": self.step, "samples": samples})
                         for s in samples:
                             console(f"sample: {s!r}")
                 if self.step >= cfg.max_steps:
@@ -221,7 +248,7 @@ class Trainer:
                 m = self.train_step()
                 self.train_losses.append(m["train_loss"])
                 clock.lap(m["ms"] / 1000)
-                self.log.log({k: v for k, v in m.items() if k != "ms"})
+                self._log({k: v for k, v in m.items() if k != "ms"})
                 if self.env.is_master and cfg.log_every > 0 and (m["step"] % cfg.log_every == 0
                                                                  or self.step == cfg.max_steps):
                     console(step_line(m, cfg.max_steps, clock.eta(cfg.max_steps - self.step)))
@@ -232,7 +259,7 @@ class Trainer:
                     self.checkpoints.save(self.step, self.tokens_seen)
                 if stop:
                     if self.env.is_master:
-                        console(f"stopped after step {self.step} on a signal; continue with --resume auto")
+                        console(f"stopped after step {self.step} on a signal; run the same command again to continue")
                     break
         finally:
             preempt.uninstall()
@@ -270,18 +297,15 @@ def _resolve_steps(cfg: TrainConfig, train_tokens: int | None) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Run `gptrain train` with a resolved config (the CLI's entry point; also callable from Python)."""
-    if not cfg.data:
-        raise GptrainError("train needs --data DIR (make one with: gptrain prepare shakespeare --out DIR)")
-    if not cfg.out:
-        raise GptrainError("train needs --out RUN (the run directory for config.json, metrics and checkpoints)")
     from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest
     from gptrain.tokenizer import tokenizer_for_vocab
 
+    check_run_inputs(cfg, "train")
+    manifest = load_manifest(cfg.data)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     env = distributed.setup(cfg.device)
     try:
-        manifest = load_manifest(cfg.data)
         seed_everything(cfg.seed)
         model = build_model(cfg, vocab_size=_manifest_vocab(manifest))
         tokenizer = tokenizer_for_vocab(model.config.vocab_size)
@@ -302,6 +326,21 @@ def train(cfg: TrainConfig) -> dict:
         distributed.teardown()
 
 
+def check_run_inputs(cfg: TrainConfig, command: str) -> None:
+    """Everything about the options that can be checked before any work: ranges, the run directory, files."""
+    validate(cfg)
+    if not cfg.data:
+        raise GptrainError(f"{command} needs --data "
+                           + ("DIR (make one with: gptrain prepare shakespeare --out DIR)" if command == "train"
+                              else "SOURCE"))
+    if not cfg.out:
+        raise GptrainError(f"{command} needs --out RUN (the run directory for config.json, metrics and checkpoints)")
+    check_output_dir(cfg.out, "--out")
+    if cfg.hellaswag_data not in (None, "", "none", "auto") and not Path(cfg.hellaswag_data).is_file():
+        raise GptrainError(f"--hellaswag-data {cfg.hellaswag_data}: no such file; give HellaSwag's val "
+                           ".jsonl[.gz], 'auto' (downloaded once into the cache) or none (train without it)")
+
+
 def run_and_record(trainer: Trainer, record: dict | None = None, note: str | None = None) -> dict:
     """Announce the run, write RUN/config.json (the resolved config plus `record`), train, say where the run is.
 
@@ -312,10 +351,13 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
         if note:
             console(note)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(cfg.out) / "config.json",
-                          {"train": cfg, "model": trainer.model.config.to_dict(), "world_size": env.world_size,
-                           "grad_accum_steps": trainer.grad_accum, "tokenizer": tok.name,
-                           "tokenizer_sha256": tok.sha256, **(record or {})})
+        try:
+            write_json_atomic(Path(cfg.out) / "config.json",
+                              {"train": cfg, "model": trainer.model.config.to_dict(), "world_size": env.world_size,
+                               "grad_accum_steps": trainer.grad_accum, "tokenizer": tok.name,
+                               "tokenizer_sha256": tok.sha256, **(record or {})})
+        except DiskFullError as e:
+            raise e.with_continuation(trainer.how_to_continue()) from None
     result = trainer.run()
     if env.is_master:
         console(f"run directory: {Path(cfg.out).resolve()}")
@@ -335,10 +377,9 @@ def _load_hellaswag(cfg: TrainConfig):
     from gptrain.eval.hellaswag import load_examples
     try:
         return load_examples(None if cfg.hellaswag_data == "auto" else cfg.hellaswag_data,
-                             limit=cfg.hellaswag_limit or None)
-    except GptrainError as e:  # the eval command's advice names its own --data; in train the flag differs
-        raise GptrainError(f"{str(e).replace('--data PATH', '--hellaswag-data PATH')} "
-                           "(or --hellaswag-data none to train without it)") from None
+                             limit=cfg.hellaswag_limit or None, flag="--hellaswag-data")
+    except GptrainError as e:
+        raise GptrainError(f"{e} (or --hellaswag-data none to train without it)") from None
 
 
 def _announce(t: Trainer) -> None:
@@ -355,6 +396,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=list(TRAIN_PRESETS),
                         help="a named recipe (its values, then your flags on top); default: the gpt2-124m values")
     add_dataclass_args(parser, TrainConfig, exclude=("compile",))
+    parser.presets = ("--preset", TRAIN_PRESETS)  # --preset NAME --help shows NAME's values as the defaults
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
                         default=argparse.SUPPRESS, help="torch.compile the model (default: on for CUDA, off elsewhere)")
 

@@ -1,0 +1,431 @@
+"""The Checkpointer: saves and restores everything a run's future depends on, bit for bit, after any kind of death.
+
+A checkpoint is written into a hidden temp directory, every file fsynced, the manifest written last, then renamed
+into place and the parent fsynced: a kill at any moment leaves either the complete checkpoint or none. A directory
+whose manifest is missing or whose hashes fail is never used. Old checkpoints are pruned only after the new one is
+verified on disk, and the newest valid one is never pruned.
+
+Nothing a run wrote is ever deleted by resuming: checkpoints that cannot be used are moved aside
+(`step_X.broken-TIME`, `step_X.abandoned-TIME`), the part of metrics.jsonl logged after the checkpoint a run
+resumes from goes to `metrics.jsonl.cut-TIME`, and a fresh start in a directory that holds an earlier run's
+records first moves them to `RUN/previous-TIME/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gptrain.config import fsync_dir, to_jsonable
+from gptrain.errors import GptrainError, disk_full, is_disk_full
+from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, MODEL, OPTIMIZER, STATE, VERSION,
+                                             checkpoint_step, info, list_checkpoints, step_dir, warn)
+from gptrain.train.checkpoint.provenance import git_revision, machine, machine_changes
+from gptrain.train.checkpoint.rng import _from_safe, _to_safe, capture_rng_state, restore_rng_state
+from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _gather_to_rank0, _read_weights, _split_tied,
+                                            _world, model_state_dict, unwrap_model)
+from gptrain.train.checkpoint.verify import _sha256, _signature, _verified, find_checkpoint, verify_checkpoint
+
+# Test-only: "kill:STEP" SIGKILLs this process halfway through writing checkpoint STEP; "sleep:SECONDS" sleeps
+# there on every save, so a test can kill at a random moment that includes a save in progress.
+TEST_SAVE_HOOK = "GPTRAIN_TEST_SAVE_HOOK"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _test_save_hook(step: int, when: str) -> None:
+    hook = os.environ.get(TEST_SAVE_HOOK, "")
+    if hook.startswith("sleep:") and when == "middle":
+        time.sleep(float(hook.split(":", 1)[1]))
+    elif hook == f"kill:{step}" and when == "middle":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class ResumeState:
+    """Where a resumed run continues: `step` updates are done, `tokens_seen` tokens consumed."""
+    path: Path
+    step: int
+    tokens_seen: int
+    meta: dict = field(default_factory=dict)
+
+
+class Checkpointer:
+    """Saves and restores everything a run's future depends on. Every rank calls `save`/`resume` at the same
+    points (they exchange small state); only rank 0 touches the disk when saving.
+
+    `config` is the resolved run configuration (JSON-able); `runtime` names its keys that may change when a run
+    continues (how it executes, not what it trains); `tokenizer` is {"name", "sha256"}; `guard` any object with
+    state_dict/load_state_dict (the divergence guard); `metrics_path` the log that resuming cuts back.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, model, optimizer, loader, config: dict,
+                 runtime: frozenset[str] = frozenset(), tokenizer: dict | None = None, guard=None,
+                 keep_last: int = 0, keep_every: int = 0, metrics_path: str | os.PathLike | None = None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
+        self.config = to_jsonable(config)
+        self.runtime = frozenset(runtime) | {"resume"}
+        self.tokenizer = tokenizer
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.rank, self.world_size = _world()
+        self.last_good: Path | None = None  # the newest complete checkpoint
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def save(self, step: int, tokens_seen: int) -> Path:
+        """Write checkpoint `step` (updates completed) atomically, verify it, then prune. Returns its path."""
+        rank_state = {"rng": capture_rng_state(), "loader": _to_safe(self.loader.state_dict())}
+        ranks = _gather_to_rank0(rank_state)
+        failure = None
+        if self.rank == 0:
+            try:
+                self._write(step, tokens_seen, ranks)
+            except Exception as e:  # every rank must hear of it, or the others would wait forever
+                failure = e
+        message = _broadcast_from_rank0(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message:
+            raise GptrainError(message)
+        self.last_good = step_dir(self.run_dir, step)
+        return self.last_good
+
+    def _write(self, step: int, tokens_seen: int, ranks: list) -> None:
+        final = step_dir(self.run_dir, step)
+        tmp = self.root / f".tmp-{final.name}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):  # left by a save that was killed: incomplete by definition
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            files = self._write_files(tmp, step, tokens_seen, ranks)
+            if final.exists():
+                self._set_aside(final, "replaced")
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+        except Exception as e:  # safetensors and torch.save wrap a full disk in their own exception types
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = self._bytes_needed()
+            prev = (f"the last good checkpoint {self.last_good} (step {checkpoint_step(self.last_good)}) is intact"
+                    if self.last_good else "no earlier checkpoint of this run exists")
+            how = (f"{prev}; free space there (or lower --keep-last) and run the same command again to continue"
+                   + (f" from step {checkpoint_step(self.last_good)}" if self.last_good else ""))
+            if is_disk_full(e, self.root, needed):
+                raise disk_full(self.root, needed, f"checkpoint {final.name}", how) from None
+            if not isinstance(e, OSError):
+                raise
+            raise GptrainError(f"could not write checkpoint {final}: {e.strerror or e}; {how}") from None
+        # The manifest's hashes were computed by reading back the fsynced files; what remains to check is that
+        # the renamed directory holds them all, at their sizes.
+        reason = verify_checkpoint(final, full=False)
+        if reason:
+            raise GptrainError(f"checkpoint {final} failed verification right after writing ({reason}); the disk "
+                               "may be failing. Earlier checkpoints were kept")
+        _verified[str(final)] = _signature(final, files)
+        try:
+            self._prune(final)
+        except OSError as e:
+            warn(f"could not prune old checkpoints in {self.root} ({e}); they are kept")
+
+    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list) -> list[str]:
+        """Write every file into `tmp`, fsynced, the manifest last; returns the names the manifest lists."""
+        model = unwrap_model(self.model)
+        stored, tied = _split_tied(model_state_dict(model))
+        save_file(stored, tmp / MODEL, metadata={"format": "pt", "gptrain.tied": json.dumps(tied)})
+        _fsync_file(tmp / MODEL)
+        _test_save_hook(step, "middle")
+        with open(tmp / OPTIMIZER, "wb") as f:
+            torch.save(self.optimizer.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / STATE, "wb") as f:
+            torch.save({"ranks": ranks, "guard": self.guard.state_dict() if self.guard else None}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        now = time.time()
+        meta = {
+            "format": FORMAT, "version": VERSION,
+            "step": step, "tokens_seen": tokens_seen,
+            "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"), "unix_time": now,
+            "git_revision": git_revision(),
+            "world_size": self.world_size,
+            "machine": machine(),
+            "model_config": model.config.to_dict() if hasattr(model, "config") else None,
+            "tokenizer": self.tokenizer,
+            "metrics_offset": self._metrics_size(),
+            "config": self.config,
+        }
+        _write_json(tmp / META, meta)
+        files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                 for name in (MODEL, OPTIMIZER, STATE, META)}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
+        fsync_dir(tmp)
+        return list(files)
+
+    def _bytes_needed(self) -> int:
+        """About what one checkpoint takes: the last one's files, else the tensors it would hold."""
+        if self.last_good is not None and self.last_good.is_dir():
+            return sum(p.stat().st_size for p in self.last_good.iterdir() if p.is_file())
+        seen, n = set(), 0
+        tensors = list(unwrap_model(self.model).state_dict().values())
+        tensors += [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        for t in tensors:
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                n += t.numel() * t.element_size()
+        return n
+
+    def _metrics_size(self) -> int | None:
+        """metrics.jsonl's length now (made durable), where a resume from this checkpoint cuts it back to."""
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return None
+        _fsync_file(self.metrics_path)
+        return self.metrics_path.stat().st_size
+
+    def _set_aside(self, ckpt: Path, why: str) -> Path:
+        """Move a checkpoint out of the way without deleting it (its name no longer looks like a checkpoint)."""
+        dest = _unique(ckpt.with_name(f"{ckpt.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}"))
+        os.replace(ckpt, dest)
+        fsync_dir(ckpt.parent)
+        warn(f"moved {ckpt.name} aside to {dest} (kept, not deleted)")
+        return dest
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest `keep_last` complete checkpoints (0: all) and every `keep_every`-th step; the one just
+        written is always kept. Incomplete or corrupt directories are left for the user to inspect."""
+        if self.keep_last <= 0:
+            return
+        complete = [c for c in list_checkpoints(self.run_dir)
+                    if checkpoint_step(c) < checkpoint_step(newest) and verify_checkpoint(c, full=False) is None]
+        keep = set(complete[-(self.keep_last - 1):]) if self.keep_last > 1 else set()
+        for ckpt in complete:
+            if ckpt in keep or (self.keep_every > 0 and checkpoint_step(ckpt) % self.keep_every == 0):
+                continue
+            doomed = ckpt.with_name(f".deleting-{ckpt.name}")
+            os.replace(ckpt, doomed)  # renamed first, so a crash mid-delete never leaves a half checkpoint
+            shutil.rmtree(doomed, ignore_errors=True)
+        for leftover in self.root.glob(".deleting-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        fsync_dir(self.root)
+
+    # -- resuming -------------------------------------------------------------------------------------------
+    def resume(self, spec: str | None) -> ResumeState | None:
+        """Restore the run state from `spec`: None/"" (the default: continue from this run's newest valid
+        checkpoint if its identity settings, all but `runtime`, are unchanged, else refuse naming them; fresh when
+        there is none), "auto" (newest valid checkpoint whatever changed, or fresh), "fresh" (start over, moving
+        the old records aside) or a path (a checkpoint, or a run directory's newest valid one). Checkpoints that
+        exist but are all broken stop every mode but a path and "fresh". Call after building model, optimizer and
+        loader; restores RNGs last. Returns None for a fresh start."""
+        choice, failure = None, None
+        if self.rank == 0:  # one rank verifies and decides; the others follow
+            try:
+                choice = self._choose(spec)
+            except Exception as e:
+                failure = e
+        choice, message = _broadcast_from_rank0((str(choice) if choice else None, failure and str(failure)))
+        if failure is not None:
+            raise failure
+        if message:
+            raise GptrainError(message)
+        return self._load(Path(choice)) if choice else None
+
+    def _choose(self, spec: str | None) -> Path | None:
+        if spec == "fresh":
+            self._move_records_aside("--resume fresh")
+            return None
+        if spec and spec != "auto":
+            ckpt = find_checkpoint(spec)
+            if ckpt is None:
+                raise GptrainError(f"--resume {spec}: no valid checkpoint under {Path(spec) / CHECKPOINTS}; pass a "
+                                   "checkpoint directory or --resume auto")
+        else:
+            ckpt = find_checkpoint(self.run_dir) if self.root.is_dir() else None
+            if ckpt is None:
+                self._refuse_if_only_broken()
+                if self._records():
+                    self._move_records_aside("it holds no checkpoint to continue from")
+                elif spec == "auto":
+                    info(f"no checkpoint in {self.root} yet: starting a fresh run")
+                return None
+            if spec is None:
+                self._refuse_if_changed(ckpt)
+        # Later checkpoints of this run belong to a future that this resume abandons; move them aside so that
+        # a later resume cannot jump back onto it (they are kept, not deleted).
+        if ckpt.parent.resolve() == self.root.resolve():
+            for later in list_checkpoints(self.run_dir):
+                if checkpoint_step(later) > checkpoint_step(ckpt):
+                    self._set_aside(later, "abandoned" if verify_checkpoint(later) is None else "broken")
+        return ckpt
+
+    def _refuse_if_only_broken(self) -> None:
+        """Checkpoints exist, none valid: set them aside and stop, rather than start over on top of the run."""
+        bad = list_checkpoints(self.run_dir)
+        reasons = [f"{c.name} ({verify_checkpoint(c)})" for c in bad]
+        for c in bad:
+            self._set_aside(c, "broken")
+        earlier = sorted(p.name for p in self.root.glob("step_*.broken-*")) if self.root.is_dir() else []
+        if not bad and not earlier:
+            return
+        what = "; ".join(reasons) if reasons else ", ".join(earlier)
+        raise GptrainError(
+            f"{self.root} holds checkpoints but none is usable ({what}); they are kept, moved aside as "
+            f"step_X.broken-TIME. To continue, restore a good copy as {self.root}/step_XXXXXXXX, or pass --resume "
+            f"PATH with a checkpoint from elsewhere; to start over, pass --resume fresh (moves the old checkpoints, "
+            f"metrics.jsonl and config.json aside to {self.run_dir}/previous-TIME/, deleting nothing)")
+
+    def _refuse_if_changed(self, ckpt: Path) -> None:
+        """Continuing by default requires the run's identity (every non-runtime setting) to be unchanged."""
+        old = (json.loads((ckpt / META).read_text()).get("config") or {})
+        changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {self.config[k]!r}"
+                   for k in sorted(set(old) & set(self.config) - self.runtime) if old[k] != self.config[k]]
+        if changed:
+            raise GptrainError(
+                f"{self.run_dir} holds a run ({ckpt.name}) whose settings differ from these: {'; '.join(changed)}. "
+                "Re-run with the original values to continue it, pass --resume auto to continue it with the new "
+                "ones, or --resume fresh (or another --out) to start a new run")
+
+    def _records(self) -> list[Path]:
+        """What an earlier run left in the run directory: checkpoints, metrics (with cut-off parts), config, tb."""
+        names = [CHECKPOINTS, "metrics.jsonl", "config.json", "tb"]
+        found = [self.run_dir / n for n in names if (self.run_dir / n).exists()]
+        found += sorted(self.run_dir.glob("metrics.jsonl.cut-*"))
+        empty_log = self.run_dir / "metrics.jsonl"
+        if empty_log in found and empty_log.stat().st_size == 0:
+            found.remove(empty_log)
+        if self.root in found and not any(self.root.iterdir()):
+            found.remove(self.root)
+        return found
+
+    def _move_records_aside(self, why: str) -> Path | None:
+        """Start over without losing anything: move an earlier run's records into RUN/previous-TIME/."""
+        records = self._records()
+        if not records:
+            return None
+        dest = _unique(self.run_dir / f"previous-{time.strftime('%Y%m%dT%H%M%S')}")
+        dest.mkdir()
+        for p in records:
+            os.replace(p, dest / p.name)
+        fsync_dir(self.run_dir)
+        warn(f"starting a fresh run in {self.run_dir} ({why}): moved the earlier run's "
+             f"{', '.join(p.name for p in records)} to {dest} (kept, not deleted)")
+        return dest
+
+    def _load(self, ckpt: Path) -> ResumeState:
+        meta = json.loads((ckpt / META).read_text())
+        model = unwrap_model(self.model)
+        self._check_compatible(ckpt, meta, model)
+        model.load_state_dict(_read_weights(ckpt))  # rank 0 verified every hash when it chose `ckpt`
+        try:
+            self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True,
+                                                      mmap=True))
+        except (ValueError, KeyError) as e:
+            raise GptrainError(f"{ckpt / OPTIMIZER} does not fit this run's optimizer ({e}); resume with the "
+                               "settings the run started with") from None
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+        ranks = state["ranks"]
+        if len(ranks) == self.world_size:
+            mine = ranks[self.rank]
+        else:
+            mine = ranks[0]
+            if self.rank == 0:
+                warn(f"resuming a {len(ranks)}-process run on {self.world_size} processes: data continues from the "
+                     "same global position (nothing skipped or repeated), but the continuation is no longer bit for "
+                     "bit the original run")
+        self.loader.load_state_dict(_from_safe(mine["loader"]))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+        if self.rank == 0:
+            self._truncate_metrics(ckpt, meta)
+            info(f"resuming from {ckpt} (step {meta['step']}, {meta['tokens_seen']:,} tokens seen)")
+        restore_rng_state(mine["rng"])  # last: nothing above may draw from a generator afterwards
+        self.last_good = ckpt
+        return ResumeState(path=ckpt, step=int(meta["step"]), tokens_seen=int(meta["tokens_seen"]), meta=meta)
+
+    def _check_compatible(self, ckpt: Path, meta: dict, model) -> None:
+        saved = meta.get("model_config") or {}
+        now = model.config.to_dict() if hasattr(model, "config") else {}
+        diff = [f"{k}={saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diff:
+            raise GptrainError(f"checkpoint {ckpt} has a different model shape ({', '.join(diff)}); the shape cannot "
+                               "change mid-run: drop the shape flags to resume, or train into a new --out")
+        old_tok, new_tok = (meta.get("tokenizer") or {}).get("sha256"), (self.tokenizer or {}).get("sha256")
+        if old_tok and new_tok and old_tok != new_tok:
+            raise GptrainError(f"checkpoint {ckpt} was trained with tokenizer {meta['tokenizer'].get('name')} "
+                               f"(sha256 {old_tok[:12]}...) but this run's data uses {self.tokenizer.get('name')} "
+                               f"(sha256 {new_tok[:12]}...); the tokenizer cannot change mid-run")
+        if self.rank == 0:
+            differs = machine_changes(meta.get("machine"), machine())
+            if differs:
+                warn(f"{ckpt.name} was written with {', '.join(differs)}: the continuation is not bit-for-bit the "
+                     "uninterrupted run (floating-point results depend on the thread count, torch version and "
+                     "processor); resume with the same ones to continue exactly")
+            old_cfg = meta.get("config") or {}
+            changed = [f"{k} {old_cfg[k]!r} -> {self.config[k]!r}" for k in sorted(set(old_cfg) & set(self.config))
+                       if k != "resume" and old_cfg[k] != self.config[k]]
+            if changed:
+                warn(f"settings changed since {ckpt.name}: {'; '.join(changed)}")
+
+    def _truncate_metrics(self, ckpt: Path, meta: dict) -> None:
+        """Cut RUN/metrics.jsonl back to what was written when `ckpt` was saved, so no step appears twice; what is
+        cut (logged after that save) is first kept in metrics.jsonl.cut-TIME."""
+        offset = meta.get("metrics_offset")
+        if self.metrics_path is None or offset is None or not self.metrics_path.exists():
+            return
+        if ckpt.parent.resolve() != self.root.resolve():
+            return  # resuming another run's checkpoint: this run's log is its own
+        size = self.metrics_path.stat().st_size
+        if size < offset:
+            warn(f"{self.metrics_path} is shorter than when {ckpt.name} was saved; appending to it as it is")
+            return
+        if size == offset:
+            return
+        with open(self.metrics_path, "rb") as f:
+            f.seek(offset)
+            tail = f.read()
+        kept = _unique(self.metrics_path.with_name(f"{self.metrics_path.name}.cut-{time.strftime('%Y%m%dT%H%M%S')}"))
+        with open(kept, "wb") as f:
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(kept.parent)
+        with open(self.metrics_path, "r+b") as f:
+            f.truncate(offset)
+            f.flush()
+            os.fsync(f.fileno())
+        lines = tail.count(b"\n") + (not tail.endswith(b"\n"))
+        warn(f"resuming from {ckpt.name}: the {lines} line(s) of {self.metrics_path.name} logged "
+             f"after it were moved to {kept} (the resumed run logs those steps again)")
+
+
+def _unique(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... when it exists."""
+    dest, n = path, 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}-{n}")
+    return dest

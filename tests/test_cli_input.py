@@ -1,0 +1,191 @@
+"""Bad command lines: every value is checked against its field's range before any work, with one line on stderr
+(exit 2, no traceback); typos get a suggestion; help shows the preset. Includes a property-based fuzz of every
+numeric option of prepare, train, sft, eval, sample, chat and serve."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptrain.cli import build_parser, main
+from gptrain.data.shards import write_shard
+
+
+def run(argv):
+    """(exit code, stdout, stderr) of `gptrain ARGV` in this process; any exception but SystemExit escapes."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code, err, *needles):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("gptrain: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Real shards (the old code would have trained on them): a bad value must stop before that."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    write_shard(d / "t_train_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(50)]))
+    write_shard(d / "t_val_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(10)]))
+    return d
+
+
+TRAIN = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--seq-len", "16",
+         "--micro-batch-size", "2", "--total-batch-size", "32", "--max-steps", "2", "--eval-every", "0",
+         "--sample-every", "0", "--threads", "1"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--micro-batch-size", "0"], "--micro-batch-size 0 is out of range: it must be >= 1"),  # was ZeroDivisionError
+    (["--seq-len", "0"], "--seq-len 0 is out of range: it must be >= 1"),
+    (["--lr", "-1"], "--lr -1 is out of range: it must be > 0 and <= 1"),  # were optimizer ValueErrors
+    (["--lr", "nan"], "--lr nan is not a finite number"),
+    (["--beta1", "2"], "--beta1 2 is out of range: it must be >= 0 and < 1"),
+    (["--lr", "1e30"], "--lr 1e+30 is out of range"),  # were accepted silently
+    (["--lr", "inf"], "--lr inf is not a finite number"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1 is out of range: it must be >= 0"),
+    (["--epochs", "-1"], "--epochs -1 is out of range"),
+    (["--threads", "-2"], "--threads -2 is out of range"),
+    (["--grad-clip", "-1"], "--grad-clip -1 is out of range"),
+    (["--save-every", "-1"], "--save-every -1 is out of range"),
+    (["--keep-last", "-1"], "--keep-last -1 is out of range"),
+    (["--val-tokens", "-1"], "--val-tokens -1 is out of range"),
+    (["--num-samples", "0"], "--num-samples 0 is out of range: it must be >= 1"),  # were checked after a step
+    (["--sample-tokens", "-5"], "--sample-tokens -5 is out of range: it must be >= 1"),
+    (["--hellaswag-data", "MISSING"], "--hellaswag-data MISSING: no such file"),  # was reported under --data
+    (["--schedule", "linear"], "--schedule 'linear' is not one of the choices: cosine, wsd"),
+    (["--max-steps", "1.5"], "--max-steps expects a whole number, got '1.5'"),
+])
+def test_bad_train_flags_stop_before_any_work(data, tmp_path, flags, needle):
+    code, out, err = run(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TRAIN, *flags])
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_out_naming_a_file_is_refused_and_the_file_kept(data, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for argv in (["train", "--data", str(data), *TRAIN], ["prepare", "shakespeare"]):
+        code, _, err = run([*argv, "--out", str(f)])
+        assert_one_line_error(code, err, f"--out {f} is a file, not a directory")
+    code, _, err = run(["train", "--data", str(data), *TRAIN, "--out", str(f / "run")])
+    assert_one_line_error(code, err, f"is below {f}, which is a file")
+    assert f.read_text() == "mine"
+
+
+def test_other_commands_check_their_values(tmp_path):
+    for argv, needle in [
+        (["prepare", "shakespeare", "--out", str(tmp_path / "p"), "--val-tokens", "-1"], "--val-tokens -1"),
+        (["prepare", "shakespeare", "--out", str(tmp_path / "p"), "--shard-tokens", "0"], "--shard-tokens 0"),
+        (["eval", "val", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size 0 is out of range"),
+        (["eval", "hellaswag", "--model", "m", "--limit", "-3"], "--limit -3 is out of range"),
+        (["sft", "--model", "m", "--data", "d", "--out", str(tmp_path / "s"), "--val-fraction", "1"],
+         "--val-fraction 1 is out of range: it must be >= 0 and < 1"),
+        (["sft", "--model", "m", "--data", "d", "--out", str(tmp_path / "s"), "--lr", "nan"], "--lr nan"),
+        (["sample", "--model", "m", "--top-p", "nan"], "--top-p"),
+    ]:
+        code, _, err = run(argv)
+        assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "p").exists()
+
+
+def test_help_shows_ranges_and_the_presets_values():
+    code, out, _ = run(["train", "--help"])
+    assert code == 0 and "(default: 1024; >= 1)" in out and "(default: 0.0006; > 0 and <= 1)" in out
+    code, out, _ = run(["train", "--preset", "tiny", "--help"])
+    flat = " ".join(out.split())
+    assert code == 0 and "tokens per sequence (T) (default: 128; >= 1)" in flat
+    assert "maximum learning rate (default: 0.002;" in flat and "(default: 500; >= 0)" in flat
+    assert "The defaults shown are --preset tiny's values." in flat
+    code, out, _ = run(["train", "--help", "--preset=gpt2-350m"])  # either order
+    assert "maximum learning rate (default: 0.0003;" in " ".join(out.split())
+    code, out, _ = run(["sft", "--help"])
+    assert code == 0 and "maximum learning rate (default: 5e-05;" in " ".join(out.split())
+
+
+def test_mistyped_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion():
+    for typo in ("--max-stesp", "--max-step"):  # a typo, and a prefix argparse would have accepted
+        code, out, err = run(["train", typo, "3"])
+        assert code == 2 and not out
+        usage, message = err.strip().splitlines()
+        assert usage.startswith("usage: gptrain train ")
+        assert message == f"gptrain train: error: unrecognized arguments: {typo} (did you mean --max-steps?) 3"
+    code, _, err = run(["eval", "val", "--model", "m", "--data", "d", "--batch-sise", "2"])
+    assert code == 2 and "usage: gptrain eval val --model SRC --data DIR" in err and "did you mean --batch-size?" in err
+
+
+# ---------------------------------------------------------------- the fuzz
+
+ENDS_FAST = {  # arguments that make every valid value end quickly with a one-line error (nothing to read)
+    "prepare": ["prepare", "/nonexistent/corpus.txt", "--out", "{tmp}/p"],
+    "train": ["train", "--data", "/nonexistent/data", "--out", "{tmp}/t"],
+    "sft": ["sft", "--model", "/nonexistent/model", "--data", "/nonexistent/chats.jsonl", "--out", "{tmp}/s"],
+    "eval val": ["eval", "val", "--model", "/nonexistent/model", "--data", "/nonexistent/data"],
+    "eval hellaswag": ["eval", "hellaswag", "--model", "/nonexistent/model", "--data", "/nonexistent/h.jsonl"],
+    "eval lm-eval": ["eval", "lm-eval", "--model", "/nonexistent/model", "--tasks", "hellaswag"],
+    "sample": ["sample", "--model", "/nonexistent/model"],
+    "chat": ["chat", "--model", "/nonexistent/model"],
+    "serve": ["serve", "--model", "/nonexistent/model"],
+}
+
+
+def numeric_options(command: str) -> list[str]:
+    """Every option of `command` (e.g. "eval val") that takes a number."""
+    words = command.split()
+    parser = build_parser(words[0])
+    for word in words:
+        sub = next(a for a in parser._actions if a.dest in ("command", "benchmark"))
+        parser = sub.choices[word]
+    return [a.option_strings[-1] for a in parser._actions if a.option_strings and a.type is not None
+            and (getattr(a.type, "numeric", None) or a.type in (int, float))]
+
+
+OPTIONS = [(c, o) for c in ENDS_FAST for o in numeric_options(c)]
+SPECIAL = ["0", "-1", "nan", "-inf", "1e308", "99999999999999999999999999999"]
+
+
+def check_command_line(argv):
+    code, out, err = run(argv)
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and code in (0, 2), (argv, code, err)
+    if code == 2:
+        assert len(lines) == 1 and lines[0].startswith("gptrain: error: "), (argv, err)
+
+
+def test_every_numeric_option_has_a_range_or_a_type():
+    assert len(OPTIONS) > 60 and ("train", "--lr") in OPTIONS and ("serve", "--port") in OPTIONS
+    assert ("eval val", "--val-tokens") in OPTIONS and ("prepare", "--workers") in OPTIONS
+
+
+def test_special_values_of_every_numeric_option(tmp_path):
+    threads = torch.get_num_threads()
+    for command, option in OPTIONS:
+        for value in SPECIAL:
+            check_command_line([a.format(tmp=tmp_path) for a in ENDS_FAST[command]] + [option, value])
+    assert torch.get_num_threads() == threads  # no command did work before failing
+
+
+NUMBERS = st.one_of(st.integers(min_value=-10**30, max_value=10**30).map(str),
+                    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                    st.sampled_from(SPECIAL))
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(OPTIONS), NUMBERS)
+def test_fuzzed_numbers_exit_0_or_2_with_one_line(tmp_path, option, value):
+    command, flag = option
+    check_command_line([a.format(tmp=tmp_path) for a in ENDS_FAST[command]] + [flag, value])
