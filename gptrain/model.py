@@ -70,14 +70,18 @@ def preset(name: str, **overrides) -> GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding of a batch of left-padded prompts.
+    """Preallocated keys/values for incremental decoding: `batch_size` rows ("slots") of `max_len` positions,
+    each row with its own fill level, so rows of different lengths decode together.
 
-    `pad[b]` is how many padding slots row b starts with; those slots are never attended to and positions
-    count from the first real token, so each row decodes exactly as it would alone.
+    `lens[b]` is how many slots row b has filled; its next token goes to slot `lens[b]`. A left-padded batch
+    (`pad[b]` leading padding slots, all rows filled alike) and a pool of independent rows (pad 0, each row its
+    own length: gptrain/engine.py's continuous batching) are the same thing. Padding slots are never attended
+    to and positions count from a row's first real token, so each row decodes exactly as it would alone.
 
-    Shapes are static: attention always spans all `max_len` slots (unfilled ones masked out) and the fill
-    level `pos` is a tensor, so a compiled decode step sees the same shapes and no changing Python int at
-    every token, and compiles once. The caller keeps `pos + t <= max_len` (gptrain/generate.py does).
+    Shapes are static: attention spans all `max_len` slots (unfilled ones masked out) and the fill levels are a
+    tensor, so a compiled decode step sees the same shapes and no changing Python int at every token, and
+    compiles once. `view(rows, span)` narrows a cache (no copy) to some rows and the first `span` slots, for
+    eager steps that need not attend over the whole window. The caller keeps `lens + t <= max_len`.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
@@ -90,49 +94,63 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pad = (pad if pad is not None else torch.zeros(batch_size, dtype=torch.long)).to(device)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # slots filled so far (same for every row)
+        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots filled, per row
         self.max_len = max_len
 
     def _slots(self, t: int) -> torch.Tensor:
-        return self.pos + torch.arange(t, device=self.pos.device)
+        """Slot indices (B, t) of each row's next t tokens."""
+        return self.lens[:, None] + torch.arange(t, device=self.lens.device)
 
     def positions(self, t: int) -> torch.Tensor:
         """Position ids (B, t) for the next t slots."""
-        return (self._slots(t)[None, :] - self.pad[:, None]).clamp(min=0)
+        return (self._slots(t) - self.pad[:, None]).clamp(min=0)
 
     def mask(self, t: int) -> torch.Tensor:
-        """Boolean (B, 1, t, max_len) mask: causal, padding slots never attended by real tokens.
+        """Boolean (B, 1, t, max_len) mask: causal within each row, padding slots never attended by real tokens.
 
         A padding slot attends to itself, so no row of the mask is empty (an empty row gives NaN on some
         attention kernels, and NaN in a padding slot would leak through the zero weights of real rows).
         """
-        q = self._slots(t)
-        k = torch.arange(self.max_len, device=self.pos.device)
-        causal = k[None, :] <= q[:, None]
-        real = k[None, None, :] >= self.pad[:, None, None]
-        return (causal[None] & (real | (k[None, :] == q[:, None])[None]))[:, None]
+        q = self._slots(t)[:, :, None]  # (B, t, 1)
+        k = torch.arange(self.max_len, device=self.lens.device)
+        real = k >= self.pad[:, None, None]
+        return ((k <= q) & (real | (k == q)))[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys/values at the next slots; return the whole (masked) buffers."""
-        slots = self._slots(k.size(2))
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
+        """Write the new keys/values (B, H, t, hd) at each row's next slots; return the whole (masked) buffers."""
+        slots = self._slots(k.size(2))[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, slots, k)
+        self.v[layer].scatter_(2, slots, v)
         return self.k[layer], self.v[layer]
 
     def advance(self, t: int) -> None:
-        self.pos.add_(t)
+        self.lens.add_(t)
+
+    def view(self, rows: slice, span: int) -> "KVCache":
+        """This cache narrowed to `rows` and the first `span` slots, sharing its memory (writes go through)."""
+        out = copy.copy(self)
+        out.k = [k[rows, :, :span] for k in self.k]
+        out.v = [v[rows, :, :span] for v in self.v]
+        out.pad, out.lens, out.max_len = self.pad[rows], self.lens[rows], span
+        return out
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Copy row src's first n slots (and its fill level) into row dst."""
+        for buf in self.k + self.v:
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.pad[dst], self.lens[dst] = self.pad[src], self.lens[src]
 
     def select(self, rows: torch.Tensor) -> "KVCache":
-        """A new cache made of the given rows of this one (a row may repeat), at the same fill level.
+        """A new cache made of the given rows of this one (a row may repeat), at the same fill levels.
 
         Lets one prefilled prompt continue as several rows: gptrain/eval/scoring.py runs a shared context once,
         then scores each of its continuations on a copy of that context's row.
         """
-        rows = rows.to(self.pos.device)
+        rows = rows.to(self.lens.device)
         out = copy.copy(self)
         out.k = [k.index_select(0, rows) for k in self.k]
         out.v = [v.index_select(0, rows) for v in self.v]
-        out.pad, out.pos = self.pad.index_select(0, rows), self.pos.clone()
+        out.pad, out.lens = self.pad.index_select(0, rows), self.lens.index_select(0, rows)
         return out
 
 

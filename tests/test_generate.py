@@ -57,7 +57,7 @@ def test_sliding_window_agrees_with_and_without_cache():
 def test_context_window_error_is_clear():
     model = lively_model(block_size=16)
     with pytest.raises(GptrainError, match=r"prompt 0 of 7 tokens \+ max_new_tokens=10 exceeds .* context window "
-                                           r"of 16 tokens.*context='slide'"):
+                                           r"of 16 tokens; .*lower --max-new-tokens, or .*--context slide\)?$"):
         Engine(model).generate(PROMPTS, max_new_tokens=10)
 
 

@@ -1,0 +1,274 @@
+"""The generation engine: a pool of KV-cache slots that rows join and leave while the batch keeps decoding.
+
+`Engine` holds the model and its (optionally compiled) one-token decode step and checks requests. `SlotPool` is
+the running batch: `max_batch` rows of one preallocated `KVCache`, each row with its own length (slot i is row
+i; when a row leaves, the last row moves into its place, so the rows in use are always the first ones). One
+`SlotPool.step()` is one iteration of continuous batching:
+
+1. Prefill: rows that have joined (or slid their window) encode their tokens into their slot, one row per
+   forward, in chunks of at most `prefill_chunk` tokens cut at fixed offsets from the row's start, and only as
+   many chunks per iteration as fit in `prefill_chunk` tokens, so a long prompt does not freeze the others.
+   Prefill runs eagerly and stops one token short: a row's last token goes through the decode step.
+2. Decode: every row whose window is encoded but for its last token feeds that token, all in one forward of
+   shape (rows, 1); each such row then draws its next token with its own `Sequence` (sampling.py).
+
+Eagerly the decode step covers the rows in use and the first slots up to the longest row (rounded up to 64),
+so attention reads only what is filled. Under `compile=True` it always covers the whole pool and the whole
+window: one static shape, compiled once; rows not decoding feed a dummy token whose key/value lands beyond
+their length, where the next real write overwrites it. A row's tokens do not depend on what else is in the
+batch: its prefill chunks, its sampling and its generator are its own (tests check batched equals alone).
+
+`use_cache=False` instead re-runs each row's whole window per token, as the lecture's loop does; it exists to
+check the cache against, token for token. `Engine.generate` runs a batch of prompts on a pool of their own
+(every prompt prefilled before the first step, so step i gives each row its i-th token); `scheduler.Scheduler`
+runs one long-lived pool on a thread for a server.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from gptrain.errors import GptrainError
+from gptrain.model import GPT, KVCache
+from gptrain.sampling import SamplingParams, Sequence
+
+SPAN_STEP = 64  # the eager decode step attends over a multiple of this many slots
+
+
+def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    return model.logits(model.hidden(idx, cache)[:, -1]).float()
+
+
+class Engine:
+    """Generates from one model: holds the (optionally compiled) decode step; checks prompts and settings.
+
+    The model may be wrapped by DDP or torch.compile: generation uses the plain module underneath, in its own
+    dtype and device (or, under autocast, the autocast dtype)."""
+
+    def __init__(self, model, tokenizer=None, *, compile: bool = False):
+        model = getattr(model, "module", model)  # DDP
+        self.model: GPT = getattr(model, "_orig_mod", model)  # torch.compile
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if tokenizer is None:
+            from gptrain.tokenizer import TokenizerError, tokenizer_for_vocab
+            try:
+                tokenizer = tokenizer_for_vocab(self.model.config.vocab_size)
+            except TokenizerError:
+                tokenizer = None  # a toy vocabulary: ids only, no text
+        self.tokenizer = tokenizer
+        self.eot = tokenizer.eot if tokenizer else 50256
+        self.compiled = compile
+        self.decode = torch.compile(_last_logits, fullgraph=True) if compile else _last_logits
+
+    def check(self, prompt: list[int], params: SamplingParams, which: str = "the prompt") -> None:
+        """GptrainError unless `prompt` with `params` can be generated from (params.validate() included)."""
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise GptrainError(f"stop strings need a tokenizer; the model's vocabulary of "
+                               f"{self.model.config.vocab_size} matches none")
+        self.check_tokens(prompt, which)
+        block = self.model.config.block_size
+        if params.context == "error" and len(prompt) + params.max_new_tokens > block:
+            raise GptrainError(
+                f"{which} of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the model's "
+                f"context window of {block} tokens; shorten the prompt, lower --max-new-tokens, or let the "
+                "window slide with --context slide")
+
+    def check_tokens(self, prompt: list[int], which: str = "the prompt") -> None:
+        if len(prompt) == 0:
+            raise GptrainError(f"{which} is empty: it needs at least one token (start an unconditional sample "
+                               "with <|endoftext|>)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not (isinstance(t, numbers.Integral) and 0 <= t < vocab)]
+        if bad:
+            raise GptrainError(f"{which} has token id {bad[0]!r} outside the model's vocabulary of {vocab}")
+
+    def sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        c = self.model.config
+        return Sequence(prompt, params, tokenizer=self.tokenizer, eot=self.eot, vocab=c.vocab_size,
+                        block_size=c.block_size, device=self.device)
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype keys/values come out in (under autocast, e.g. the trainer's samples, the autocast dtype)."""
+        kind = self.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, *, use_cache: bool = True,
+                 **overrides) -> "Generation":
+        """Start generating from a batch of token-id prompts (any lengths); iterate the result to run it.
+
+        Row b draws from its own generator seeded `seed + b`, so it gives exactly what a one-prompt call with
+        that seed gives."""
+        params = replace(params or SamplingParams(), **overrides)
+        params.validate()
+        if self.compiled and not use_cache:
+            raise GptrainError("compile needs the KV cache: the cache-free path recompiles at every length")
+        if not prompts:
+            raise GptrainError("no prompts given: pass at least one (start an unconditional sample with "
+                               "<|endoftext|>)")
+        for b, p in enumerate(prompts):
+            self.check_tokens(p, f"prompt {b}")
+        for b, p in enumerate(prompts):
+            self.check(p, params, f"prompt {b}")
+        return Generation(self, [list(p) for p in prompts], params, use_cache)
+
+
+class SlotPool:
+    """The running batch: up to `max_batch` rows in the slots of one KV cache (see the module docstring).
+
+    `add(seq)` puts a row in the first free slot; `remove(seq)` takes it out (the last row moves into its slot);
+    `step()` runs one iteration and returns (row, token, new text) for each token drawn; rows that finished
+    are removed already.
+    `prefill_chunk=None` prefills every waiting row whole in the next iteration."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int | None = None, *,
+                 prefill_chunk: int | None = None, use_cache: bool = True):
+        self.engine, self.max_batch, self.use_cache = engine, max_batch, use_cache
+        self.prefill_chunk = prefill_chunk
+        block = engine.model.config.block_size
+        self.max_len = block if engine.compiled or max_len is None else min(block, max_len)
+        self.rows: list[Sequence] = []
+        self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
+        self.cache = KVCache(engine.model.config, max_batch, self.max_len, device=engine.device,
+                             dtype=engine.cache_dtype()) if use_cache else None
+        self.last_prefill_tokens = self.last_decode_rows = 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    def add(self, seq: Sequence) -> None:
+        if not self.free_slots:
+            raise RuntimeError("no free slot in the pool")
+        self.rows.append(seq)
+        self._cached.append(0)
+
+    def remove(self, seq: Sequence) -> None:
+        s, last = self.rows.index(seq), len(self.rows) - 1
+        if s != last:
+            self.rows[s], self._cached[s] = self.rows[last], self._cached[last]
+            if self.cache is not None:
+                self.cache.move(last, s, self._cached[s])
+        self.rows.pop()
+        self._cached.pop()
+
+    def _needs_prefill(self, s: int) -> int:
+        """Tokens row s must still encode before its last token can go through the decode step."""
+        if self.cache is None:
+            return 0
+        return len(self.rows[s].window) - 1 - self._cached[s]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int, str]]:
+        for s, row in enumerate(self.rows):
+            if row.slid:  # the window slid: encode the kept tokens afresh
+                row.slid, self._cached[s] = False, 0
+        self.last_prefill_tokens = self._prefill()
+        ready = [s for s in range(len(self.rows)) if self._needs_prefill(s) == 0]
+        self.last_decode_rows = len(ready)
+        if not ready:
+            return []
+        logits = self._decode(ready)
+        drawn = [(self.rows[s], self.rows[s].pick(logits[i:i + 1])) for i, s in enumerate(ready)]
+        out = []
+        for row, token in drawn:
+            out.append((row, token, row.accept(token)))
+            if row.finish_reason:
+                self.remove(row)
+        return out
+
+    def _prefill(self) -> int:
+        """Encode waiting rows' tokens, whole chunks while they fit in `prefill_chunk` tokens (at least one)."""
+        budget, done = self.prefill_chunk, 0
+        for s in range(len(self.rows)):
+            while (todo := self._needs_prefill(s)) > 0:
+                start = self._cached[s]
+                n = todo if self.prefill_chunk is None else min(todo, self.prefill_chunk - start % self.prefill_chunk)
+                if budget is not None and done and done + n > budget:
+                    return done
+                view = self.cache.view(slice(s, s + 1), start + n)
+                view.lens.fill_(start)
+                idx = torch.tensor([self.rows[s].window[start:start + n]], device=self.engine.device)
+                self.engine.model.hidden(idx, view)
+                self._cached[s] += n
+                done += n
+        return done
+
+    def _decode(self, ready: list[int]) -> torch.Tensor:
+        """Logits (len(ready), V) of the next token of each ready row."""
+        e, dev = self.engine, self.engine.device
+        if self.cache is None:
+            return torch.cat([_last_logits(e.model, torch.tensor([self.rows[s].window], device=dev))
+                              for s in ready])
+        n = self.max_batch if e.compiled else len(self.rows)
+        tokens, lens = [0] * n, self._cached + [0] * (n - len(self.rows))
+        for s in ready:
+            tokens[s] = self.rows[s].window[-1]
+        if e.compiled:
+            cache = self.cache
+        else:
+            span = min(self.max_len, -(-(max(lens) + 1) // SPAN_STEP) * SPAN_STEP)
+            cache = self.cache.view(slice(0, n), span)
+        cache.lens.copy_(torch.tensor(lens))
+        logits = e.decode(e.model, torch.tensor(tokens, device=dev).view(-1, 1), cache)
+        for s in ready:
+            self._cached[s] += 1
+        return logits[ready] if len(ready) < n else logits
+
+
+@dataclass
+class Step:
+    """What one decoding step added: per row, the new token (None once the row has finished) and the new text
+    that is safe to show (complete UTF-8 characters, never part of a stop string; '' without a tokenizer)."""
+    tokens: list[int | None]
+    text: list[str]
+
+
+class Generation:
+    """One generation over a batch of prompts. Iterate it for `Step`s as tokens come; afterwards (or at any
+    point) `ids[b]` holds row b's new tokens (stop tokens excluded), `texts[b]` its text (cut before any stop
+    string), `finish_reasons[b]` 'stop' or 'length' (None while running), and `new_tokens`/`seconds` the cost."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, use_cache: bool):
+        self.engine, self.prompts, self.params, self.use_cache = engine, prompts, params, use_cache
+        self.rows = [engine.sequence(p, replace(params, seed=params.seed + b)) for b, p in enumerate(prompts)]
+        self.new_tokens, self.seconds = 0, 0.0
+        self._started = False
+
+    @property
+    def ids(self) -> list[list[int]]:
+        return [r.ids for r in self.rows]
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.text for r in self.rows]
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [r.finish_reason for r in self.rows]
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        longest = max(len(r.window) for r in self.rows)
+        pool = SlotPool(self.engine, len(self.rows), longest + self.params.max_new_tokens, use_cache=self.use_cache)
+        for r in self.rows:
+            pool.add(r)
+        where = {id(r): b for b, r in enumerate(self.rows)}
+        t0 = time.perf_counter()
+        while pool.rows:
+            drawn = pool.step()
+            step = Step([None] * len(self.rows), [""] * len(self.rows))
+            for row, token, text in drawn:
+                b = where[id(row)]
+                step.tokens[b], step.text[b] = token, text
+            self.new_tokens += len(drawn)
+            self.seconds = time.perf_counter() - t0
+            yield step

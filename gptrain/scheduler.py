@@ -1,0 +1,294 @@
+"""Continuous batching for a server: requests join and leave one running decode batch while it keeps going.
+
+`Scheduler(model, ...)` owns one `engine.SlotPool` of `max_batch` slots and runs it on a background thread:
+each iteration admits queued requests into free slots, drops cancelled rows, then runs one `SlotPool.step()`
+(a prefill chunk, then one decode step of every ready row) and hands each new token to its request. When there
+is nothing to do the thread waits on a condition (no spinning). Each request has its own `SamplingParams` and
+generator, so its tokens are what it would get alone.
+
+Callers on any thread: `submit` (QueueFull when `max_queue` requests already wait for a slot), iterate the
+returned `Request` (blocking) or `async for` over `request.events()` (from an asyncio loop: events are handed
+over with `loop.call_soon_threadsafe`, so the loop never blocks), `request.cancel()`, `stats()`, `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from gptrain.engine import Engine, SlotPool
+from gptrain.errors import GptrainError
+from gptrain.sampling import SamplingParams, Sequence
+
+
+class QueueFull(GptrainError):
+    """The scheduler's queue is full; try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a request: the new token (None when there is none, e.g. the stop token that ended it, which
+    is not part of the output), the new text that is safe to show, and on the last event the finish reason
+    ('stop', 'length' or 'cancelled')."""
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+
+
+class Request:
+    """A submitted prompt. Iterate it (blocking) or `async for ev in req.events()` for its Events; the last one
+    has `finish_reason` set. Leaving either iteration before the end cancels the request. After the end: `ids`
+    (new tokens, stop tokens excluded), `text`, `finish_reason`, `completion_tokens`; `error` says why a request
+    was cancelled by the scheduler itself (None otherwise)."""
+
+    def __init__(self, id: int, prompt: list[int], params: SamplingParams, scheduler: "Scheduler"):
+        self.id, self.prompt, self.params = id, prompt, params
+        self.prompt_tokens = len(prompt)
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._scheduler = scheduler
+        self._seq: Sequence | None = None
+        self._cancel = False
+        self._events: list[Event] = []
+        self._cond = threading.Condition()
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+    def cancel(self) -> None:
+        """Stop generating: the row leaves the batch at the next step (a queued request leaves at once)."""
+        self._scheduler._cancel(self)
+
+    def _push(self, ev: Event) -> None:
+        """Scheduler thread: record an event and wake whoever waits for it."""
+        now = time.perf_counter()
+        if ev.finish_reason:
+            self.finish_reason, self.finished_at = ev.finish_reason, now
+        with self._cond:
+            self._events.append(ev)
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for loop, queue in listeners:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except RuntimeError:  # that event loop has closed: nobody listens there any more
+                pass
+
+    def __iter__(self) -> Iterator[Event]:
+        i = 0
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: len(self._events) > i)
+                    ev = self._events[i]
+                i += 1
+                yield ev
+                if ev.finish_reason:
+                    return
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def events(self):
+        """The Events, as an async iterator for an asyncio loop (never blocks it)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        with self._cond:
+            for ev in self._events:
+                queue.put_nowait(ev)
+            self._listeners.append((loop, queue))
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if ev.finish_reason:
+                    return
+        finally:
+            with self._cond:
+                self._listeners.remove((loop, queue))
+            if self.finish_reason is None:
+                self.cancel()
+
+
+class Scheduler:
+    """Continuous batching over one model (see the module docstring). The model is on its device and dtype.
+
+    `prefill_chunk` caps the prompt tokens encoded per iteration (None: a whole prompt at once), so that a long
+    prompt stalls the running streams for one chunk's time at most. `on_step(batch_size, seconds,
+    prefill_tokens)` is called on the scheduler thread after each iteration (for metrics)."""
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False,
+                 prefill_chunk: int | None = 256,
+                 on_step: Callable[[int, float, int], None] | None = None):
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise GptrainError(f"max_batch={max_batch} must be >= 1, max_queue={max_queue} >= 0 and "
+                               f"prefill_chunk={prefill_chunk} >= 1 (or None)")
+        self.engine = Engine(model, tokenizer, compile=compile)
+        self.tokenizer = self.engine.tokenizer
+        self.max_batch, self.max_queue, self.on_step = max_batch, max_queue, on_step
+        self._pool = SlotPool(self.engine, max_batch, prefill_chunk=prefill_chunk)
+        self._queue: deque[Request] = deque()
+        self._running: dict[int, Request] = {}  # id(Sequence) -> its request; touched under _lock
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.steps = 0
+        self._service_s = 1.0  # moving average of a request's time in the batch, for retry_after
+
+    # ------------------------------------------------------------ callers, any thread
+    def start(self) -> "Scheduler":
+        with self._lock:
+            if self._closing:
+                raise GptrainError("the scheduler is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="gptrain-scheduler", daemon=True)
+                self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a prompt; its tokens come through the returned Request. GptrainError for a bad request,
+        QueueFull when `max_queue` requests already wait for a slot."""
+        params = params or SamplingParams()
+        prompt = list(prompt_ids)
+        self.engine.check(prompt, params)
+        with self._lock:
+            if self._closing:
+                raise GptrainError("the scheduler is closed")
+            waiting = len(self._queue) - (self.max_batch - len(self._running))
+            if waiting >= self.max_queue:
+                retry = max(1.0, self._service_s * (waiting + 1) / self.max_batch)
+                raise QueueFull(f"{len(self._running)} requests are running and {max(waiting, 0)} waiting, the most "
+                                f"this server takes (max_batch={self.max_batch}, max_queue={self.max_queue}); "
+                                f"retry in {retry:.0f}s", retry_after=retry)
+            req = Request(next(self._ids), prompt, params, self)
+            self._queue.append(req)
+            self._lock.notify_all()
+        return req
+
+    def stats(self) -> dict:
+        with self._lock:
+            running = len(self._running)
+            return {"queue_depth": len(self._queue), "running": running, "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "free_slots": self.max_batch - running, "steps": self.steps}
+
+    def close(self) -> None:
+        """Cancel everything queued or running and stop the thread."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        else:
+            self._cancel_all("cancelled")
+
+    def __enter__(self) -> "Scheduler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _cancel(self, req: Request) -> None:
+        with self._lock:
+            if req.finish_reason is not None:
+                return
+            if req in self._queue:
+                self._queue.remove(req)
+                queued = True
+            else:
+                req._cancel, queued = True, False
+                self._lock.notify_all()
+        if queued:
+            req._push(Event(None, "", "cancelled"))
+
+    # ------------------------------------------------------------ the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._closing or self._queue or self._running)
+                if self._closing:
+                    break
+                admitted = []
+                while self._queue and self._pool.free_slots > len(admitted):
+                    admitted.append(self._queue.popleft())
+                for req in admitted:
+                    self._running[id(req)] = req
+                cancelled = [r for r in self._running.values() if r._cancel]
+            for req in admitted:
+                req._seq, req.admitted_at = self.engine.sequence(req.prompt, req.params), time.perf_counter()
+                self._pool.add(req._seq)
+            for req in cancelled:
+                self._pool.remove(req._seq)
+                self._finish(req, "cancelled")
+            if self._pool.rows:
+                self._step()
+        self._cancel_all("cancelled")
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            drawn = self._pool.step()
+        except Exception as e:  # noqa: BLE001 -- a failed step must not take the server down with it
+            traceback.print_exc(file=sys.stderr)
+            self._cancel_all("cancelled", error=f"{type(e).__name__}: {e}", queued=False)
+            self._pool = SlotPool(self.engine, self.max_batch, prefill_chunk=self._pool.prefill_chunk)
+            return
+        seconds = time.perf_counter() - t0
+        by_seq = {id(r._seq): r for r in self._running.values()}
+        for seq, token, text in drawn:
+            req = by_seq[id(seq)]
+            if req.first_token_at is None:
+                req.first_token_at = time.perf_counter()
+            req.ids, req.text = seq.ids, seq.text
+            if seq.finish_reason:
+                output = token if token not in seq.stop_ids else None
+                self._finish(req, seq.finish_reason, Event(output, text, seq.finish_reason))
+            else:
+                req._push(Event(token, text))
+        with self._lock:
+            self.steps += 1
+        if self.on_step is not None:
+            try:
+                self.on_step(self._pool.last_decode_rows, seconds, self._pool.last_prefill_tokens)
+            except Exception:  # noqa: BLE001 -- a metrics hook's bug must not stop generation
+                traceback.print_exc(file=sys.stderr)
+
+    def _finish(self, req: Request, reason: str, last: Event | None = None) -> None:
+        with self._lock:
+            self._running.pop(id(req), None)
+            if req.admitted_at is not None:
+                self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - req.admitted_at)
+            self._lock.notify_all()
+        req._push(last or Event(None, "", reason))
+
+    def _cancel_all(self, reason: str, error: str | None = None, queued: bool = True) -> None:
+        with self._lock:
+            reqs = list(self._running.values()) + (list(self._queue) if queued else [])
+            self._running.clear()
+            if queued:
+                self._queue.clear()
+        for req in reqs:
+            if req._seq is not None and req._seq in self._pool.rows:
+                self._pool.remove(req._seq)
+            req.error = error
+            if req.finish_reason is None:
+                req._push(Event(None, "", reason))
