@@ -305,7 +305,8 @@ class BackgroundServer:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options):
         import uvicorn
-        options = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 3, **uvicorn_options}
+        options = {"log_config": None, "log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 3,
+                   **uvicorn_options}  # log_config None: this process's logging is left as it is
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on", **options))
         self.host, self.thread = host, threading.Thread(target=self.server.run, daemon=True)
 
