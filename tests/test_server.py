@@ -214,6 +214,16 @@ def test_full_queue_is_429_with_retry_after_then_all_complete(base):
         assert [e.choices[0].finish_reason for e in s if e.choices and e.choices[0].finish_reason] == ["length"]
 
 
+def test_a_stopping_server_is_503_with_retry_after(chat):
+    chat.service.accepting = False  # what the app's shutdown sets before the scheduler closes
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client(chat).chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    finally:
+        chat.service.accepting = True
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"
+
+
 # --- batching over HTTP -----------------------------------------------------------------------------------------
 
 def test_concurrent_greedy_requests_equal_each_alone(base):
@@ -378,8 +388,56 @@ def test_fault_run_on_the_real_command(tmp_path):
     assert res["problems"] == [], res
     assert {k for k, _ in res["counts"]} >= {"chat", "cut_stream", "oversize", "wrong_key", "over_limit"}
     assert res["accepted"] > 20 and health["queue"]["running"] == 0
+    assert "gptrain serve: model (chat model) on cpu, float32, context 64 tokens" in srv.log_text()
 
 
-def test_no_traceback_or_error_in_the_log(log):
+# --- the command ------------------------------------------------------------------------------------------------
+
+def test_serve_refuses_a_network_address_without_a_key(monkeypatch, capsys, tmp_path):
+    from gptrain.cli import main
+    monkeypatch.delenv("GPTRAIN_API_KEY", raising=False)
+    assert main(["serve", "--model", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--api-key" in err and "--insecure-no-auth" in err
+    from gptrain.serve.cli import add_arguments, resolve
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("GPTRAIN_API_KEY", "from-env")
+    assert resolve(parser.parse_args(["--model", "m", "--host", "0.0.0.0"])).api_key == "from-env"
+    monkeypatch.delenv("GPTRAIN_API_KEY")
+    assert resolve(parser.parse_args(["--model", "m", "--host", "0.0.0.0", "--insecure-no-auth"])).api_key is None
+
+
+def test_serve_without_the_extra_names_it(monkeypatch, capsys, tmp_path):
+    from gptrain.cli import main
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'gptrain[serve]'" in err
+
+
+def test_a_port_in_use_is_one_line(chat):
+    from gptrain.errors import GptrainError
+    from gptrain.serve.cli import listen
+    with pytest.raises(GptrainError, match=f"cannot listen on 127.0.0.1:{chat.port}.*--port"):
+        listen("127.0.0.1", chat.port)
+
+
+def test_native_bf16_and_the_default_dtype(tmp_path, monkeypatch):
+    from gptrain import devices
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert devices.native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not devices.native_bf16(info) and not devices.native_bf16(tmp_path / "missing")
+    monkeypatch.setattr(devices, "native_bf16", lambda: False)
+    assert devices.inference_dtype("cpu") == torch.float32
+    assert devices.inference_dtype("cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    assert devices.inference_dtype("cpu") == torch.bfloat16 and devices.inference_dtype("cpu", "float32") == torch.float32
+
+
+def test_no_traceback_or_error_in_the_log(log):  # last: covers every test above
     bad = [r for r in log.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, [(r.name, r.getMessage()) for r in bad]
