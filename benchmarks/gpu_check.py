@@ -2,7 +2,8 @@
 against compile off, then one evaluation round (val loss, a sample, HellaSwag) with compile on, then HellaSwag
 examples/s of the batched scorer against the lecture's per-example loop (benchmarks/hellaswag_throughput.py's),
 then gptrain's compiled bf16 step against transformers' GPT2LMHeadModel eager (benchmarks/train_throughput.py's),
-in one process.
+then the generation engine's aggregate decode tokens/s under continuous batching at batch 1, 8 and 32 (the gpt2
+shape with the chat vocabulary, benchmarks/batch_decode.py's measurement), eager and compiled, in one process.
 
 Synthetic tokens, so no data preparation or `datasets` is needed; the real trainer (`gptrain.train.trainer.Trainer`)
 runs every step. `--dry-run` runs the same logic on the CPU with a tiny model and without compiling, so the
@@ -23,9 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import train_throughput  # noqa: E402
+from benchmarks import batch_decode, train_throughput  # noqa: E402
 from benchmarks.hellaswag_throughput import per_example_loop, timed  # noqa: E402
 from gptrain.eval import hellaswag  # noqa: E402
+from gptrain.generate import Scheduler  # noqa: E402
 from gptrain.model import GPT, preset as model_preset  # noqa: E402
 from gptrain.tokenizer import get_tokenizer  # noqa: E402
 from gptrain.train import distributed  # noqa: E402
@@ -94,6 +96,31 @@ def hellaswag_speed(model_cfg, examples, device, repeats):
     agree = sum(x == y for x, y in zip(a, b))  # random weights: near-ties may flip under TF32, so counted, not asserted
     n = len(examples)
     return n / statistics.median(t_batched), n / statistics.median(t_loop), agree
+
+
+def decode_speed(model_cfg, device, dtype, batches, new_tokens, compile_on):
+    """{mode: {batch: aggregate tokens/s}}: eager on a pool of `batch` slots (as `serve --max-batch batch`), and
+    compiled on one pool of max(batches) slots, which compiles its decode step once for every batch size."""
+    torch.manual_seed(0)
+    model = GPT(model_cfg).to(device=device, dtype=dtype).eval()
+    prompts = [get_tokenizer().encode(p) for p in batch_decode.PROMPTS]
+    out = {"eager": {}}
+    for b in batches:
+        with Scheduler(model, max_batch=b, max_queue=0) as s:
+            batch_decode.throughput(s, prompts, b, 4, 0)  # warm-up
+            out["eager"][b] = batch_decode.throughput(s, prompts, b, new_tokens, 1)
+    if compile_on:
+        out[f"compiled (pool {max(batches)})"] = {}
+        with Scheduler(model, max_batch=max(batches), max_queue=0, compile=True) as s:
+            t0 = time.perf_counter()
+            batch_decode.throughput(s, prompts, 1, 4, 0)
+            print(f"  decode step compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+            for b in batches:
+                out[f"compiled (pool {max(batches)})"][b] = batch_decode.throughput(s, prompts, b, new_tokens, 1)
+    for mode, tps in out.items():
+        print(f"  engine decode {mode}: " + ", ".join(f"batch {b} {t:,.0f} tokens/s" for b, t in tps.items()),
+              flush=True)
+    return out
 
 
 def main(argv=None):
@@ -165,6 +192,11 @@ def main(argv=None):
         ["--preset", a.preset, "--micro-batch-size", str(cfg.micro_batch_size), "--seq-len", str(cfg.seq_len),
          "--device", env.device, "--dtype", "bfloat16", "--steps", "10", "--warmup", "5"])
 
+    # the generation engine: continuous batching's decode throughput, gpt2 shape with the chat vocabulary
+    decode_cfg = dataclasses.replace(model_cfg, vocab_size=50261)
+    decode_dtype = torch.bfloat16 if env.device_type == "cuda" else torch.float32
+    decode = decode_speed(decode_cfg, env.device, decode_dtype, (1, 8, 32), 8 if a.dry_run else 128, compile_on)
+
     print("\n| phase | tokens/s | MFU | first step (compile) s | final loss |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -184,6 +216,9 @@ def main(argv=None):
     print(f"| vs HF GPT2LMHeadModel eager ({versus['dtype']}) | baseline {versus['baseline_tokens_per_sec']:,.0f} tok/s | "
           f"gptrain {'compiled' if versus['compiled'] else 'eager'} {versus['gptrain_tokens_per_sec']:,.0f} tok/s | "
           f"speed-up {versus['gptrain_tokens_per_sec'] / versus['baseline_tokens_per_sec']:.2f}x | |")
+    for mode, tps in decode.items():
+        print(f"| engine decode {mode} ({str(decode_dtype).removeprefix('torch.')}, vocab 50261) | "
+              + " | ".join(f"batch {b} {t:,.0f} tok/s" for b, t in tps.items()) + " |")
     return 0
 
 

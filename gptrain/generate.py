@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from gptrain.engine import Engine, Generation, SlotPool, Step
 from gptrain.errors import GptrainError
-from gptrain.sampling import SamplingParams, Sequence, TextStream, filter_logits, sample_from_logits
+from gptrain.sampling import SamplingParams, Sequence, TextStream, sample_from_logits
 from gptrain.scheduler import Event, QueueFull, Request, Scheduler
 
 __all__ = ["Engine", "Event", "Generation", "QueueFull", "Request", "SamplingParams", "Scheduler", "Sequence",
-           "SlotPool", "Step", "TextStream", "complete", "filter_logits", "sample_from_logits"]
+           "SlotPool", "Step", "TextStream", "complete", "sample_from_logits"]
 
 
 def complete(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from gptrain.config import overrides_from_args
     from gptrain.hf import load_model
-    params = SamplingParams(**{**overrides_from_args(args, SamplingParams), "stop": tuple(args.stop)})
+    given = overrides_from_args(args, SamplingParams)
+    params = SamplingParams(**{**given, "stop": tuple(args.stop)})
     cfg = SampleConfig(**overrides_from_args(args, SampleConfig))
     if cfg.num_samples < 1:
         raise GptrainError(f"--num-samples {cfg.num_samples} must be at least 1")
@@ -95,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
                            "gptrain tokenizer reads")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     prompt = engine.tokenizer.encode(text) or [engine.eot]
+    params = fit_to_window(params, len(prompt), model.config.block_size, "max_new_tokens" in given)
     gen = engine.generate([prompt] * cfg.num_samples, params, use_cache=cfg.kv_cache)
     _print_in_order(gen, cfg.num_samples)
     print(f"gptrain sample: {cfg.num_samples} sample(s), prompt {len(prompt)} tokens, {gen.new_tokens} new "
@@ -103,6 +105,22 @@ def main(args: argparse.Namespace) -> int:
           f"{engine.device})",
           file=sys.stderr)
     return 0
+
+
+def fit_to_window(params: SamplingParams, prompt_len: int, block: int, explicit: bool) -> SamplingParams:
+    """The sample's settings with a default max_new_tokens capped to what the window leaves after the prompt
+    (noted on stderr); a --max-new-tokens the user gave that does not fit is an error naming the flags."""
+    room = block - prompt_len
+    if params.context == "slide" or params.max_new_tokens <= room:
+        return params
+    if explicit or room < 1:
+        fix = (f"lower --max-new-tokens to at most {room}, " if room >= 1 else "shorten the prompt, ")
+        raise GptrainError(f"the prompt of {prompt_len} tokens + --max-new-tokens {params.max_new_tokens} exceeds "
+                           f"the model's context window of {block} tokens; {fix}or pass --context slide to keep "
+                           "going past the window")
+    print(f"gptrain sample: max_new_tokens capped at {room}: the model's {block}-token window less the "
+          f"{prompt_len}-token prompt (--context slide goes on past it)", file=sys.stderr)
+    return replace(params, max_new_tokens=room)
 
 
 def _print_in_order(gen: Generation, n: int) -> None:

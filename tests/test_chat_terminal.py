@@ -1,3 +1,4 @@
+import argparse
 import io
 import os
 import subprocess
@@ -54,6 +55,21 @@ def test_chat_command_turns_reset_and_quit(tmp_path):
     assert "(conversation reset)" in proc.stderr and "/reset starts over" in proc.stderr
 
 
+def test_chat_on_its_defaults_with_a_small_window(tmp_path, monkeypatch, capsys):
+    """The default 128 new tokens on a small window: replies fit what the window leaves, with a note."""
+    from gptrain.chat.terminal import ChatConfig, main
+    from gptrain.generate import SamplingParams
+    monkeypatch.setattr("gptrain.hf.load_model", lambda src: chat_model())  # a 64-token window, not saved
+    monkeypatch.setattr(sys, "stdin", io.StringIO("In the beginning\nand then?\n/quit\n"))
+    args = argparse.Namespace(model="m", **{k: v for k, v in vars(ChatConfig()).items() if v is not None})
+    assert SamplingParams().max_new_tokens == 128 and main(args) == 0
+    out, err = capsys.readouterr()
+    replies = [t[len(BOT_PROMPT):].strip() for t in out.split(USER_PROMPT) if t.startswith(BOT_PROMPT)]
+    assert len(replies) == 2 and all(replies)
+    assert "replies are capped at what the 64-token window leaves after the conversation (at least 32" in err
+    assert "error" not in err
+
+
 def test_history_and_reset_in_process():
     s = session(system="Be brief.")
     out = io.StringIO()
@@ -102,3 +118,4 @@ def test_reply_stops_at_end_token():
 def test_plain_gpt2_vocabulary_is_refused():
     with pytest.raises(GptrainError, match="no chat tokens; fine-tune it"):
         session(chat_model(vocab_size=50257))
+

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptrain.errors import GptrainError
-from gptrain.generate import Engine, TextStream, complete, filter_logits, sample_from_logits
+from gptrain.generate import Engine, TextStream, complete, sample_from_logits
 from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import get_tokenizer
 
@@ -100,10 +100,11 @@ def test_samples_stay_inside_top_k_and_nucleus():
     for _ in range(200):
         t = sample_from_logits(logits, temperature=1.3, top_k=5, generator=g)
         assert all(t[b] in allowed_k[b] for b in range(4))
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = lambda p: torch.isfinite(filter_logits(probs.log(), top_p=p)).nonzero()[:, 1].tolist()
-    assert kept(0.5) == [0] and kept(0.8) == [0, 1] and kept(0.81) == [0, 1, 2] and kept(1.0) == [0, 1, 2, 3]
-    assert kept(0.81) == torch.isfinite(filter_logits(probs.log(), top_k=3, top_p=0.99)).nonzero()[:, 1].tolist()
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    drawn = lambda **kw: {int(sample_from_logits(probs.log(), generator=g, **kw)) for _ in range(300)}  # noqa: E731
+    assert drawn(top_p=0.5) == {1} and drawn(top_p=0.8) == {1, 3} and drawn(top_p=0.81) == {1, 3, 2}
+    assert drawn(top_p=1.0) == drawn(top_k=None) == {0, 1, 2, 3} and drawn(top_k=3, top_p=0.99) == {1, 3, 2}
+    assert drawn(top_k=2) == {1, 3}
 
 
 def test_stops_at_endoftext_by_default_and_at_given_ids():
@@ -202,6 +203,19 @@ def test_sample_command_prints_only_the_generated_text(tmp_path, capsys):
     assert "tokens/s" in proc.stderr
     assert main(args + ["--no-kv-cache"]) == 0
     assert capsys.readouterr().out == proc.stdout
-    assert main(["sample", "--model", str(tmp_path / "m"), "--max-new-tokens", "100"]) == 2
+
+    # Defaults fit the model: the default 128 new tokens are capped to what the 64-token window leaves (a tiny
+    # model's 128-token window is the same case), said on stderr; a --max-new-tokens that does not fit is an error.
+    prompt, n = "In the beginning", len(tok.encode("In the beginning"))
+    assert main(["sample", "--model", str(tmp_path / "m"), "--prompt", prompt]) == 0
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("gptrain: error: prompt 0 of 1 tokens + max_new_tokens=100 exceeds")
+    assert out.strip() and f"max_new_tokens capped at {64 - n}: the model's 64-token window less the {n}-token" in err
+    assert main(["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "64"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "context='slide'" not in err
+    assert err.startswith(f"gptrain: error: the prompt of {n} tokens + --max-new-tokens 64 exceeds the model's "
+                          f"context window of 64 tokens; lower --max-new-tokens to at most {64 - n}, or pass "
+                          "--context slide")
+    assert main(["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "100",
+                 "--context", "slide", "--temperature", "0"]) == 0
+    assert "capped" not in capsys.readouterr().err

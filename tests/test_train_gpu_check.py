@@ -15,8 +15,8 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    table = r.stdout.strip().splitlines()[-8:]
-    assert table[0] == "| phase | tokens/s | MFU | first step (compile) s | final loss |"
+    lines = r.stdout.strip().splitlines()
+    table = lines[lines.index("| phase | tokens/s | MFU | first step (compile) s | final loss |"):]
     assert table[2].startswith("| eager float32 |") and table[3].startswith("| eager float32 |")
     assert "compile speed-up" in table[4]
     assert table[5].startswith("| eval round") and "val_loss 10." in table[5] and "sample" in table[5]
@@ -24,3 +24,5 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     if (SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl.gz").is_file():  # the speed row needs the examples
         assert "lecture loop" in table[6] and "predictions agree" in table[6] and "/4 |" in table[6]
     assert table[7].startswith("| vs HF GPT2LMHeadModel eager (float32) | baseline ") and "speed-up" in table[7]
+    decode = [line for line in table if line.startswith("| engine decode eager (float32, vocab 50261) |")]
+    assert len(decode) == 1 and all(f"batch {b} " in decode[0] for b in (1, 8, 32)) and "tok/s" in decode[0]

@@ -116,8 +116,11 @@ def main(args: argparse.Namespace) -> int:
     cfg = ChatConfig(**overrides_from_args(args, ChatConfig))
     model = load_model(args.model).to(resolve_device(cfg.device)).eval()
     session = ChatSession(Engine(model, compile=cfg.compile), params, cfg.system)
-    print(f"gptrain chat: {args.model} ({model.config.block_size}-token context). /reset starts over, /quit leaves.",
-          file=sys.stderr)
+    block = model.config.block_size
+    print(f"gptrain chat: {args.model} ({block}-token context). /reset starts over, /quit leaves.", file=sys.stderr)
+    if params.max_new_tokens > block // 2:
+        print(f"gptrain chat: replies are capped at what the {block}-token window leaves after the conversation "
+              f"(at least {block // 2} tokens)", file=sys.stderr)
     try:
         run(session, sys.stdin, sys.stdout)
     except (EOFError, KeyboardInterrupt):
