@@ -164,6 +164,13 @@ def test_stop_strings_cut_the_reply(base):
     assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"
 
 
+def test_a_tiny_top_p_is_greedy_and_harms_no_one(base):
+    """top_p=5e-324 rounds to 0 in float32: the most likely token must still be kept (found by the fuzz run)."""
+    c = client(base, key="unused")
+    greedy = c.completions.create(model="m", prompt="Hello", max_tokens=6, temperature=0).choices[0].text
+    assert c.completions.create(model="m", prompt="Hello", max_tokens=6, top_p=5e-324).choices[0].text == greedy
+
+
 def test_bad_requests_are_bad_request_errors(chat, base):
     c = client(chat)
     for kwargs, words in (

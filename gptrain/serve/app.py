@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import threading
 import time
@@ -131,9 +132,17 @@ def _sse(obj) -> bytes:
     return b"data: " + obj.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 
-def _stopped() -> bytes:
-    return (b'data: {"error": {"message": "the generation was cancelled (the server is stopping)", '
-            b'"type": "server_error", "param": null, "code": "cancelled"}}\n\n')
+def _cancelled(reqs) -> ApiError:
+    """Why the scheduler cancelled a request whose client is still there: a failed step (a bug: 500) or shutdown."""
+    error = next((r.error for r in reqs if getattr(r, "error", None)), None)
+    if error:
+        return ApiError(500, f"the generation failed: {error}", kind="server_error", code="generation_failed")
+    return ApiError(503, "the generation was cancelled: the server is stopping", kind="server_error",
+                    code="cancelled", headers={"Retry-After": "5"})
+
+
+def _stopped(reqs) -> bytes:
+    return b"data: " + json.dumps(_cancelled(reqs).body()).encode() + b"\n\n"
 
 
 def _usage(reqs) -> Usage:
@@ -163,8 +172,7 @@ async def _collect(service: Service, reqs: list, receive) -> list[tuple[str, str
     if gone:
         return None
     if "cancelled" in reasons:
-        raise ApiError(503, "the generation was cancelled (the server is stopping)", kind="server_error",
-                       code="cancelled", headers={"Retry-After": "5"})
+        raise _cancelled(reqs)
     return [("".join(t), r) for t, r in zip(texts, reasons)]
 
 
@@ -276,7 +284,7 @@ async def _chat_stream(service, reqs, head, include_usage):
             if ev.text:
                 yield chunk(Delta(content=ev.text))
             if ev.finish_reason == "cancelled":
-                yield _stopped()
+                yield _stopped(reqs)
                 return
             if ev.finish_reason:
                 yield chunk(Delta(), ev.finish_reason)
@@ -289,7 +297,7 @@ async def _completion_stream(service, reqs, head, include_usage):
     async with contextlib.aclosing(_events(service, reqs)) as events:
         async for i, ev in events:
             if ev.finish_reason == "cancelled":
-                yield _stopped()
+                yield _stopped(reqs)
                 return
             if ev.text or ev.finish_reason:
                 yield _sse(Completion(**head, choices=[CompletionChoice(index=i, text=ev.text,
