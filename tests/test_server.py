@@ -165,10 +165,11 @@ def test_stop_strings_cut_the_reply(base):
 
 
 def test_a_tiny_top_p_is_greedy_and_harms_no_one(base):
-    """top_p=5e-324 rounds to 0 in float32: the most likely token must still be kept (found by the fuzz run)."""
+    """top_p and temperature of 5e-324 round to 0 in float32: still greedy, not a failed step (found by the fuzz)."""
     c = client(base, key="unused")
     greedy = c.completions.create(model="m", prompt="Hello", max_tokens=6, temperature=0).choices[0].text
     assert c.completions.create(model="m", prompt="Hello", max_tokens=6, top_p=5e-324).choices[0].text == greedy
+    assert c.completions.create(model="m", prompt="Hello", max_tokens=6, temperature=5e-324).choices[0].text == greedy
 
 
 def test_bad_requests_are_bad_request_errors(chat, base):

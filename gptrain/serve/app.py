@@ -41,7 +41,11 @@ ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in 
     (403, "Host is not this loopback server"), (408, "request body not received in time"),
     (413, "request body too large"), (415, "body is not application/json"),
     (429, "queue full: retry after Retry-After seconds"), (503, "server shutting down"))}
-SSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {  # one event (OpenAPI < 3.2: schema = each event)
+    "data": {"type": "string", "description": "a chunk as JSON (an error object if the generation failed), or "
+                                              "[DONE] last"},
+    "event": {"type": "string"}}}
+SSE = {"content": {"text/event-stream": {"schema": SSE_EVENT}},
        "description": "JSON when stream is false; server-sent events (data: {chunk} ... data: [DONE]) when true"}
 
 

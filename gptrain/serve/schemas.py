@@ -36,10 +36,11 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT,
                                    description="new tokens at most (default: the server's default, or what the "
                                                "context window leaves)")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (so is anything below 1e-4); "
+                                                                   "default 1")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; default 1 (off)")
     top_k: int | None = Field(None, ge=0, le=MAX_INT, description="keep the k most likely tokens; 0 = off")
-    repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, description="1 = off")
     no_repeat_ngram: int | None = Field(None, ge=0, le=1024, description="never repeat an n-gram of this size")
     seed: int | None = Field(None, **INT64, description="same seed, same output (default: random)")
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(

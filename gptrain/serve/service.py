@@ -30,6 +30,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+GREEDY_BELOW = 1e-4
+
+
 def too_long(message: str, param: str) -> ApiError:
     return ApiError(400, message, param, code="context_length_exceeded")
 
@@ -130,8 +133,9 @@ class Service:
 
     @staticmethod
     def _params(body, max_new: int, stops: list[int] | None) -> SamplingParams:
-        params = SamplingParams(
-            max_new_tokens=max_new, temperature=1.0 if body.temperature is None else body.temperature,
+        t = 1.0 if body.temperature is None else body.temperature
+        params = SamplingParams(  # a temperature this small is greedy anyway, and logits / t would overflow float32
+            max_new_tokens=max_new, temperature=0.0 if t < GREEDY_BELOW else t,
             top_k=body.top_k or None, top_p=body.top_p if body.top_p is not None and body.top_p < 1 else None,
             repetition_penalty=body.repetition_penalty or 1.0, no_repeat_ngram=body.no_repeat_ngram or 0,
             seed=body.seed if body.seed is not None else secrets.randbits(62), context="error", stop=body.stops,
