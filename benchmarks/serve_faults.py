@@ -283,7 +283,7 @@ def main() -> int:
             model = random_model(Path(tmp) / "model", block_size=256, n_layer=4, n_head=4, n_embd=128)
             key = "fault-run-key"
             with spawned_server(model, Path(tmp) / "serve.log", "--api-key", key, "--max-batch", "8",
-                                "--max-queue", "4", "--max-tokens-limit", "64", "--max-request-bytes", "100000",
+                                "--max-queue", "6", "--max-tokens-limit", "64", "--max-request-bytes", "100000",
                                 "--request-timeout", "2", "--dtype", "float32") as srv:
                 res = run(srv.url, key, requests=args.requests, clients=args.clients, seed=args.seed, pid=srv.pid,
                           log=srv.log)

@@ -155,6 +155,8 @@ def main() -> int:
     if not args.compare:
         if not args.url:
             ap.error("give the server's URL, or --compare")
+        for k in ks:
+            level(args.url, k, argparse.Namespace(**{**vars(args), "new_tokens": 4}))  # warm-up
         print(HEADER)
         for k in ks:
             print(row(args.url, median_of([level(args.url, k, args) for _ in range(args.repeats)])), flush=True)
@@ -173,8 +175,10 @@ def main() -> int:
                   f"{args.requests_per_client} request(s) per client, median of {args.repeats}\n", flush=True)
             names = {"one": "gptrain --max-batch 1", "batched": f"gptrain --max-batch {args.max_batch}"}
             runs = {name: {k: [] for k in ks} for name in names}
-            level(one.url, 1, argparse.Namespace(**{**vars(args), "new_tokens": 8}))  # warm-up both
-            level(batched.url, 1, argparse.Namespace(**{**vars(args), "new_tokens": 8}))
+            warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
+            for k in ks:  # warm-up: every batch shape once on both servers (first-use kernel set-up is not timed)
+                level(one.url, k, warm)
+                level(batched.url, k, warm)
             for _ in range(args.repeats):
                 for k in ks:
                     for name, srv in (("one", one), ("batched", batched)):
