@@ -46,6 +46,7 @@ def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) ->
 
 class Engine:
     """Generates from one model: holds the (optionally compiled) decode step; checks prompts and settings.
+    Each `generate` call runs on a slot pool of its own; for concurrent requests use `scheduler.Scheduler`.
 
     The model may be wrapped by DDP or torch.compile: generation uses the plain module underneath, in its own
     dtype and device (or, under autocast, the autocast dtype)."""
@@ -175,9 +176,9 @@ class SlotPool:
         if not ready:
             return []
         logits = self._decode(ready)
-        drawn = [(self.rows[s], self.rows[s].pick(logits[i:i + 1])) for i, s in enumerate(ready)]
+        tokens = torch.cat([self.rows[s].pick(logits[i:i + 1]) for i, s in enumerate(ready)]).tolist()
         out = []
-        for row, token in drawn:
+        for row, token in zip([self.rows[s] for s in ready], tokens):
             out.append((row, token, row.accept(token)))
             if row.finish_reason:
                 self.remove(row)

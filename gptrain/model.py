@@ -118,9 +118,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new keys/values (B, H, t, hd) at each row's next slots; return the whole (masked) buffers."""
-        slots = self._slots(k.size(2))[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, slots, k)
-        self.v[layer].scatter_(2, slots, v)
+        B, H, t, _ = k.shape
+        dev = self.lens.device  # index_put_, not scatter_: scatter_ is ~100x slower in bf16 on CPU
+        where = (torch.arange(B, device=dev)[:, None, None], torch.arange(H, device=dev)[None, :, None],
+                 self._slots(t)[:, None, :])
+        self.k[layer].index_put_(where, k)
+        self.v[layer].index_put_(where, v)
         return self.k[layer], self.v[layer]
 
     def advance(self, t: int) -> None:

@@ -155,7 +155,8 @@ class Sequence:
         for i in range(len(self._history) - n + 1 if n else 0):
             self._ngrams.setdefault(tuple(self._history[i:i + n - 1]), set()).add(self._history[i + n - 1])
 
-    def pick(self, logits: torch.Tensor) -> int:
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token (a 1-element tensor, so that a batch of rows synchronises with the device once)."""
         p = self.params
         if self._seen is not None:
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
@@ -164,8 +165,8 @@ class Sequence:
             banned = self._ngrams.get(tuple(self._history[len(self._history) - p.no_repeat_ngram + 1:]))
             if banned:
                 logits = logits.index_fill(1, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
-        return int(sample_from_logits(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                      generator=self.generator)[0])
+        return sample_from_logits(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                  generator=self.generator)
 
     def accept(self, token: int) -> str:
         self.sampled += 1

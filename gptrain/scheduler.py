@@ -199,7 +199,7 @@ class Scheduler:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         else:
-            self._cancel_all("cancelled")
+            self._cancel_all()
 
     def __enter__(self) -> "Scheduler":
         return self.start()
@@ -233,25 +233,29 @@ class Scheduler:
                 for req in admitted:
                     self._running[id(req)] = req
                 cancelled = [r for r in self._running.values() if r._cancel]
-            for req in admitted:
-                req._seq, req.admitted_at = self.engine.sequence(req.prompt, req.params), time.perf_counter()
-                self._pool.add(req._seq)
-            for req in cancelled:
-                self._pool.remove(req._seq)
-                self._finish(req, "cancelled")
-            if self._pool.rows:
-                self._step()
-        self._cancel_all("cancelled")
+            try:
+                for req in admitted:
+                    req._seq, req.admitted_at = self.engine.sequence(req.prompt, req.params), time.perf_counter()
+                    self._pool.add(req._seq)
+                for req in cancelled:
+                    self._pool.remove(req._seq)
+                    self._finish(req, "cancelled")
+                if self._pool.rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 -- a failed step must not take the server down with it
+                traceback.print_exc(file=sys.stderr)
+                with self._lock:
+                    failed = list(self._running.values())
+                    self._running.clear()
+                self._pool = SlotPool(self.engine, self.max_batch, prefill_chunk=self._pool.prefill_chunk)
+                for req in failed:
+                    req.error = f"{type(e).__name__}: {e}"
+                    req._push(Event(None, "", "cancelled"))
+        self._cancel_all()
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        try:
-            drawn = self._pool.step()
-        except Exception as e:  # noqa: BLE001 -- a failed step must not take the server down with it
-            traceback.print_exc(file=sys.stderr)
-            self._cancel_all("cancelled", error=f"{type(e).__name__}: {e}", queued=False)
-            self._pool = SlotPool(self.engine, self.max_batch, prefill_chunk=self._pool.prefill_chunk)
-            return
+        drawn = self._pool.step()
         seconds = time.perf_counter() - t0
         by_seq = {id(r._seq): r for r in self._running.values()}
         for seq, token, text in drawn:
@@ -280,15 +284,13 @@ class Scheduler:
             self._lock.notify_all()
         req._push(last or Event(None, "", reason))
 
-    def _cancel_all(self, reason: str, error: str | None = None, queued: bool = True) -> None:
+    def _cancel_all(self) -> None:
         with self._lock:
-            reqs = list(self._running.values()) + (list(self._queue) if queued else [])
+            reqs = list(self._running.values()) + list(self._queue)
             self._running.clear()
-            if queued:
-                self._queue.clear()
+            self._queue.clear()
         for req in reqs:
             if req._seq is not None and req._seq in self._pool.rows:
                 self._pool.remove(req._seq)
-            req.error = error
             if req.finish_reason is None:
-                req._push(Event(None, "", reason))
+                req._push(Event(None, "", "cancelled"))

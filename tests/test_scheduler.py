@@ -198,14 +198,37 @@ def test_events_from_asyncio_do_not_block_the_loop_and_close_cancels_everything(
     assert not s._thread.is_alive() and not any(t.name == "gptrain-scheduler" for t in threading.enumerate())
 
 
-def test_compiled_pool_decode_compiles_once_and_matches_eager():
+def test_compiled_decode_compiles_once_for_generate_and_the_scheduler():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     model = lively_model(block_size=32, n_layer=1)
-    params = [SamplingParams(max_new_tokens=n, temperature=0, stop_ids=()) for n in (9, 4, 14, 6)]
-    want = [alone(model, p, sp) for p, sp in zip(PROMPTS[:4], params)]
-    with Scheduler(model, max_batch=2, compile=True, prefill_chunk=4) as s:  # rows join, leave, queue
-        reqs = [s.submit(p, sp) for p, sp in zip(PROMPTS[:4], params)]
+    prompts = PROMPTS[:3]
+    eager = complete(model, prompts, max_new_tokens=12, temperature=0, stop_ids=[], use_cache=False)
+    engine = Engine(model, compile=True)
+    gen = engine.generate(prompts, max_new_tokens=12, temperature=0, stop_ids=())
+    list(gen)
+    assert gen.ids == eager
+    assert counters["stats"]["unique_graphs"] == 1  # one decode graph for all 12 decode steps
+    list(engine.generate([p[:2] for p in prompts], max_new_tokens=8, temperature=0.8, seed=3))  # same shapes
+    params = [SamplingParams(max_new_tokens=n, temperature=0, stop_ids=()) for n in (9, 4, 14, 6, 3)]
+    want = [alone(model, p, sp) for p, sp in zip(PROMPTS, params)]
+    with Scheduler(model, max_batch=3, compile=True, prefill_chunk=4) as s:  # rows join, leave, queue
+        reqs = [s.submit(p, sp) for p, sp in zip(PROMPTS, params)]
         assert collect(reqs) == want
-    assert counters["stats"]["unique_graphs"] == 1  # one graph for every step, whatever the rows' lengths
+    assert counters["stats"]["unique_graphs"] == 1  # the same graph, whatever the rows and their lengths
+
+
+def test_a_failing_step_cancels_its_rows_and_the_scheduler_goes_on(capsys):
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=())
+    with Scheduler(MODEL, max_batch=2) as s:
+        def boom():
+            raise RuntimeError("out of memory")
+
+        s._pool.step = boom
+        failed = s.submit(PROMPTS[0], params)
+        assert [ev.finish_reason for ev in failed] == ["cancelled"] and failed.error == "RuntimeError: out of memory"
+        ok = s.submit(PROMPTS[0], params)
+        assert [ev.token for ev in ok][-1] is not None and ok.ids == alone(MODEL, PROMPTS[0], params)[0]
+        assert s.stats()["running"] == 0 and s._thread.is_alive()
+    assert "RuntimeError: out of memory" in capsys.readouterr().err
