@@ -37,9 +37,10 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except (OSError, OverflowError) as e:
         sock.close()
-        raise GptrainError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise GptrainError(f"cannot listen on {host}:{port} ({why}); pick another --port or --host") from None
     return sock
 
 
