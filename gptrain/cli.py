@@ -22,7 +22,7 @@ COMMANDS = {  # name -> (module, one-line description)
     "sample": ("gptrain.generate", "generate text from a model (KV cache, temperature, top-k, top-p)"),
     "sft": ("gptrain.chat.sft", "fine-tune a model on conversations into the user/assistant chat format"),
     "chat": ("gptrain.chat.terminal", "talk to a chat model in the terminal"),
-    "serve": ("gptrain.chat.server", "web chat UI and an OpenAI-compatible API on loopback"),
+    "serve": ("gptrain.serve.cli", "an OpenAI-compatible API (continuous batching) and a web chat page, on loopback"),
     "export": ("gptrain.hf", "write a Hugging Face transformers directory (model + tokenizer)"),
     "report": ("gptrain.report", "plot a run's losses and HellaSwag against the GPT-2/GPT-3 baselines"),
 }

@@ -19,6 +19,9 @@ EXTRAS = {  # python module -> the pip extra that installs it
     "datasets": "data",
     "lm_eval": "eval",
     "matplotlib": "report",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
 }
 
 

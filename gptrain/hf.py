@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gptrain.chat.format import HF_CHAT_TEMPLATE
 from gptrain.config import check_output_dir, fsync_dir
 from gptrain.errors import GptrainError, disk_full, is_disk_full, require
 from gptrain.model import GPT, GPTConfig
@@ -299,6 +300,8 @@ def tokenizer_files(vocab_size: int, block_size: int) -> dict[str, str]:
         specials["additional_special_tokens"] = extra
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
               "errors": "replace", "clean_up_tokenization_spaces": False, **specials, "added_tokens_decoder": added}
+    if extra:  # a chat model: its format as a chat template, for transformers, vLLM and TGI
+        config["chat_template"] = HF_CHAT_TEMPLATE
     dump = lambda obj: json.dumps(obj, ensure_ascii=False, indent=2) + "\n"  # noqa: E731
     return {"vocab.json": dump(vocab), "merges.txt": merges, "tokenizer_config.json": dump(config),
             "special_tokens_map.json": dump(specials)}

@@ -73,6 +73,7 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
             logits, index = logits.sort(dim=-1, descending=True)
         probs = logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
+        outside[:, 0] = False  # the most likely token always stays (a tiny p can round to 0 in float32)
         kept = int((~outside).sum(-1).max())
         logits, index = logits[:, :kept].masked_fill(outside[:, :kept], float("-inf")), index[:, :kept]
     pick = torch.multinomial(logits.softmax(-1), 1, generator=generator)

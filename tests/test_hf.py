@@ -238,3 +238,20 @@ def test_cli_help():
     with pytest.raises(SystemExit) as e:
         cli.main(["export", "--help"])
     assert e.value.code == 0
+
+
+def test_chat_export_renders_conversations_as_gptrain_does(tmp_path):
+    """The chat template written into an export's tokenizer_config.json (what vLLM and TGI read) gives the same
+    prompt ids as gptrain's own chat format."""
+    from gptrain.chat.format import render_for_completion, render_conversation
+    tok = get_tokenizer(chat=True)
+    save_pretrained(GPT(GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32)),
+                    tmp_path / "chat")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "chat")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2 + 2?"}]
+    def ids(**kw):  # rendered, then tokenized, as vLLM does
+        return hf_tok.encode(hf_tok.apply_chat_template(conv, tokenize=False, **kw), add_special_tokens=False)
+    assert ids(add_generation_prompt=True) == render_for_completion(conv, tok)
+    assert ids() == render_conversation(conv, tok)[0]
+    assert "chat_template" not in json.loads(tokenizer_files(50257, 32)["tokenizer_config.json"])  # base: none

@@ -3,15 +3,18 @@ message, watch the reply stream in, keep the conversation, take a screenshot. Sk
 
 import json
 import shutil
-import threading
 import time
 
 import pytest
 import torch
 
-from gptrain.chat.server import ChatService, ServeConfig, make_server
 from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import get_tokenizer
+
+pytest.importorskip("fastapi", reason="gptrain serve needs the serve extra (pip install 'gptrain[serve]')")
+from gptrain.serve.app import BackgroundServer, create_app  # noqa: E402
+from gptrain.serve.config import ServeConfig  # noqa: E402
+from gptrain.serve.service import Service  # noqa: E402
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,14 +31,10 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-backgroun
 def served():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=get_tokenizer(chat=True).n_vocab, n_layer=2, n_head=2, n_embd=32))
-    # slow each forward a little so that the reply visibly arrives over many network reads
-    model.register_forward_hook(lambda *_: time.sleep(0.03))
-    service = ChatService(model, "tiny-chat", ServeConfig(max_tokens_limit=256))
-    srv = make_server(service, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    # slow each step a little so that the reply visibly arrives over many network reads
+    model.transformer.h[0].register_forward_hook(lambda *_: time.sleep(0.03))
+    with BackgroundServer(create_app(Service(model, "tiny-chat", ServeConfig(max_tokens_limit=256)))) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,7 @@ new MutationObserver(() => {
 
 def api_reply(srv, body):
     import http.client
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     out = json.loads(conn.getresponse().read())
     conn.close()
@@ -83,11 +82,14 @@ def api_reply(srv, body):
 def test_send_message_and_see_streamed_reply(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    host, port = served.server_address[:2]
-    browser.get(f"http://{host}:{port}/")
+    browser.get(served.url + "/")
     browser.execute_script("localStorage.clear()")
     browser.refresh()
     wait_for(lambda: "tiny-chat" in browser.find_element(By.ID, "model").text)
+    # the page offers what the server allows: half the 128-token window by default, at most 127 new tokens
+    assert browser.find_element(By.ID, "max_tokens").get_attribute("value") == "64"
+    assert browser.find_element(By.ID, "max_tokens_limit").text == "(at most 127)"
+    assert not browser.find_element(By.ID, "api_key").is_displayed()  # this server has no key
     for field, value in (("temperature", "0"), ("max_tokens", "16"), ("system", "You are a helpful assistant.")):
         el = browser.find_element(By.ID, field)
         el.clear()
@@ -131,16 +133,19 @@ def test_send_message_and_see_streamed_reply(served, browser, tmp_path):
 def test_api_errors_show_in_the_page(served, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    host, port = served.server_address[:2]
-    browser.get(f"http://{host}:{port}/")
+    browser.get(served.url + "/")
     browser.execute_script("localStorage.clear()")
     browser.refresh()
+    wait_for(lambda: browser.execute_script("return document.body.dataset.ready"))
     el = browser.find_element(By.ID, "max_tokens")
     el.clear()
-    el.send_keys("100000")  # over the server's limit: a 400 whose message the page shows
+    el.send_keys("100000", Keys.TAB)  # over the server's limit: the page caps it rather than send it
+    assert el.get_attribute("value") == "127"
+    el.clear()
+    el.send_keys("32", Keys.TAB)
     box = browser.find_element(By.ID, "input")
-    box.send_keys("hi")
+    box.send_keys("word " * 150)  # the message alone is over the 128-token window: a 400 whose message shows
     box.send_keys(Keys.ENTER)
     err = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.error"))
-    assert "max_tokens" in err[0].text and "between 1 and 256" in err[0].text
+    assert "context window" in err[0].text and "max_tokens=32" in err[0].text
     assert browser.find_element(By.ID, "send").is_enabled()

@@ -19,6 +19,12 @@ from gptrain.tokenizer import Tokenizer, get_tokenizer
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
+# The same format as a Hugging Face chat template (written into exported tokenizer_config.json), so that
+# transformers' apply_chat_template, vLLM and TGI render conversations as gptrain does. One difference: those
+# tokenizers read a special-token string typed inside a message as the token itself.
+HF_CHAT_TEMPLATE = ("{{ '<|endoftext|>' }}{% for m in messages %}"
+                    "{{ '<|' + ('system' if m['role'] == 'developer' else m['role']) + '|>' + m['content'] + '<|end|>' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def _chat_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:

@@ -1,0 +1,202 @@
+"""Load on an OpenAI-compatible server: K concurrent streaming clients (K = 1, 4, 8, 16 by default), a fixed set
+of prompts, 128 new tokens each, through POST /v1/completions with stream_options.include_usage. Prints, per K,
+aggregate completion tokens/s (all tokens over the wall time from the first request to the last token), time to
+first token p50/p99 and inter-token latency p50/p99 (the gaps between streamed chunks). Any server that speaks
+the API can be measured (gptrain, vLLM, TGI, llama.cpp's server: give its URL, --model, --api-key; vLLM honours
+ignore_eos, so every request runs its 128 tokens).
+
+    python benchmarks/serve_load.py http://127.0.0.1:8000 [--model NAME] [--api-key KEY]
+    python benchmarks/serve_load.py --compare            # starts gptrain serve twice on the same random model
+                                                         # (gpt2 124M shape, chat vocabulary): --max-batch 1
+                                                         # (one request at a time, as before) and batched
+
+The compare mode runs both servers side by side in one run (each K alternates between them, --repeats times;
+medians reported) and prints the batched/unbatched ratio of aggregate tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_spawn import get_json, random_model, spawned_server  # noqa: E402
+
+PROMPTS = [
+    "The history of the city begins",
+    "Hello, I'm a language model,",
+    "In a shocking finding, scientists discovered a herd of unicorns living in a remote valley.",
+    "Once upon a time",
+    "The most important thing to know about machine learning is that",
+    "Dear diary, today",
+    "Here is a recipe for bread: first, take",
+    "The stock market fell sharply on Monday after",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "My favourite book is",
+    "The old man looked at the sea and said",
+    "Breaking news:",
+    "To be or not to be,",
+    "A short guide to the planets of the solar system. Mercury is",
+    "It was the best of times, it was the worst of times,",
+]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+async def one_request(client, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    first, last, gaps, tokens, chunks = None, None, [], None, 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+                chunks += 1
+    return {"start": t0, "ttft": (first or time.perf_counter()) - t0, "end": last or time.perf_counter(),
+            "gaps": gaps, "tokens": tokens if tokens is not None else chunks}
+
+
+async def run_level(url: str, k: int, *, model: str | None, api_key: str | None, new_tokens: int,
+                    per_client: int, ignore_eos: bool) -> dict:
+    """K clients, each sending `per_client` requests one after another; returns the level's figures."""
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=k + 4, max_keepalive_connections=k + 4)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker(i: int):
+            out = []
+            for j in range(per_client):
+                body = {"prompt": PROMPTS[(i + j * k) % len(PROMPTS)], "max_tokens": new_tokens, "temperature": 1.0,
+                        "seed": i * 1000 + j, "stream": True, "stream_options": {"include_usage": True}}
+                if model:
+                    body["model"] = model
+                if ignore_eos:
+                    body["ignore_eos"] = True
+                out.append(await one_request(client, url, body))
+            return out
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(k))) for r in rs]
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    return {"k": k, "requests": len(results), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
+
+
+def level(url: str, k: int, args) -> dict:
+    return asyncio.run(run_level(url, k, model=args.model, api_key=args.api_key, new_tokens=args.new_tokens,
+                                 per_client=args.requests_per_client, ignore_eos=not args.no_ignore_eos))
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: (statistics.median(r[key] for r in runs) if isinstance(runs[0][key], float) else runs[0][key])
+            for key in runs[0]}
+
+
+HEADER = ("| server | K | requests | tokens | aggregate tokens/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['k']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} | "
+            f"{r['ttft_p99']:.2f} | {1000 * r['itl_p50']:.0f} | {1000 * r['itl_p99']:.0f} |")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import os
+    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("url", nargs="?", help="the server's base URL (without /v1)")
+    ap.add_argument("--model", default=None, help="the model name to send (vLLM needs the served name)")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--ks", default="1,4,8,16", help="concurrent clients, comma-separated")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--requests-per-client", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per K and server; the median is reported")
+    ap.add_argument("--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos")
+    ap.add_argument("--compare", action="store_true", help="start gptrain serve with --max-batch 1 and batched")
+    ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
+    ap.add_argument("--max-batch", type=int, default=16, help="--compare: the batched server's --max-batch")
+    ap.add_argument("--dtype", default="auto", help="--compare: the servers' --dtype")
+    ap.add_argument("--compile", action="store_true", help="--compare: pass --compile to both servers")
+    args = ap.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+    print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\n", flush=True)
+    if not args.compare:
+        if not args.url:
+            ap.error("give the server's URL, or --compare")
+        for k in ks:
+            level(args.url, k, argparse.Namespace(**{**vars(args), "new_tokens": 4}))  # warm-up
+        print(HEADER)
+        for k in ks:
+            print(row(args.url, median_of([level(args.url, k, args) for _ in range(args.repeats)])), flush=True)
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = random_model(Path(tmp) / "model", preset=args.preset, vocab_size=50261)
+        common = ["--max-queue", "256", "--max-tokens-limit", str(args.new_tokens), "--dtype", args.dtype,
+                  "--no-access-log"] + (["--compile"] if args.compile else [])
+        with spawned_server(model_dir, Path(tmp) / "one.log", "--max-batch", "1", *common, timeout=600) as one, \
+                spawned_server(model_dir, Path(tmp) / "batched.log", "--max-batch", str(args.max_batch), *common,
+                               timeout=600) as batched:
+            health = get_json(one.url, "/health")
+            print(f"model: random {args.preset} shape, vocabulary {50261}, context {health['context_window']}, "
+                  f"{health['dtype']} on {health['device']}; {args.new_tokens} new tokens per request, "
+                  f"{args.requests_per_client} request(s) per client, median of {args.repeats}\n", flush=True)
+            names = {"one": "gptrain --max-batch 1", "batched": f"gptrain --max-batch {args.max_batch}"}
+            runs = {name: {k: [] for k in ks} for name in names}
+            warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
+            for k in ks:  # warm-up: every batch shape once on both servers (first-use kernel set-up is not timed)
+                level(one.url, k, warm)
+                level(batched.url, k, warm)
+            for _ in range(args.repeats):
+                for k in ks:
+                    for name, srv in (("one", one), ("batched", batched)):
+                        runs[name][k].append(level(srv.url, k, args))
+                        print(f"  {names[name]} K={k}: {runs[name][k][-1]['tokens_per_s']:.1f} tokens/s",
+                              file=sys.stderr, flush=True)
+    med = {name: {k: median_of(runs[name][k]) for k in ks} for name in names}
+    print(HEADER)
+    for k in ks:
+        for name in names:
+            print(row(names[name], med[name][k]))
+    print()
+    for k in ks:
+        print(f"K={k}: batched / --max-batch 1 aggregate tokens/s = "
+              f"{med['batched'][k]['tokens_per_s'] / med['one'][k]['tokens_per_s']:.2f}x; "
+              f"TTFT p99 {med['batched'][k]['ttft_p99']:.2f} s vs {med['one'][k]['ttft_p99']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

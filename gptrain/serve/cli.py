@@ -1,0 +1,79 @@
+"""The `serve` command: load a model, check the address and key, and run the app under uvicorn in the foreground.
+FastAPI, uvicorn and prometheus_client come from the `serve` extra and are imported only here, in `main`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from gptrain.config import add_dataclass_args, overrides_from_args
+from gptrain.errors import GptrainError, require
+from gptrain.serve.config import LOOPBACK, ServeConfig
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="SRC",
+                        help="a gptrain run or checkpoint, or a HF directory: any model answers /v1/completions, "
+                             "chat models (gptrain sft) also /v1/chat/completions and the chat page")
+    parser.add_argument("--name", default=None, help="model name reported by the API (default: SRC's last component)")
+    add_dataclass_args(parser, ServeConfig)
+
+
+def resolve(args) -> ServeConfig:
+    """The options, the key taken from $GPTRAIN_API_KEY when not given; refuses to expose the API without a key."""
+    cfg = ServeConfig(**overrides_from_args(args, ServeConfig))
+    cfg.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("GPTRAIN_API_KEY")
+    cfg.api_key = cfg.api_key or None
+    if cfg.host not in LOOPBACK and cfg.api_key is None and not cfg.insecure_no_auth:
+        raise GptrainError(f"--host {cfg.host} would let other machines use the API without a key; pass "
+                           "--api-key KEY (or set GPTRAIN_API_KEY), or --insecure-no-auth to serve it open")
+    return cfg
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise GptrainError(f"cannot listen on {host}:{port} ({why}); pick another --port or --host") from None
+    return sock
+
+
+def main(args) -> int:
+    cfg = resolve(args)
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "gptrain serve")
+    import uvicorn
+
+    from gptrain.devices import inference_dtype
+    from gptrain.hf import load_model
+    from gptrain.serve.app import create_app
+    from gptrain.serve.service import Service
+    from gptrain.train.distributed import choose_device
+
+    device = choose_device(cfg.device)
+    model = load_model(args.model, device=device).to(inference_dtype(device, cfg.dtype))
+    service = Service(model, args.name or Path(args.model).name or args.model, cfg)
+    app = create_app(service)
+    sock = listen(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if cfg.host not in LOOPBACK:
+        print(f"warning: listening on {host}, reachable from other machines"
+              f"{'; the API has NO key (--insecure-no-auth)' if cfg.api_key is None else ''}", flush=True)
+    routes = "chat/completions, completions, models" if service.kind == "chat" else "completions, models"
+    print(f"gptrain serve: {service.name} ({service.kind} model) on {service.device}, {service.dtype}, context "
+          f"{service.context} tokens, batch {cfg.max_batch}, queue {cfg.max_queue}\n"
+          + (f"  chat page: {base}/\n" if service.kind == "chat" else "")
+          + f"  API:       {base}/v1 ({routes}){'  key required' if cfg.api_key else ''}\n"
+          f"  docs:      {base}/docs   health: {base}/health   metrics: {base}/metrics\n"
+          "Ctrl-C stops the server.", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=cfg.access_log, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,35 @@
+"""The server's options (flags of `gptrain serve`), importable without the `serve` extra."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "address to bind (loopback by default; another address needs --api-key)")
+    port: int = _f(8000, "TCP port (0: any free port)", ge=0, le=65535)
+    device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = _f("auto", "weights and compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, "
+                    "else float32", choices=("auto", "float32", "bfloat16"))
+    compile: bool = _f(False, "torch.compile the batched decode step (compiled once, at start-up cost)")
+    max_batch: int = _f(8, "requests decoded together in the running batch", ge=1)
+    max_queue: int = _f(64, "requests that may wait for a slot in the batch; more get 429 with Retry-After", ge=0)
+    prefill_chunk: int = _f(256, "prompt tokens prefilled per step, so a long prompt does not stall the others",
+                            ge=1)
+    max_request_bytes: int = _f(1_000_000, "largest request body accepted (413 above)", ge=1)
+    max_prompt_tokens: int | None = _f(None, "longest prompt accepted, in tokens (none: the context window)", ge=1)
+    max_tokens_limit: int = _f(1024, "largest max_tokens a request may ask for (capped by the context window)", ge=1)
+    default_max_tokens: int = _f(256, "max_tokens when a request gives none (at most what the context leaves)",
+                                 ge=1)
+    request_timeout: float = _f(30.0, "seconds a client may take to send its request body (408 after)", gt=0)
+    api_key: str | None = _f(None, "require 'Authorization: Bearer KEY' on every /v1 route "
+                                   "(default: $GPTRAIN_API_KEY; none: no key)")
+    insecure_no_auth: bool = _f(False, "allow a non-loopback --host without --api-key")
+    access_log: bool = _f(True, "log one line per request")
