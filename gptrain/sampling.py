@@ -26,10 +26,11 @@ class SamplingParams:
                                                                 "probability reaches p (nucleus)", "gt": 0, "le": 1})
     repetition_penalty: float = field(default=1.0, metadata={
         "help": "divide positive (multiply negative) logits of tokens already in the prompt or output; 1 = off",
-        "gt": 0})
+        "ge": 0.01, "le": 100})
     no_repeat_ngram: int = field(default=0, metadata={"help": "never repeat an n-gram of this size; 0 = off",
                                                       "ge": 0})
-    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same samples"})
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same samples",
+                                           "ge": -(1 << 63), "le": (1 << 63) - 1})
     context: str = field(default="error", metadata={
         "choices": ("error", "slide"),
         "help": "when prompt + new tokens exceed the context window: error, or slide (re-encode the last half)"})
@@ -45,8 +46,8 @@ class SamplingParams:
             raise GptrainError(f"top_k={self.top_k} must be at least 1 (or none for no limit)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GptrainError(f"top_p={self.top_p} must be in (0, 1] (or none for no limit)")
-        if not self.repetition_penalty > 0:
-            raise GptrainError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            raise GptrainError(f"repetition_penalty={self.repetition_penalty} must be in [0.01, 100] (1 = off)")
         if self.no_repeat_ngram < 0:
             raise GptrainError(f"no_repeat_ngram={self.no_repeat_ngram} must be >= 0 (0 = off)")
         if self.context not in ("error", "slide"):
@@ -62,9 +63,11 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
 
     The draw is over the kept tokens only (top-k 50 draws among 50, not among the whole vocabulary), which makes
     it far cheaper than a draw over all 50k probabilities."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that float32 would divide by zero
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted by the row's maximum first (the softmax is unchanged), so a tiny temperature cannot overflow to inf.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     index = None
     if top_k is not None and top_k < logits.size(-1):
         logits, index = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first

@@ -146,7 +146,7 @@ def test_no_repeat_ngram_and_repetition_penalty():
     seq = PROMPTS[0] + gen.ids[0]
     bigrams = list(zip(seq, seq[1:]))
     assert len(bigrams) == len(set(bigrams))
-    gen, _ = run(engine, PROMPTS[:1], max_new_tokens=20, temperature=0, stop_ids=(), repetition_penalty=1e9)
+    gen, _ = run(engine, PROMPTS[:1], max_new_tokens=20, temperature=0, stop_ids=(), repetition_penalty=100)
     assert len(set(gen.ids[0])) > len(set(plain))
 
 
@@ -155,6 +155,7 @@ def test_no_repeat_ngram_and_repetition_penalty():
     (dict(top_k=0), "top_k=0 must be at least 1"),
     (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
     (dict(max_new_tokens=0), "max_new_tokens=0 must be at least 1"),
+    (dict(repetition_penalty=1e-300), r"repetition_penalty=1e-300 must be in \[0.01, 100\]"),
 ])
 def test_bad_sampling_settings_are_clear_errors(kw, message):
     with pytest.raises(GptrainError, match=message):
@@ -205,3 +206,11 @@ def test_sample_command_prints_only_the_generated_text(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "100",
                  "--context", "slide", "--temperature", "0"]) == 0
     assert "capped" not in capsys.readouterr().err
+
+
+def test_tiny_temperature_is_greedy_not_a_crash(tiny_config):
+    """logits / 5e-324 overflowed to inf and made the draw fail (found by the server's fuzz run)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    greedy = complete(model, PROMPTS[:1], max_new_tokens=8, temperature=0, stop_ids=[])
+    assert complete(model, PROMPTS[:1], max_new_tokens=8, temperature=5e-324, top_k=None, stop_ids=[]) == greedy
