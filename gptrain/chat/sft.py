@@ -233,13 +233,14 @@ class ChatTrainer(Trainer):
 
     @torch.no_grad()
     def sample(self) -> list[str]:
-        if not self.env.is_master:
-            return []
         from gptrain.generate import complete
         prompt = render_for_completion([{"role": "user", "content": self.question}], self.tokenizer)
-        with self.autocast():
-            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
-                           top_k=50, seed=self.cfg.seed, stop_ids=stop_ids(self.tokenizer))
+        with self.wrapped.gathered() as model:  # every rank enters (FSDP gathers the weights); rank 0 samples
+            if not self.env.is_master:
+                return []
+            with self.autocast():
+                new = complete(model, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
+                               top_k=50, seed=self.cfg.seed, stop_ids=stop_ids(self.tokenizer))
         self.last_samples = [f"User: {self.question} | Assistant: {self.tokenizer.decode(ids)}" for ids in new]
         return self.last_samples
 
@@ -251,7 +252,7 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         raise GptrainError("sft needs --out RUN (the run directory for config.json, metrics and checkpoints)")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    env = distributed.setup(cfg.device)
+    env = distributed.setup(cfg.device, cfg.parallel)
     try:
         seed_everything(cfg.seed)
         tok = get_tokenizer(chat=True)
