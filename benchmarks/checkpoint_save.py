@@ -65,7 +65,7 @@ def main() -> None:
             t = time.perf_counter()
             path = c.save(1, 0)
             save.append(time.perf_counter() - t)
-            ck._verified.clear()  # a new process has verified nothing yet
+            ck.verify._verified.clear()  # a new process has verified nothing yet
             t = time.perf_counter()
             ck.Checkpointer(run, model=model, optimizer=opt, loader=StubLoader(), config={}).resume("auto")
             resume.append(time.perf_counter() - t)

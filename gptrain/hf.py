@@ -35,7 +35,7 @@ EXPORT_FILES = frozenset(("config.json", "generation_config.json", "model.safete
 HUB_ORG = "openai-community"
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-STEP_DIR = re.compile(r"^step_\d{8,}$")  # a checkpoint directory's name (gptrain/train/checkpoint.py)
+STEP_DIR = re.compile(r"^step_\d{8,}$")  # a checkpoint directory's name (gptrain/train/checkpoint/layout.py)
 
 
 # ---------------------------------------------------------------- config

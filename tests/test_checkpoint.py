@@ -12,6 +12,7 @@ from safetensors import safe_open
 from gptrain.errors import GptrainError
 from gptrain.model import GPT, GPTConfig
 from gptrain.train import checkpoint as ck
+from gptrain.train.checkpoint import checkpointer as ckr, verify
 from gptrain.train.checkpoint import Checkpointer, find_checkpoint, load_model_weights
 from gptrain.train.resilience import DivergenceGuard
 
@@ -139,7 +140,7 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, capsys, name, damage):
         f.write_bytes(bytes(data[: len(data) // 2]))
     else:
         f.unlink()
-    ck._verified.clear()
+    verify._verified.clear()
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000002"
     assert "skipping checkpoint" in capsys.readouterr().err
     with pytest.raises(GptrainError, match="not usable"):
@@ -172,7 +173,7 @@ def test_full_disk_while_saving(tmp_path, monkeypatch):
         f.write(b"x" * 10)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck.torch, "save", no_space)
+    monkeypatch.setattr(ckr.torch, "save", no_space)
     with pytest.raises(GptrainError) as e:
         ckpt.save(4, tokens_seen=128)
     msg = str(e.value)
@@ -267,9 +268,9 @@ def test_different_world_size_continues_the_data_without_gaps(tmp_path, monkeypa
     ckpt = Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=one, config={}).save(3, 96)
     expected = [one.next_batch() for _ in range(2)]
 
-    monkeypatch.setattr(ck, "_broadcast_from_rank0", lambda obj: (str(ckpt), None))  # rank 0's choice
+    monkeypatch.setattr(ckr, "_broadcast_from_rank0", lambda obj: (str(ckpt), None))  # rank 0's choice
     for rank in (0, 1):
-        monkeypatch.setattr(ck, "_world", lambda: (rank, 2))
+        monkeypatch.setattr(ckr, "_world", lambda: (rank, 2))
         loader = TrainLoader(tmp_path, 2, 16, rank=rank, world_size=2, seed=3)
         Checkpointer(tmp_path / "run", model=model, optimizer=opt, loader=loader, config={}).resume("auto")
         x, y = loader.next_batch()

@@ -1,296 +1,40 @@
-"""Checkpoints a run can always resume from, bit for bit, after any kind of death.
-
-Layout: RUN/checkpoints/step_XXXXXXXX/ holds (XXXXXXXX = optimizer updates completed)
-  model.safetensors  unwrapped weights (no `module.`/`_orig_mod.` prefixes; a tied tensor stored once)
-  optimizer.pt       optimizer.state_dict()                       } torch.save, read back only with
-  state.pt           every rank's RNGs and loader state, the     } torch.load(weights_only=True)
-                     divergence guard's state
-  meta.json          readable: step, tokens seen, time, git revision, configs, tokenizer, world size
-  MANIFEST.json      sha256 and size of each file above, written last
+"""The Checkpointer: saves and restores everything a run's future depends on, bit for bit, after any kind of death.
 
 A checkpoint is written into a hidden temp directory, every file fsynced, the manifest written last, then renamed
 into place and the parent fsynced: a kill at any moment leaves either the complete checkpoint or none. A directory
 whose manifest is missing or whose hashes fail is never used. Old checkpoints are pruned only after the new one is
-verified on disk, and the newest valid one is never pruned. Only rank 0 writes; the other ranks send it their
-RNG and loader states (small), so no shared filesystem is needed to save.
+verified on disk, and the newest valid one is never pruned.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import random
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gptrain.config import fsync_dir, to_jsonable
 from gptrain.errors import GptrainError
-from gptrain.model import GPTConfig
+from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, MODEL, OPTIMIZER, STATE, VERSION,
+                                             checkpoint_step, info, list_checkpoints, step_dir, warn)
+from gptrain.train.checkpoint.provenance import git_revision
+from gptrain.train.checkpoint.rng import _from_safe, _to_safe, capture_rng_state, restore_rng_state
+from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _gather_to_rank0, _read_weights, _split_tied,
+                                            _world, model_state_dict, unwrap_model)
+from gptrain.train.checkpoint.verify import _sha256, _signature, _verified, find_checkpoint, verify_checkpoint
 
-CHECKPOINTS = "checkpoints"
-MODEL, OPTIMIZER, STATE, META, MANIFEST = "model.safetensors", "optimizer.pt", "state.pt", "meta.json", "MANIFEST.json"
-FORMAT = "gptrain-checkpoint"
-VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Test-only: "kill:STEP" SIGKILLs this process halfway through writing checkpoint STEP; "sleep:SECONDS" sleeps
 # there on every save, so a test can kill at a random moment that includes a save in progress.
 TEST_SAVE_HOOK = "GPTRAIN_TEST_SAVE_HOOK"
 
-
-def warn(msg: str) -> None:
-    print(f"gptrain: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def info(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories under RUN/checkpoints, oldest first (complete or not: see `verify_checkpoint`)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    m = _STEP_DIR.match(Path(ckpt).name)
-    return int(m.group(1)) if m else -1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Verification
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_verified: dict[str, tuple] = {}  # path -> file signature when last verified (hash each file once per process)
-
-
-def _signature(ckpt: Path, names) -> tuple:
-    sig = []
-    for name in [MANIFEST, *names]:
-        st = (ckpt / name).stat()
-        sig.append((name, st.st_size, st.st_mtime_ns))
-    return tuple(sig)
-
-
-def verify_checkpoint(ckpt: str | os.PathLike, full: bool = True) -> str | None:
-    """None when `ckpt` is complete and intact, else the reason it is not. `full=False` skips the hashes."""
-    ckpt = Path(ckpt)
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-        files = manifest["files"]
-        if (manifest.get("format") != FORMAT or not isinstance(files, dict)
-                or not all(isinstance(e, dict) and "/" not in n and n not in ("..", MANIFEST) for n, e in files.items())):
-            return f"{MANIFEST} is not a gptrain checkpoint manifest"
-    except FileNotFoundError:
-        return f"no {MANIFEST} (the save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} is unreadable ({e})"
-    for required in (MODEL, META):
-        if required not in files:
-            return f"{MANIFEST} does not list {required}"
-    try:
-        sig = _signature(ckpt, files)
-    except OSError as e:
-        return f"missing file {Path(e.filename).name}"
-    for name, entry in files.items():
-        size = (ckpt / name).stat().st_size
-        if size != entry.get("bytes"):
-            return f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated or altered)"
-    if not full or _verified.get(str(ckpt)) == sig:
-        return None
-    for name, entry in files.items():
-        digest = _sha256(ckpt / name)
-        if digest != entry.get("sha256"):
-            return f"{name} has sha256 {digest[:12]}..., the manifest says {str(entry.get('sha256'))[:12]}... (corrupted)"
-    _verified[str(ckpt)] = sig
-    return None
-
-
-def _is_checkpoint_dir(path: Path) -> bool:
-    return bool(_STEP_DIR.match(path.name)) or (path / MANIFEST).exists() or (path / MODEL).exists()
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The checkpoint `path` names: a checkpoint directory (must be valid), or a run directory (or its
-    checkpoints/ folder), whose newest valid checkpoint is returned, skipping broken ones with a warning.
-    None when a run directory has no valid checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise GptrainError(f"checkpoint or run directory {path} does not exist; pass a run directory (--out of a "
-                           "training run) or one of its checkpoints/step_XXXXXXXX directories")
-    if _is_checkpoint_dir(path):
-        reason = verify_checkpoint(path)
-        if reason:
-            raise GptrainError(f"checkpoint {path} is not usable: {reason}; pass its run directory to use the "
-                               "newest valid checkpoint instead")
-        return path
-    run_dir = path.parent if path.name == CHECKPOINTS else path
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        reason = verify_checkpoint(ckpt)
-        if reason is None:
-            return ckpt
-        warn(f"skipping checkpoint {ckpt}: {reason}; trying the one before it")
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model weights
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unwrapped weights with wrapper prefixes stripped (a state dict taken from a wrapper keeps them)."""
-    out = {}
-    for key, value in unwrap_model(model).state_dict().items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
-def _split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (each storage once: safetensors refuses shared tensors) and alias -> stored name."""
-    stored, tied, seen = {}, {}, {}
-    for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and ident in seen:
-            tied[key] = seen[ident]
-        else:
-            seen[ident] = key
-            stored[key] = t.detach().cpu().contiguous()
-    return stored, tied
-
-
-def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The stored tensors with tied aliases restored (they share the stored tensor)."""
-    state = {}
-    with safe_open(ckpt / MODEL, framework="pt", device="cpu") as f:
-        tied = json.loads((f.metadata() or {}).get("gptrain.tied", "{}"))
-        for key in f.keys():
-            state[key] = f.get_tensor(key)
-    for alias, name in tied.items():
-        state[alias] = state[name]
-    return state
-
-
-def load_model_weights(ckpt: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor], dict]:
-    """(model config, state dict ready for `GPT.load_state_dict`, meta) of a checkpoint or a run's newest one."""
-    found = find_checkpoint(ckpt)
-    if found is None:
-        raise GptrainError(f"run directory {ckpt} has no valid checkpoint under {CHECKPOINTS}/; train with "
-                           "--save-every N, or pass a checkpoint directory")
-    meta = json.loads((found / META).read_text())
-    state = _read_weights(found)
-    try:
-        config = GPTConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise GptrainError(f"checkpoint {found}/{META} has no valid model_config ({e}); the checkpoint is not "
-                           "from this version of gptrain") from None
-    return config, state, meta
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RNG and loader state, in a form torch.load(weights_only=True) reads back
-
-def _to_safe(obj):
-    """numpy arrays and scalars -> tensors/Python values that a weights_only load accepts, recursively."""
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).view(np.uint8).reshape(-1).copy()),
-                "dtype": obj.dtype.str, "shape": list(obj.shape)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _to_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_safe(v) for v in obj)
-    return obj
-
-
-def _from_safe(obj):
-    if isinstance(obj, dict):
-        if "__ndarray__" in obj:
-            return np.frombuffer(obj["__ndarray__"].numpy().tobytes(), dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-        return {k: _from_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_from_safe(v) for v in obj)
-    return obj
-
-
-def capture_rng_state() -> dict:
-    """Python, NumPy, torch CPU and this rank's accelerator generators."""
-    state = {"python": random.getstate(), "numpy": _to_safe(np.random.get_state()), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank owns one
-    if hasattr(torch, "mps") and torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(_from_safe(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "mps" in state and hasattr(torch, "mps") and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-@lru_cache(maxsize=1)
-def git_revision() -> str | None:
-    """The source tree's commit, when gptrain runs from a git checkout."""
-    src = Path(__file__).resolve().parents[2]
-    if not (src / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -314,31 +58,6 @@ def _test_save_hook(step: int, when: str) -> None:
         time.sleep(float(hook.split(":", 1)[1]))
     elif hook == f"kill:{step}" and when == "middle":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather_to_rank0(obj):
-    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere."""
-    rank, world = _world()
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(obj, out, dst=0)
-    return out
-
-
-def _broadcast_from_rank0(obj):
-    rank, world = _world()
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclass
