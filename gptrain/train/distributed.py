@@ -165,10 +165,13 @@ class Wrapped:
         return total
 
     @contextlib.contextmanager
-    def gathered(self):
-        """The whole model, eager, on every rank (yields `raw`). Under FSDP every rank must enter together: the
-        parameters are all-gathered once and stay so until the block exits, so work that differs between ranks
-        (a sample on rank 0 only, HellaSwag's uneven shares) runs without collectives. A no-op for DDP."""
+    def gathered(self, eager: bool = True):
+        """The whole model on every rank, for forward-only work (yields `raw`; `eager=False`: the compiled
+        per-Block forwards stay on, for fixed-shape validation). Under FSDP every rank must enter together: the
+        parameters are all-gathered once and stay so until the block exits, so work that differs between ranks (a
+        sample on rank 0 only, HellaSwag's uneven shares) runs without collectives, and FSDP's per-iteration
+        records of those forwards are reset afterwards (else backward's prefetching would follow a different
+        order on each rank). A no-op for DDP."""
         if self.parallel != "fsdp":
             yield self.raw
             return
@@ -176,12 +179,12 @@ class Wrapped:
             module.unshard()
             module.set_reshard_after_forward(False, recurse=False)
         try:
-            with torch.compiler.set_stance("force_eager"):
+            with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
                 yield self.raw
         finally:
             for module, reshard in self.fsdp_modules:
                 module.set_reshard_after_forward(reshard, recurse=False)
-                module.reshard()
+            self.raw.reset_iter_state()  # reshards every unit and forgets the forwards above
 
 
 def wrap(model: torch.nn.Module, env: DistEnv, compile: bool, parallel: str = "ddp", *,
@@ -208,7 +211,10 @@ def wrap(model: torch.nn.Module, env: DistEnv, compile: bool, parallel: str = "d
 
 
 def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_size, param_dtype) -> Wrapped:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if not hasattr(FSDPModule, "reset_iter_state"):
+        raise GptrainError(f"--parallel fsdp needs a newer torch than {torch.__version__} (FSDPModule.reset_iter_state; "
+                           "tested with 2.13); use --parallel ddp or upgrade torch")
     if not dist.is_initialized():
         raise GptrainError("--parallel fsdp needs a process group; run under torchrun, or through `gptrain train`, "
                            "which makes one for a single process")
@@ -232,6 +238,5 @@ def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_
     device = next(iter(model.parameters())).device
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
-    for module, _ in modules:
-        module.reshard()
+    model.reset_iter_state()
     return Wrapped(raw=model, fwd=model, train=model, parallel="fsdp", fsdp_modules=modules)

@@ -168,13 +168,14 @@ class Trainer:
         if self.val_source is not None:
             total = torch.zeros((), device=self.device, dtype=torch.float64)
             count = torch.zeros((), device=self.device, dtype=torch.float64)
-            for x, y in self.val_source.batches():
-                x, y = x.to(self.device), y.to(self.device)
-                with self.autocast():
-                    _, loss = self.wrapped.fwd(x, y)
-                n = (y != -1).sum()
-                total += loss.double() * n
-                count += n
+            with self.wrapped.gathered(eager=False):  # FSDP: weights gathered once for all batches
+                for x, y in self.val_source.batches():
+                    x, y = x.to(self.device), y.to(self.device)
+                    with self.autocast():
+                        _, loss = self.wrapped.fwd(x, y)
+                    n = (y != -1).sum()
+                    total += loss.double() * n
+                    count += n
             distributed.all_reduce_sum(total, self.env)
             distributed.all_reduce_sum(count, self.env)
             if count.item() > 0:
