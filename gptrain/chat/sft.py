@@ -31,7 +31,7 @@ from gptrain.model import GPT
 from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
 from gptrain.train.config import TrainConfig
-from gptrain.train.trainer import Trainer, run_and_record, seed_everything
+from gptrain.train.trainer import Trainer, print_plan, run_and_record, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
@@ -261,9 +261,12 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         if "seq_len" not in user_set:
             cfg = dataclasses.replace(cfg, seq_len=min(1024, model.config.block_size))
         if "total_batch_size" not in user_set:
-            cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len * env.world_size * 4)
+            world = cfg.plan_world_size if cfg.plan and cfg.plan_world_size else env.world_size
+            cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len * world * 4)
         if "max_steps" in user_set and "epochs" not in user_set:
             cfg = dataclasses.replace(cfg, epochs=0.0)
+        if cfg.plan:
+            return print_plan(cfg, model.config)
 
         train_convs, val_convs = split_train_val(convs, opts.val_fraction, cfg.seed)
         train_ex, truncated, dropped = encode_conversations(train_convs, cfg.seq_len, tok)

@@ -115,18 +115,22 @@ def _param_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 def _keyed_by_name(state: dict, model, optimizer) -> dict:
-    """A state saved as optimizer.state_dict() (integer ids in this run's group order) re-keyed by parameter name."""
-    if all(isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
-        return state
+    """The saved state keyed by parameter name (a file of earlier versions, optimizer.state_dict() with integer ids
+    in this run's group order, is converted), after checking that it groups the parameters as this run does."""
     groups = optimizer.param_groups
     sizes = [len(g["params"]) for g in state["param_groups"]]
     if sizes != [len(g["params"]) for g in groups]:
-        raise ValueError(f"parameter groups of sizes {sizes}, this run has {[len(g['params']) for g in groups]}")
+        raise ValueError(f"parameter groups of sizes {sizes}, this run has {[len(g['params']) for g in groups]}: "
+                         "was --embedding-lr-scale changed?")
     names = _param_names(model)
-    order = [names[id(p)] for g in groups for p in g["params"]]
-    by_id = {i: order[n] for n, i in enumerate(i for g in state["param_groups"] for i in g["params"])}
-    return {"state": {by_id[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [by_id[i] for i in g["params"]]} for g in state["param_groups"]]}
+    if not all(isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
+        order = [names[id(p)] for g in groups for p in g["params"]]
+        by_id = {i: order[n] for n, i in enumerate(i for g in state["param_groups"] for i in g["params"])}
+        state = {"state": {by_id[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [by_id[i] for i in g["params"]]} for g in state["param_groups"]]}
+    if [sorted(g["params"]) for g in state["param_groups"]] != [sorted(names[id(p)] for p in g["params"]) for g in groups]:
+        raise ValueError("its parameter groups hold other parameters than this run's")
+    return state
 
 
 def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
