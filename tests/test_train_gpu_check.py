@@ -24,3 +24,7 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     if (SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl.gz").is_file():  # the speed row needs the examples
         assert "lecture loop" in table[6] and "predictions agree" in table[6] and "/4 |" in table[6]
     assert table[7].startswith("| vs HF GPT2LMHeadModel eager (float32) | baseline ") and "speed-up" in table[7]
+    lines = r.stdout.splitlines()  # the FSDP (world size 1) and activation-checkpointing rows, before the table
+    for row in ("| ddp |", "| fsdp |", "| ddp, activation checkpointing |", "| fsdp, activation checkpointing |",
+                "| fsdp / ddp (W=1) |", "| activation checkpointing cost | ddp "):
+        assert any(line.startswith(row) for line in lines), row

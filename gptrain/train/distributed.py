@@ -154,6 +154,11 @@ class Wrapped:
             return self.train.no_sync()
         return contextlib.nullcontext()
 
+    def release(self) -> None:
+        """Drop the DDP wrapper: its C++ reducer must be gone before the process group is destroyed (one that
+        outlives it can hang the process at exit). The `fwd`/`raw` handles stay usable."""
+        self.train = self.fwd
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm` (inf: measure only) by the global gradient norm; under FSDP the gradients are shards
         (DTensors) and their norm is reduced across processes, so every rank sees the whole model's norm."""

@@ -91,9 +91,14 @@ class Trainer:
         self.last_samples: list[str] = []
         self.peak = peak_flops(self.device)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
-        self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
-        self.log = MetricsLog(cfg.out, enabled=self.env.is_master, fresh=resumed is None, tensorboard=cfg.tensorboard,
-                              wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+        try:
+            self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
+            self.log = MetricsLog(cfg.out, enabled=self.env.is_master, fresh=resumed is None,
+                                  tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                  config=to_jsonable(self.cfg))
+        except BaseException:
+            self.wrapped.release()  # a refused resume must not leave DDP alive past the process group
+            raise
 
     def _resume(self):
         """The run's Checkpointer (None without --out) and, with --resume, the state it restored everything from."""
@@ -355,7 +360,10 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
                           {"train": cfg, "model": trainer.model.config.to_dict(), "world_size": env.world_size,
                            "grad_accum_steps": trainer.grad_accum, "tokenizer": tok.name,
                            "tokenizer_sha256": tok.sha256, **(record or {})})
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        trainer.wrapped.release()  # before the caller tears the process group down
     if env.is_master:
         console(f"run directory: {Path(cfg.out).resolve()}")
     return result
