@@ -6,7 +6,7 @@ train` does (full init on every rank, then wrapping), runs a few steps of the re
 reports, per rank: the resident memory before the model exists (the interpreter, torch, gloo), the bytes of the
 parameter, gradient and optimizer tensors this rank holds (counted from the tensors: DTensor shards count their
 local part), the peak resident memory (VmHWM) and the median step time. The allocator is set as the `gptrain`
-command sets it (gptrain/allocator.py). Configurations run one after another, never two at once.
+command sets it (gptrain/allocator.py) unless --no-keep-freed-memory. Configurations run one after another.
 
     python benchmarks/memory_fsdp.py scaling                 # gpt2-medium, W = 1, 2, 4, ddp and fsdp
     python benchmarks/memory_fsdp.py checkpointing           # gpt2-medium, one process, none vs blocks
@@ -79,10 +79,11 @@ def config(shape: str, parallel: str, world: int, micro: int, seq_len: int, chec
                        hellaswag_data=None, log_every=0)
 
 
-def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, steps, out):
+def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, steps, out, keep):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    keep_freed_memory()
+    if keep:
+        keep_freed_memory()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     env = distributed.setup("cpu", parallel)
     base = rss()
@@ -120,11 +121,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(shape, parallel, world, micro, seq_len, checkpointing, steps) -> list[dict]:
+def measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out.json"
         mp.start_processes(worker, args=(world, free_port(), shape, parallel, micro, seq_len, checkpointing, steps,
-                                         str(out)), nprocs=world, join=True, start_method="spawn")
+                                         str(out), keep), nprocs=world, join=True, start_method="spawn")
         return json.loads(out.read_text())
 
 
@@ -132,15 +133,15 @@ def planned(shape, parallel, world, micro, seq_len, checkpointing) -> memory.Pla
     return memory.plan_for(preset(shape), config(shape, parallel, world, micro, seq_len, checkpointing), world, "cpu")
 
 
-def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: bool) -> str:
+def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: bool, keep: bool) -> str:
     p = planned(shape, parallel, world, micro, seq_len, checkpointing)
     plan_state = p.params() + p.grads() + p.optimizer()
     label = f"| {parallel} | {world} | {checkpointing} "
     if not measured:
         return (f"{label}| not run (plan: {world} × {p.total() / MiB / 1024:.1f} GiB) | | | "
-                f"{plan_state / MiB:,.0f} | | {p.total() / MiB:,.0f} | |")
+                f"{plan_state / MiB:,.0f} | | {(p.total() - p.runtime()) / MiB:,.0f} | |")
     t0 = time.perf_counter()
-    recs = measure(shape, parallel, world, micro, seq_len, checkpointing, steps)
+    recs = measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep)
     wall = time.perf_counter() - t0
     peak = max(r["peak"] for r in recs)
     state = max(r["params"] + r["grads"] + r["optimizer"] for r in recs)
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default=None, help="model preset instead of the mode's (e.g. tiny, to try the script)")
     ap.add_argument("--micro-batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="glibc mallopt as the gptrain command sets it (gptrain/allocator.py; faster CPU steps, but "
+                         "freed blocks stay resident, so peaks include fragmentation); --no-keep-freed-memory: glibc's default")
     ap.add_argument("--only", action="append", default=[], help="PARALLEL:WORLD[:CHECKPOINTING] to run (repeatable)")
     ap.add_argument("--plan-only", action="append", default=[],
                     help="PARALLEL:WORLD[:CHECKPOINTING] to show from the plan without running (it would not fit)")
@@ -182,13 +186,14 @@ def main(argv=None) -> int:
         runs = [spec(s) for s in a.only]
     skip = {spec(s) for s in a.plan_only}
     print(f"{shape}: {memory.param_count(preset(shape)) / 1e6:,.1f}M parameters, micro-batch {micro} × T={seq_len}, "
-          f"float32, CPU, {a.steps} steps per configuration; torch {torch.__version__}, {os.cpu_count()} cores\n")
+          f"float32, CPU, {a.steps} steps per configuration; torch {torch.__version__}, {os.cpu_count()} cores; "
+          f"allocator: {'gptrain (freed memory kept)' if a.keep_freed_memory else 'glibc default'}\n")
     print("| parallel | processes | activation checkpointing | peak RSS per rank (MiB) | RSS before the model | "
           "param+grad+optimizer tensors per rank | plan: param+grad+optimizer | peak − before | plan: total "
           "− runtime allowance | tokens/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for par, w, ck in runs:
-        print(row(shape, par, w, micro, seq_len, ck, a.steps, measured=(par, w, ck) not in skip), flush=True)
+        print(row(shape, par, w, micro, seq_len, ck, a.steps, (par, w, ck) not in skip, a.keep_freed_memory), flush=True)
     return 0
 
 

@@ -4,15 +4,17 @@
 first step with one line naming the flag to change. Per process:
 
 - parameters: float32 master weights (DDP: all N; FSDP: N/S for S shards) plus what is gathered for compute
-  (FSDP: the root unit and about three Blocks at a time; everything with --no-reshard-after-forward), plus
-  autocast's bf16 copies of the weights, which backward keeps (DDP, or FSDP without a bf16 MixedPrecisionPolicy);
-- gradients: float32 (DDP: N; FSDP: N/S, plus a full unsharded float32 copy while micro-steps accumulate without
-  a reduce-scatter);
+  (FSDP: the root unit and about three Blocks at a time, everything with --no-reshard-after-forward, and the
+  all-gather's buffer for the largest unit), plus autocast's bf16 copies of the weights, which backward keeps
+  (DDP, or FSDP without a bf16 MixedPrecisionPolicy);
+- gradients: float32 (DDP: N; FSDP: N/S, plus the largest unit's unsharded gradient and its reduce-scatter copy,
+  or a full unsharded float32 copy of all of them while micro-steps accumulate without a reduce-scatter);
 - optimizer state: AdamW's two float32 moments (8 bytes a parameter, divided by S under FSDP);
 - activations for one micro-batch: what each Block keeps for backward, counted tensor by tensor for gptrain's
   Block (17 values of width C per token: LayerNorm inputs, the fused QKV, attention output, MLP hidden before and
   after GELU, ...; attention itself keeps only a log-sum-exp per head, as SDPA's fused kernels do), the loss's
-  buffers (gptrain.model.lm_loss: its chunked gradient in eager mode, the whole logits under compile), and a
+  buffers (gptrain.model.lm_loss: its chunked gradient in eager mode, the whole logits under compile), the tied
+  LM head's gradient (made twice, once by the head and once by the embedding, before they are summed), and a
   working set for backward. With activation checkpointing a Block keeps only its input, and one Block at a time
   is recomputed in backward;
 - a fixed runtime allowance (CUDA context and library workspaces; on CPU the interpreter and torch itself).
@@ -101,7 +103,8 @@ class Plan:
             gathered_bytes = 2 if self.mixed_precision else 4
             root = n - c.n_layer * block_params(c)
             units = n if not self.reshard_after_forward else root + min(3, c.n_layer) * block_params(c)
-            held = 4 * n / self.shards + gathered_bytes * units
+            # plus the all-gather's own buffer for the unit being gathered (copied out into its parameters)
+            held = 4 * n / self.shards + gathered_bytes * (units + self._largest_unit())
         autocast_copies = 2 * n if self.compute_bytes == 2 and not self.mixed_precision else 0
         return int(held + autocast_copies)
 
@@ -110,8 +113,15 @@ class Plan:
         if self.parallel == "ddp":
             return 4 * n
         accumulation = self.accumulation if accumulation is None else accumulation
-        unsharded = 4 * n if accumulation > 1 else 2 * 4 * block_params(self.model)
+        # a unit's unsharded gradient and the reduce-scatter's flattened copy of it; when micro-steps accumulate
+        # without reducing, every unsharded gradient stays (float32) until the last one
+        unsharded = (4 * n + 4 * self._largest_unit()) if accumulation > 1 else 2 * 4 * self._largest_unit()
         return int(4 * n / self.shards + unsharded)
+
+    def _largest_unit(self) -> int:
+        """Parameters of the largest FSDP unit: the root (embeddings, final LayerNorm) or one Block."""
+        c = self.model
+        return max(self.n_params - c.n_layer * block_params(c), block_params(c))
 
     def optimizer(self) -> int:
         return int(8 * self.n_params / self.shards)
@@ -137,7 +147,9 @@ class Plan:
             loss = tokens * V * (dt + 4)  # the logits and their float32 upcast
         else:
             loss = tokens * C * dt + V * C * 4 + min(tokens, LOSS_CHUNK) * V * 4 * (2 if dt == 2 else 1)
-        return int(tokens * (kept + embed_and_head + backward) + loss)
+        # the tied head's gradient exists twice in backward (the LM head's and the embedding's, then their sum)
+        tied_grads = 2 * c.padded_vocab_size * C * 4
+        return int(tokens * (kept + embed_and_head + backward) + loss + tied_grads)
 
     def total(self, checkpointing: str | None = None, micro_batch: int | None = None) -> int:
         micro_batch = micro_batch or self.micro_batch
