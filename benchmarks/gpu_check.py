@@ -1,5 +1,6 @@
 """One prepared check for a single-GPU machine (see gpu_check.sh): train-step speed with torch.compile + bf16
-against compile off, then one evaluation round (val loss, a sample, HellaSwag) with compile on, then HellaSwag
+against compile off, then FSDP at world size 1 against DDP and activation checkpointing's cost (tokens/s, peak
+memory beside the memory plan), then one evaluation round (val loss, a sample, HellaSwag) with compile on, then HellaSwag
 examples/s of the batched scorer against the lecture's per-example loop (benchmarks/hellaswag_throughput.py's),
 then gptrain's compiled bf16 step against transformers' GPT2LMHeadModel eager (benchmarks/train_throughput.py's),
 then the generation engine's aggregate decode tokens/s under continuous batching at batch 1, 8 and 32 (the gpt2
@@ -123,6 +124,42 @@ def decode_speed(model_cfg, device, dtype, batches, new_tokens, compile_on):
     return out
 
 
+
+def parallel_check(cfg, model_cfg, device, steps, warmup, compile_on):
+    """One device, the same batch: DDP (a plain process) against FSDP at world size 1 (tokens/s, peak memory beside
+    the memory plan), then activation checkpointing's cost in tokens/s under each. Prints its own table."""
+    from gptrain.train import memory
+    env = distributed.setup(device, "fsdp")  # a one-process group for FSDP's device mesh; DDP at W=1 is plain
+    cuda = env.device_type == "cuda"
+    out = []
+    try:
+        for parallel in ("ddp", "fsdp"):
+            for ck in ("none", "blocks"):
+                run_cfg = dataclasses.replace(cfg, compile=compile_on, dtype="auto", parallel=parallel,
+                                              activation_checkpointing=ck)
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(env.device)
+                    before = torch.cuda.memory_allocated(env.device)  # what earlier phases still hold
+                trainer, row = run_phase(run_cfg, model_cfg, env, steps, warmup)
+                peak = torch.cuda.max_memory_allocated(env.device) - before if cuda else None
+                plan = memory.plan_for(model_cfg, trainer.cfg, 1, env.device_type)
+                out.append((parallel, ck, row["tokens_per_sec"], peak, plan.total() - plan.runtime()))
+                del trainer
+    finally:
+        distributed.teardown()
+    gib = lambda n: "-" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
+    print("\n| one device | tokens/s | peak allocated | plan (without runtime allowance) |")
+    print("|---|---|---|---|")
+    for parallel, ck, tps, peak, plan in out:
+        print(f"| {parallel}{', activation checkpointing' if ck != 'none' else ''} | {tps:,.0f} | {gib(peak)} | "
+              f"{gib(plan)} |")
+    speed = {(p, c): t for p, c, t, _, _ in out}
+    print(f"| fsdp / ddp (W=1) | {speed['fsdp', 'none'] / speed['ddp', 'none']:.2f}x | | |")
+    print(f"| activation checkpointing cost | ddp {speed['ddp', 'blocks'] / speed['ddp', 'none']:.2f}x, "
+          f"fsdp {speed['fsdp', 'blocks'] / speed['fsdp', 'none']:.2f}x tokens/s | | |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-124m")
@@ -163,6 +200,8 @@ def main(argv=None):
     del _
     if env.device_type == "cuda":
         torch.cuda.empty_cache()
+
+    parallel_check(cfg, model_cfg, env.device, min(a.steps, 12), min(a.warmup, 4), compile_on)
 
     # one evaluation round on the compiled trainer: val loss (compiled fwd), a sample and HellaSwag (eager handle)
     evals = {}

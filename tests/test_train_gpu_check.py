@@ -26,3 +26,7 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     assert table[7].startswith("| vs HF GPT2LMHeadModel eager (float32) | baseline ") and "speed-up" in table[7]
     decode = [line for line in table if line.startswith("| engine decode eager (float32, vocab 50261) |")]
     assert len(decode) == 1 and all(f"batch {b} " in decode[0] for b in (1, 8, 32)) and "tok/s" in decode[0]
+    lines = r.stdout.splitlines()  # the FSDP (world size 1) and activation-checkpointing rows, before the table
+    for row in ("| ddp |", "| fsdp |", "| ddp, activation checkpointing |", "| fsdp, activation checkpointing |",
+                "| fsdp / ddp (W=1) |", "| activation checkpointing cost | ddp "):
+        assert any(line.startswith(row) for line in lines), row

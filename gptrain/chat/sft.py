@@ -31,7 +31,7 @@ from gptrain.model import GPT
 from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
 from gptrain.train.config import TrainConfig
-from gptrain.train.trainer import Trainer, check_run_inputs, run_and_record, seed_everything
+from gptrain.train.trainer import Trainer, check_run_inputs, print_plan, run_and_record, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
@@ -235,13 +235,14 @@ class ChatTrainer(Trainer):
 
     @torch.no_grad()
     def sample(self) -> list[str]:
-        if not self.env.is_master:
-            return []
         from gptrain.generate import complete
         prompt = render_for_completion([{"role": "user", "content": self.question}], self.tokenizer)
-        with self.autocast():
-            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
-                           top_k=50, seed=self.cfg.seed, stop_ids=stop_ids(self.tokenizer))
+        with self.wrapped.gathered() as model:  # every rank enters (FSDP gathers the weights); rank 0 samples
+            if not self.env.is_master:
+                return []
+            with self.autocast():
+                new = complete(model, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
+                               top_k=50, seed=self.cfg.seed, stop_ids=stop_ids(self.tokenizer))
         self.last_samples = [f"User: {self.question} | Assistant: {self.tokenizer.decode(ids)}" for ids in new]
         return self.last_samples
 
@@ -254,7 +255,7 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
     convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    env = distributed.setup(cfg.device)
+    env = distributed.setup(cfg.device, cfg.parallel)
     try:
         seed_everything(cfg.seed)
         tok = get_tokenizer(chat=True)
@@ -262,9 +263,12 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         if "seq_len" not in user_set:
             cfg = dataclasses.replace(cfg, seq_len=min(1024, model.config.block_size))
         if "total_batch_size" not in user_set:
-            cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len * env.world_size * 4)
+            world = cfg.plan_world_size if cfg.plan and cfg.plan_world_size else env.world_size
+            cfg = dataclasses.replace(cfg, total_batch_size=cfg.micro_batch_size * cfg.seq_len * world * 4)
         if "max_steps" in user_set and "epochs" not in user_set:
             cfg = dataclasses.replace(cfg, epochs=0.0)
+        if cfg.plan:
+            return print_plan(cfg, model.config)
 
         train_convs, val_convs = split_train_val(convs, opts.val_fraction, cfg.seed)
         train_ex, truncated, dropped = encode_conversations(train_convs, cfg.seq_len, tok)

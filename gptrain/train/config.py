@@ -54,6 +54,25 @@ class TrainConfig:
                     choices=("auto", "float32", "bfloat16"))
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)", runtime=True)
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", ge=0, le=4096, runtime=True)
+    # --- parallelism and memory (how a run executes, not what it trains: a resumed run may change them)
+    parallel: str = _f("ddp", "data parallelism under torchrun: ddp (every process holds the whole model) or fsdp "
+                              "(parameters, gradients and optimizer state sharded across processes)",
+                       choices=("ddp", "fsdp"), runtime=True)
+    reshard_after_forward: bool = _f(True, "fsdp: free each Block's gathered parameters after its forward and gather "
+                                           "them again for backward (--no-reshard-after-forward: keep them, less "
+                                           "communication, more memory)", runtime=True)
+    fsdp_shard_size: int = _f(0, "fsdp: shard inside groups of this many processes and replicate across groups "
+                                 "(hybrid sharding, e.g. the GPUs of one node); 0: shard over all processes",
+                              ge=0, runtime=True)
+    activation_checkpointing: str = _f("none", "recompute activations in backward instead of keeping them: none or "
+                                               "blocks (each transformer Block)",
+                                       choices=("none", "blocks"), runtime=True)
+    plan: bool = _f(False, "print the per-process memory plan (parameters, gradients, optimizer state, activations, "
+                           "the largest micro-batch that fits) and exit without training", runtime=True)
+    memory: str | None = _f(None, "memory per process the plan must fit, e.g. 80GB (GB = GiB = 2^30 bytes); default "
+                                  "on CUDA: the GPU's. A run that does not fit stops before its first step",
+                            runtime=True)
+    plan_world_size: int = _f(0, "with --plan: plan for this many processes (0: this launch's)", ge=0, runtime=True)
     # --- data order
     shuffle: bool = _f(True, "reshuffle the training data every epoch (--no-shuffle: the lecture's sequential order)")
     seed: int = _f(1337, "seed for initialisation, data order and sampling", ge=0, lt=2**32)
@@ -98,6 +117,18 @@ TRAIN_PRESETS: dict[str, dict] = {
     "gpt2-124m-40b": dict(_GPT2_124M, max_steps=4 * 19073),
     "gpt2-124m-3xlr": dict(_GPT2_124M, lr=1.8e-3),
     "gpt3-124m": dict(_GPT2_124M, model="gpt3-small", seq_len=2048, micro_batch_size=32),
+    # The GPT-3 family (paper Table 2.1: batch in tokens and max LR per size; warm-up over 375M tokens; T = 2048).
+    # Each trains 10B tokens (one epoch of FineWeb-EDU 10B; the paper's 300B is --max-steps 30x). Micro-batches are
+    # the memory plan's largest for 8 GPUs of 80 GB (README, "Large models: FSDP, activation checkpointing").
+    "gpt3-350m": dict(_GPT2_124M, model="gpt3-medium", seq_len=2048, micro_batch_size=16, lr=3e-4),
+    "gpt3-760m": dict(_GPT2_124M, model="gpt3-large", seq_len=2048, micro_batch_size=16, lr=2.5e-4),
+    "gpt3-1.3b": dict(_GPT2_124M, model="gpt3-xl", seq_len=2048, micro_batch_size=8, lr=2e-4,
+                      total_batch_size=1 << 20, warmup_steps=358, max_steps=9537),
+    "gpt3-2.7b": dict(_GPT2_124M, model="gpt3-2.7b", seq_len=2048, micro_batch_size=8, lr=1.6e-4,
+                      total_batch_size=1 << 20, warmup_steps=358, max_steps=9537, parallel="fsdp"),
+    "gpt3-6.7b": dict(_GPT2_124M, model="gpt3-6.7b", seq_len=2048, micro_batch_size=8, lr=1.2e-4,
+                      total_batch_size=1 << 21, warmup_steps=179, max_steps=4768, parallel="fsdp",
+                      activation_checkpointing="blocks"),
     # GPT-3 paper table 2.1 LRs for the matching widths; batch stays at 0.5M tokens.
     "gpt2-350m": dict(_GPT2_124M, model="gpt2-medium", micro_batch_size=32, lr=3e-4),
     "gpt2-774m": dict(_GPT2_124M, model="gpt2-large", micro_batch_size=16, lr=2.5e-4),

@@ -1,23 +1,34 @@
-"""Where a training process runs: device choice, torchrun's environment, the process group, DDP and compile.
+"""Where a training process runs, and how the model is parallelised: device choice, torchrun's environment, the
+process group, DDP or FSDP2, activation checkpointing and torch.compile, all applied from outside the model.
 
-The model is plain PyTorch; this module wraps it from outside. `wrap` returns three handles to the same weights:
-- `train`: compiled (when asked) and DDP-wrapped (under torchrun), used only for the fixed-shape training step;
-- `fwd`: compiled but not DDP, used for validation loss (same shapes as training, so no extra recompiles);
-- `raw`: the plain module, used for variable-shape work (sampling, HellaSwag) and for checkpoints.
+The model is plain PyTorch; `wrap` returns three handles to the same weights:
+- `train`: the module the fixed-shape training step calls (DDP over the compiled model, or the FSDP root);
+- `fwd`: validation loss (same shapes as training, so no extra recompiles);
+- `raw`: the plain module, for variable-shape work (sampling, HellaSwag), always used inside `Wrapped.gathered()`.
 Variable shapes through a compiled module would recompile for every new length; the eager module avoids that
 storm without switching the features off (see docs/ARCHITECTURE.md, "compile with evaluation and sampling").
+
+`--parallel fsdp` applies `fully_shard` to every Block and then to the root (which holds the embeddings, the final
+LayerNorm and the LM head tied to the token embedding: one FSDP unit, so the tie survives sharding); compile and
+activation checkpointing then act per Block. `--fsdp-shard-size S` shards inside groups of S processes and
+replicates across groups (HSDP on a 2-D device mesh, e.g. shard inside a node, replicate across nodes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from gptrain.errors import GptrainError
+
+PARALLEL = ("ddp", "fsdp")
+CHECKPOINTING = ("none", "blocks")
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class DistEnv:
 
     @property
     def ddp(self) -> bool:
+        """More than one process (data parallel, whether DDP or FSDP)."""
         return self.world_size > 1
 
     @property
@@ -52,19 +64,26 @@ def choose_device(pref: str = "auto") -> str:
     return pref
 
 
-def setup(device_pref: str = "auto") -> DistEnv:
-    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (absent: one process) and join the process group."""
+def setup(device_pref: str = "auto", parallel: str = "ddp") -> DistEnv:
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (absent: one process) and join the process group.
+
+    FSDP needs a process group even for one process (its device mesh is built on one), so `parallel="fsdp"` makes
+    a single-member group from an in-memory store when there is no torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and parallel != "fsdp":
         return DistEnv(device=choose_device(device_pref))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_pref)
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if world <= 1:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=max(world, 1), device=device)
 
 
 def teardown() -> None:
@@ -85,23 +104,144 @@ def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return x
 
 
+def shard_mesh(env: DistEnv, shard_size: int = 0):
+    """The FSDP device mesh: 1-D over all processes, or (replicate, shard) when `shard_size` divides the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world = env.world_size
+    if shard_size in (0, world):
+        return init_device_mesh(env.device_type, (world,), mesh_dim_names=("shard",))
+    if shard_size < 0 or world % shard_size:
+        raise GptrainError(f"--fsdp-shard-size {shard_size} does not divide the {world} processes; use a divisor "
+                           f"of {world} (e.g. the processes per node), or 0 to shard over all of them")
+    return init_device_mesh(env.device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """A Block's forward whose activations are recomputed in backward (non-reentrant); plain when no grad."""
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _per_block(model: torch.nn.Module, checkpointing: str, compile: bool) -> None:
+    """Activation checkpointing and/or torch.compile around each Block's forward, set on the instance so that
+    parameter names (and therefore checkpoints) are unchanged and FSDP's hooks stay outside both."""
+    for block in model.transformer.h:
+        fn = block.forward
+        if checkpointing == "blocks":
+            fn = functools.partial(_checkpointed, fn)
+        if compile:
+            fn = torch.compile(fn)
+        block.forward = fn
+
+
 @dataclass
 class Wrapped:
     raw: torch.nn.Module
     fwd: torch.nn.Module
     train: torch.nn.Module
+    parallel: str = "ddp"
+    # FSDP: each FSDP module and the reshard-after-forward it trains with (restored after `gathered`)
+    fsdp_modules: list = field(default_factory=list)
 
     def no_sync(self, last_micro_step: bool):
-        """Skip DDP's gradient all-reduce on every micro-step but the last one."""
+        """Reduce gradients only on the last micro-step of an optimizer step (DDP: `no_sync` on the others; FSDP:
+        gradients accumulate unsharded, in the reduction dtype, and are reduce-scattered once)."""
+        if self.parallel == "fsdp":
+            self.train.set_requires_gradient_sync(last_micro_step)
+            return contextlib.nullcontext()
         if isinstance(self.train, torch.nn.parallel.DistributedDataParallel) and not last_micro_step:
             return self.train.no_sync()
         return contextlib.nullcontext()
 
+    def release(self) -> None:
+        """Drop the DDP wrapper: its C++ reducer must be gone before the process group is destroyed (one that
+        outlives it can hang the process at exit). The `fwd`/`raw` handles stay usable."""
+        self.train = self.fwd
 
-def wrap(model: torch.nn.Module, env: DistEnv, compile: bool) -> Wrapped:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` (inf: measure only) by the global gradient norm; under FSDP the gradients are shards
+        (DTensors) and their norm is reduced across processes, so every rank sees the whole model's norm."""
+        params = [p for p in self.raw.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    @contextlib.contextmanager
+    def gathered(self, eager: bool = True):
+        """The whole model on every rank, for forward-only work (yields `raw`; `eager=False`: the compiled
+        per-Block forwards stay on, for fixed-shape validation). Under FSDP every rank must enter together: the
+        parameters are all-gathered once and stay so until the block exits, so work that differs between ranks (a
+        sample on rank 0 only, HellaSwag's uneven shares) runs without collectives, and FSDP's per-iteration
+        records of those forwards are reset afterwards (else backward's prefetching would follow a different
+        order on each rank). A no-op for DDP."""
+        if self.parallel != "fsdp":
+            yield self.raw
+            return
+        for module, _ in self.fsdp_modules:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                yield self.raw
+        finally:
+            for module, reshard in self.fsdp_modules:
+                module.set_reshard_after_forward(reshard, recurse=False)
+            self.raw.reset_iter_state()  # reshards every unit and forgets the forwards above
+
+
+def wrap(model: torch.nn.Module, env: DistEnv, compile: bool, parallel: str = "ddp", *,
+         reshard_after_forward: bool = True, checkpointing: str = "none", shard_size: int = 0,
+         param_dtype: torch.dtype | None = None) -> Wrapped:
+    """Apply the chosen parallelism to `model` (already on its device for DDP; FSDP moves each unit itself).
+
+    DDP compiles the whole model (the loss included); FSDP compiles each Block, between its hooks. `param_dtype`
+    (FSDP only) is the MixedPrecisionPolicy's: parameters all-gathered and computed in it, gradients reduced in
+    float32, the sharded master weights and AdamW state stay float32."""
+    if parallel not in PARALLEL:
+        raise GptrainError(f"--parallel {parallel!r}: choose one of {', '.join(PARALLEL)}")
+    if checkpointing not in CHECKPOINTING:
+        raise GptrainError(f"--activation-checkpointing {checkpointing!r}: choose one of {', '.join(CHECKPOINTING)}")
+    if parallel == "fsdp":
+        return _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_size, param_dtype)
+    _per_block(model, checkpointing, compile=False)
     fwd = torch.compile(model) if compile else model
     train = fwd
     if env.ddp:
         ids = [env.local_rank] if env.device_type == "cuda" else None
-        train = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
+        train = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids, gradient_as_bucket_view=True)
     return Wrapped(raw=model, fwd=fwd, train=train)
+
+
+def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_size, param_dtype) -> Wrapped:
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if not hasattr(FSDPModule, "reset_iter_state"):
+        raise GptrainError(f"--parallel fsdp needs a newer torch than {torch.__version__} (FSDPModule.reset_iter_state; "
+                           "tested with 2.13); use --parallel ddp or upgrade torch")
+    if not dist.is_initialized():
+        raise GptrainError("--parallel fsdp needs a process group; run under torchrun, or through `gptrain train`, "
+                           "which makes one for a single process")
+    mesh = shard_mesh(env, shard_size)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    _per_block(model, checkpointing, compile)
+    blocks = list(model.transformer.h)
+    modules = []
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keeping them saves an all-gather.
+        reshard = reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        modules.append((block, reshard))
+    # The root (embeddings, final LayerNorm, the tied LM head) keeps FSDP's default: not resharded after forward,
+    # since backward begins with it.
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    modules.insert(0, (model, False))
+    # FSDP takes the first module to run forward as the root; run the real root once, so that `gathered()` (which
+    # may come before any training step, e.g. the step-0 evaluation) finds FSDP set up. Then reshard everything:
+    # the optimizer must be built on the sharded parameters, not on gathered copies left registered by a forward.
+    device = next(iter(model.parameters())).device
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reset_iter_state()
+    return Wrapped(raw=model, fwd=model, train=model, parallel="fsdp", fsdp_modules=modules)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch
 from gptrain.config import (add_dataclass_args, check_output_dir, overrides_from_args, runtime_fields, to_jsonable,
                             validate, write_json_atomic)
 from gptrain.errors import DiskFullError, GptrainError
-from gptrain.model import GPT, preset as model_preset
-from gptrain.train import distributed
+from gptrain.model import GPT, GPTConfig, preset as model_preset
+from gptrain.train import distributed, memory
 from gptrain.train.checkpoint import Checkpointer, checkpoint_step
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
@@ -64,7 +65,6 @@ class Trainer:
         self.device = self.env.device
         self.grad_accum = grad_accum_steps(cfg, self.env.world_size)
         check_seq_len(cfg, model)
-        self.model = model.to(self.device)
         self.compile = cfg.compile if cfg.compile is not None else self.env.device_type == "cuda"
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.env.device_type == "cuda" else "float32")
         self.amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
@@ -74,7 +74,13 @@ class Trainer:
         self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type,
                                        model=None if cfg.init_from else cfg.model,
                                        sample_prompt=self._sample_prompt(cfg, train_loader, tokenizer))
-        self.wrapped = distributed.wrap(self.model, self.env, self.compile)
+        self.plan = memory.require_fit(model.config, self.cfg, self.env)  # before anything big is allocated
+        fsdp = cfg.parallel == "fsdp"
+        self.model = model if fsdp else model.to(self.device)  # FSDP moves each unit to the device as it shards it
+        self.wrapped = distributed.wrap(
+            self.model, self.env, self.compile, cfg.parallel, reshard_after_forward=cfg.reshard_after_forward,
+            checkpointing=cfg.activation_checkpointing, shard_size=cfg.fsdp_shard_size,
+            param_dtype=self.amp_dtype if fsdp and self.env.device_type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                         embedding_lr_scale=cfg.embedding_lr_scale, device_type=self.env.device_type)
@@ -87,9 +93,13 @@ class Trainer:
         self.last_samples: list[str] = []
         self.peak = peak_flops(self.device)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
-        self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
-        self.log = MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
-                              wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+        try:
+            self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
+            self.log = MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
+                                  wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+        except BaseException:
+            self.wrapped.release()  # a refused resume must not leave DDP alive past the process group
+            raise
 
     @staticmethod
     def _sample_prompt(cfg: TrainConfig, loader, tokenizer) -> str | None:
@@ -143,7 +153,7 @@ class Trainer:
                      max_steps=c.max_steps, schedule=c.schedule, decay_frac=c.decay_frac)
 
     def train_step(self) -> dict:
-        """One optimizer update: grad_accum micro-batches (DDP syncs on the last), clip, LR, AdamW."""
+        """One optimizer update: grad_accum micro-batches (gradients reduced on the last), clip, LR, AdamW."""
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=self.device)
@@ -157,7 +167,7 @@ class Trainer:
                 loss_accum += loss.detach()
                 loss.backward()
         distributed.all_reduce_mean(loss_accum, self.env)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        norm = self.wrapped.clip_grad_norm(self.cfg.grad_clip or float("inf"))
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -188,37 +198,43 @@ class Trainer:
         if self.val_source is not None:
             total = torch.zeros((), device=self.device, dtype=torch.float64)
             count = torch.zeros((), device=self.device, dtype=torch.float64)
-            for x, y in self.val_source.batches():
-                x, y = x.to(self.device), y.to(self.device)
-                with self.autocast():
-                    _, loss = self.wrapped.fwd(x, y)
-                n = (y != -1).sum()
-                total += loss.double() * n
-                count += n
+            with self.wrapped.gathered(eager=False):  # FSDP: weights gathered once for all batches
+                for x, y in self.val_source.batches():
+                    x, y = x.to(self.device), y.to(self.device)
+                    with self.autocast():
+                        _, loss = self.wrapped.fwd(x, y)
+                    n = (y != -1).sum()
+                    total += loss.double() * n
+                    count += n
             distributed.all_reduce_sum(total, self.env)
             distributed.all_reduce_sum(count, self.env)
             if count.item() > 0:
                 out["val_loss"] = (total / count).item()
         if self.hellaswag is not None:
             from gptrain.eval.hellaswag import evaluate as hellaswag_evaluate
-            hs = hellaswag_evaluate(self.wrapped.raw, self.hellaswag, device=self.device, rank=self.env.rank,
-                                    world_size=self.env.world_size, autocast=self.amp_dtype)
+            with self.wrapped.gathered() as model:  # ranks score different examples: no collectives inside
+                hs = hellaswag_evaluate(model, self.hellaswag, device=self.device, rank=self.env.rank,
+                                        world_size=self.env.world_size, autocast=self.amp_dtype)
             out["hellaswag_acc"], out["hellaswag_acc_norm"] = hs["acc"], hs["acc_norm"]
         self.last_eval = out
         return out
 
     @torch.no_grad()
     def sample(self) -> list[str]:
-        """Continuations of `cfg.sample_prompt` (rank 0 only), from the eager module: no recompiles per length."""
-        if not self.env.is_master or self.tokenizer is None:
+        """Continuations of `cfg.sample_prompt` (rank 0 only), from the eager module: no recompiles per length.
+        Every rank calls it (under FSDP the weights are gathered for the sample)."""
+        if self.tokenizer is None:
             return []
         from gptrain.generate import complete
         text = self.cfg.sample_prompt or ""  # none (a loader without a manifest): unconditional samples
         prompt = self.tokenizer.encode(text) or [self.tokenizer.eot]
         n_new = min(self.cfg.sample_tokens, self.model.config.block_size - len(prompt))
-        with self.autocast():
-            new = complete(self.wrapped.raw, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
-                           top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
+        with self.wrapped.gathered() as model:
+            if not self.env.is_master:
+                return []
+            with self.autocast():
+                new = complete(model, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
+                               top_k=50, seed=self.cfg.seed, stop_ids=[self.tokenizer.eot])
         self.last_samples = [text + self.tokenizer.decode(ids) for ids in new]
         return self.last_samples
 
@@ -237,8 +253,8 @@ class Trainer:
                     if self.env.is_master:
                         console(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in ev.items()))
-                if self._due(cfg.sample_every) and self.step > 0 and self.env.is_master:
-                    samples = self.sample()
+                if self._due(cfg.sample_every) and self.step > 0:
+                    samples = self.sample()  # every rank: FSDP gathers the weights for it
                     if samples:
                         self._log({"step": self.step, "samples": samples})
                         for s in samples:
@@ -285,6 +301,31 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     return GPT(mcfg)
 
 
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    """The shape `build_model` would build, without building it (the data's vocabulary when --data is prepared)."""
+    if cfg.init_from:
+        return build_model(cfg, 0).config
+    vocab = 50257
+    if cfg.data and Path(cfg.data).exists():
+        from gptrain.data.loader import load_manifest
+        vocab = _manifest_vocab(load_manifest(cfg.data))
+    try:
+        return model_preset(cfg.model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=vocab)
+    except ValueError as e:
+        raise GptrainError(str(e)) from None
+
+
+def print_plan(cfg: TrainConfig, model: GPTConfig) -> dict:
+    """`--plan`: the memory plan of this run on `--plan-world-size` (or this launch's) processes; trains nothing."""
+    world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    device = cfg.device if cfg.device != "auto" else distributed.choose_device("auto")
+    detected = memory.detected_memory(device) if not cfg.memory else (None, "")
+    plan = memory.plan_for(model, cfg, world, device.split(":")[0], *detected)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console(memory.describe(plan))
+    return {"plan": plan}
+
+
 def _resolve_steps(cfg: TrainConfig, train_tokens: int | None) -> TrainConfig:
     if cfg.epochs > 0:
         if not train_tokens:
@@ -297,6 +338,9 @@ def _resolve_steps(cfg: TrainConfig, train_tokens: int | None) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Run `gptrain train` with a resolved config (the CLI's entry point; also callable from Python)."""
+    if cfg.plan:
+        validate(cfg)
+        return print_plan(cfg, model_config(cfg))
     from gptrain.data.loader import TrainLoader, ValLoader, check_tokenizer, load_manifest
     from gptrain.tokenizer import tokenizer_for_vocab
 
@@ -304,7 +348,7 @@ def train(cfg: TrainConfig) -> dict:
     manifest = load_manifest(cfg.data)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    env = distributed.setup(cfg.device)
+    env = distributed.setup(cfg.device, cfg.parallel)
     try:
         seed_everything(cfg.seed)
         model = build_model(cfg, vocab_size=_manifest_vocab(manifest))
@@ -358,7 +402,10 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
                                "tokenizer_sha256": tok.sha256, **(record or {})})
         except DiskFullError as e:
             raise e.with_continuation(trainer.how_to_continue()) from None
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        trainer.wrapped.release()  # before the caller tears the process group down
     if env.is_master:
         console(f"run directory: {Path(cfg.out).resolve()}")
     return result
@@ -384,7 +431,10 @@ def _load_hellaswag(cfg: TrainConfig):
 
 def _announce(t: Trainer) -> None:
     c = t.cfg
-    console(f"device {t.device} ({'DDP x%d' % t.env.world_size if t.env.ddp else 'single process'}), "
+    par = (f"FSDP x{t.env.world_size}" if c.parallel == "fsdp" else
+           f"DDP x{t.env.world_size}" if t.env.ddp else "single process")
+    ck = ", activation checkpointing" if c.activation_checkpointing != "none" else ""
+    console(f"device {t.device} ({par}{ck}), "
             f"dtype {c.dtype}, compile {'on' if t.compile else 'off'}, threads {torch.get_num_threads()}")
     console(f"model {t.model.config.n_layer}L/{t.model.config.n_head}H/{t.model.config.n_embd}C, "
             f"{t.model.num_params(padded=False) / 1e6:.1f}M params; batch {c.total_batch_size:,} tokens = "

@@ -31,8 +31,9 @@ from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META
                                              checkpoint_step, info, list_checkpoints, step_dir, warn)
 from gptrain.train.checkpoint.provenance import git_revision, machine, machine_changes
 from gptrain.train.checkpoint.rng import _from_safe, _to_safe, capture_rng_state, restore_rng_state
-from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _gather_to_rank0, _read_weights, _split_tied,
-                                            _world, model_state_dict, unwrap_model)
+from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _gather_to_rank0, _read_weights, _world,
+                                            load_model_state, load_optimizer_state, model_state_dict,
+                                            optimizer_state_dict, split_tied, tied_aliases, unwrap_model)
 from gptrain.train.checkpoint.verify import _sha256, _signature, _verified, find_checkpoint, verify_checkpoint
 
 # Test-only: "kill:STEP" SIGKILLs this process halfway through writing checkpoint STEP; "sleep:SECONDS" sleeps
@@ -101,10 +102,12 @@ class Checkpointer:
         """Write checkpoint `step` (updates completed) atomically, verify it, then prune. Returns its path."""
         rank_state = {"rng": capture_rng_state(), "loader": _to_safe(self.loader.state_dict())}
         ranks = _gather_to_rank0(rank_state)
+        # full tensors on rank 0 (FSDP gathers its shards here: every rank takes part)
+        full = {"weights": model_state_dict(self.model), "optimizer": optimizer_state_dict(self.model, self.optimizer)}
         failure = None
         if self.rank == 0:
             try:
-                self._write(step, tokens_seen, ranks)
+                self._write(step, tokens_seen, ranks, full)
             except Exception as e:  # every rank must hear of it, or the others would wait forever
                 failure = e
         message = _broadcast_from_rank0(None if failure is None else str(failure))
@@ -115,7 +118,7 @@ class Checkpointer:
         self.last_good = step_dir(self.run_dir, step)
         return self.last_good
 
-    def _write(self, step: int, tokens_seen: int, ranks: list) -> None:
+    def _write(self, step: int, tokens_seen: int, ranks: list, full: dict) -> None:
         final = step_dir(self.run_dir, step)
         tmp = self.root / f".tmp-{final.name}"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp.mkdir()
-            files = self._write_files(tmp, step, tokens_seen, ranks)
+            files = self._write_files(tmp, step, tokens_seen, ranks, full)
             if final.exists():
                 self._set_aside(final, "replaced")
             os.replace(tmp, final)
@@ -152,15 +155,15 @@ class Checkpointer:
         except OSError as e:
             warn(f"could not prune old checkpoints in {self.root} ({e}); they are kept")
 
-    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list) -> list[str]:
+    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list, full: dict) -> list[str]:
         """Write every file into `tmp`, fsynced, the manifest last; returns the names the manifest lists."""
         model = unwrap_model(self.model)
-        stored, tied = _split_tied(model_state_dict(model))
+        stored, tied = split_tied(full["weights"], tied_aliases(model))
         save_file(stored, tmp / MODEL, metadata={"format": "pt", "gptrain.tied": json.dumps(tied)})
         _fsync_file(tmp / MODEL)
         _test_save_hook(step, "middle")
         with open(tmp / OPTIMIZER, "wb") as f:
-            torch.save(self.optimizer.state_dict(), f)
+            torch.save(full["optimizer"], f)  # keyed by parameter name: the same under DDP, FSDP, any world
             f.flush()
             os.fsync(f.fileno())
         with open(tmp / STATE, "wb") as f:
@@ -339,13 +342,10 @@ class Checkpointer:
         meta = json.loads((ckpt / META).read_text())
         model = unwrap_model(self.model)
         self._check_compatible(ckpt, meta, model)
-        model.load_state_dict(_read_weights(ckpt))  # rank 0 verified every hash when it chose `ckpt`
-        try:
-            self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True,
-                                                      mmap=True))
-        except (ValueError, KeyError) as e:
-            raise GptrainError(f"{ckpt / OPTIMIZER} does not fit this run's optimizer ({e}); resume with the "
-                               "settings the run started with") from None
+        # Rank 0 verified every hash when it chose `ckpt`; it reads the tensors and every rank takes its part.
+        load_model_state(self.model, lambda: _read_weights(ckpt))
+        load_optimizer_state(self.model, self.optimizer, source=str(ckpt / OPTIMIZER), read=lambda: torch.load(
+            ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True))
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
         ranks = state["ranks"]
         if len(ranks) == self.world_size:

@@ -1,7 +1,14 @@
-"""Model state in and out of checkpoints, and the small exchanges between ranks that saving and resuming need.
+"""Model and optimizer state in and out of checkpoints, and the small exchanges between ranks that saving and
+resuming need.
 
-Weights are stored unwrapped (no DDP `module.` / compile `_orig_mod.` prefixes), a tied tensor once. Only rank 0
-writes; the other ranks send it their RNG and loader states (small), so no shared filesystem is needed to save.
+One on-disk form for every parallelism: full, unsharded tensors. Saving gathers them to rank 0 (under FSDP through
+torch.distributed.checkpoint.state_dict with full_state_dict + cpu_offload, one tensor at a time, so a GPU never
+holds more than its shard plus one full tensor); resuming reads them on rank 0 and broadcasts them, each rank
+keeping its shard (broadcast_from_rank0). So a checkpoint written by DDP, FSDP or one process, at any world size,
+resumes under any other, and every command that reads weights (eval, sample, export, sft, --init-from) reads an
+FSDP run's checkpoints unchanged. Weights are stored unwrapped (no DDP `module.` / compile `_orig_mod.` prefixes),
+a tied tensor once; the optimizer state is keyed by parameter name, not by position, so it means the same under
+any wrapping. Only rank 0 writes; the other ranks send it their RNG and loader states (small).
 """
 
 from __future__ import annotations
@@ -12,17 +19,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from gptrain.errors import GptrainError
 from gptrain.model import GPTConfig
 from gptrain.train.checkpoint.layout import CHECKPOINTS, META, MODEL
 from gptrain.train.checkpoint.verify import find_checkpoint
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers (an FSDP model is its own)."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -32,27 +39,98 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _gather_options() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _load_options() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=_world()[1] > 1)
+
+
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unwrapped weights with wrapper prefixes stripped (a state dict taken from a wrapper keeps them)."""
-    out = {}
-    for key, value in unwrap_model(model).state_dict().items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+    """The full weights on the CPU, wrapper prefixes stripped. Under a process group every rank must call it (FSDP
+    gathers the shards); with more than one process only rank 0 receives the tensors, the others {}."""
+    return get_model_state_dict(unwrap_model(model), options=_gather_options())
 
 
-def _split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (each storage once: safetensors refuses shared tensors) and alias -> stored name."""
-    stored, tied, seen = {}, {}, {}
-    for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and ident in seen:
-            tied[key] = seen[ident]
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: stored name} for parameters registered under several names (the LM head tied to the embedding)."""
+    first, aliases = {}, {}
+    for name, p in unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
         else:
-            seen[ident] = key
-            stored[key] = t.detach().cpu().contiguous()
-    return stored, tied
+            first[id(p)] = name
+    return aliases
+
+
+def split_tied(state: dict[str, torch.Tensor], aliases: dict[str, str]):
+    """(tensors to store, each once: safetensors refuses shared tensors; {alias: stored name})."""
+    stored = {k: t.detach().contiguous() for k, t in state.items() if k not in aliases}
+    return stored, {a: n for a, n in aliases.items() if a in state}
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state on the CPU keyed by parameter name (collective like `model_state_dict`). An
+    optimizer that has not stepped yet has no state to gather, and is saved as such (asking torch for it would
+    initialise it with a zero step, which would change the next update)."""
+    if not optimizer.state:
+        names = _param_names(model)
+        return {"state": {}, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                               "params": [names[id(p)] for p in g["params"]]}
+                                              for g in optimizer.param_groups]}
+    return get_optimizer_state_dict(unwrap_model(model), optimizer, options=_gather_options())
+
+
+def load_model_state(model: torch.nn.Module, read) -> None:
+    """Load full weights: rank 0 calls `read()` for them and broadcasts each tensor; each rank keeps its part."""
+    state = read() if _world()[0] == 0 else {}
+    set_model_state_dict(unwrap_model(model), state, options=_load_options())
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, read, source: str) -> None:
+    """Load a saved optimizer state: rank 0 calls `read()` for it and broadcasts it. Older checkpoints keyed it by
+    position in this run's parameter groups: converted by name first. Every rank learns whether it fit."""
+    message, state = None, read() if _world()[0] == 0 else None
+    if state is not None:
+        try:
+            state = _keyed_by_name(state, model, optimizer)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            message = str(e)
+    message = _broadcast_from_rank0(message)
+    empty = _broadcast_from_rank0(state is not None and not state["state"])
+    if message is None and not empty:  # a saved optimizer that never stepped: the fresh one equals it
+        try:
+            set_optimizer_state_dict(unwrap_model(model), optimizer, state or {}, options=_load_options())
+            del state
+        except (ValueError, KeyError, RuntimeError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if message is not None:
+        raise GptrainError(f"{source} does not fit this run's optimizer ({message}); resume with the settings the "
+                           "run started with")
+
+
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in unwrap_model(model).named_parameters()}
+
+
+def _keyed_by_name(state: dict, model, optimizer) -> dict:
+    """The saved state keyed by parameter name (a file of earlier versions, optimizer.state_dict() with integer ids
+    in this run's group order, is converted), after checking that it groups the parameters as this run does."""
+    groups = optimizer.param_groups
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    if sizes != [len(g["params"]) for g in groups]:
+        raise ValueError(f"parameter groups of sizes {sizes}, this run has {[len(g['params']) for g in groups]}: "
+                         "was --embedding-lr-scale changed?")
+    names = _param_names(model)
+    if not all(isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
+        order = [names[id(p)] for g in groups for p in g["params"]]
+        by_id = {i: order[n] for n, i in enumerate(i for g in state["param_groups"] for i in g["params"])}
+        state = {"state": {by_id[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [by_id[i] for i in g["params"]]} for g in state["param_groups"]]}
+    if [sorted(g["params"]) for g in state["param_groups"]] != [sorted(names[id(p)] for p in g["params"]) for g in groups]:
+        raise ValueError("its parameter groups hold other parameters than this run's")
+    return state
 
 
 def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:

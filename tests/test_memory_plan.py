@@ -1,0 +1,131 @@
+"""The GPT-3 family presets against the paper's Table 2.1, and the memory plan: its arithmetic, its advice, the
+`--plan` command and the stop before step 1 when a run does not fit."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from gptrain.cli import main as cli
+from gptrain.errors import GptrainError
+from gptrain.model import GPT, PRESETS, preset
+from gptrain.train import distributed, memory
+from gptrain.train.config import TrainConfig, resolve
+from gptrain.train.trainer import Trainer
+from test_train import SeqLoader, small_cfg, tokens
+
+# GPT-3 paper, Table 2.1: name, n_params, n_layers, d_model, n_heads, d_head, batch (tokens), learning rate
+TABLE_2_1 = [
+    ("gpt3-small", "gpt3-124m", 125e6, 12, 768, 12, 64, 0.5e6, 6.0e-4),
+    ("gpt3-medium", "gpt3-350m", 350e6, 24, 1024, 16, 64, 0.5e6, 3.0e-4),
+    ("gpt3-large", "gpt3-760m", 760e6, 24, 1536, 16, 96, 0.5e6, 2.5e-4),
+    ("gpt3-xl", "gpt3-1.3b", 1.3e9, 24, 2048, 24, 128, 1e6, 2.0e-4),
+    ("gpt3-2.7b", "gpt3-2.7b", 2.7e9, 32, 2560, 32, 80, 1e6, 1.6e-4),
+    ("gpt3-6.7b", "gpt3-6.7b", 6.7e9, 32, 4096, 32, 128, 2e6, 1.2e-4),
+]
+
+
+@pytest.mark.parametrize("name,recipe,n,layers,d,heads,d_head,batch,lr", TABLE_2_1)
+def test_gpt3_presets_follow_table_2_1(name, recipe, n, layers, d, heads, d_head, batch, lr):
+    c = preset(name)
+    assert (c.block_size, c.n_layer, c.n_embd) == (2048, layers, d)
+    assert c.n_embd // c.n_head == d_head  # XL: the table's 24 heads of 128 cannot make 2048; the head size is kept
+    assert c.n_head == (heads if name != "gpt3-xl" else 16)
+    assert abs(memory.param_count(c) - n) / n < 0.03  # the table's sizes, with GPT-2's vocabulary
+    r = resolve(recipe, {})
+    assert (r.model, r.seq_len, r.lr) == (name, 2048, lr)
+    assert abs(r.total_batch_size - batch) / batch < 0.05  # 0.5M = 2^19, 1M = 2^20, 2M = 2^21 tokens
+    assert r.warmup_steps * r.total_batch_size == pytest.approx(375e6, rel=0.01)  # the paper's 375M-token warm-up
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_param_count_is_the_models(name):
+    with torch.device("meta"):
+        model = GPT(preset(name))
+    assert memory.param_count(preset(name)) == model.num_params()
+
+
+def _plan(world, **kw):
+    cfg = TrainConfig(**{"model": "gpt2-medium", "seq_len": 1024, "micro_batch_size": 4,
+                         "total_batch_size": 4 * 1024 * 4 * 2, "dtype": "float32", "compile": False, **kw})
+    return memory.plan_for(preset("gpt2-medium"), cfg, world, "cpu")
+
+
+def test_sharded_state_shrinks_as_one_over_world_size():
+    ddp = [_plan(w, parallel="ddp") for w in (1, 2, 4)]
+    fsdp = [_plan(w, parallel="fsdp") for w in (1, 2, 4)]
+    n = memory.param_count(preset("gpt2-medium"))
+    assert {p.params() + p.optimizer() for p in ddp} == {12 * n}  # every DDP rank holds the whole state
+    for w, p in zip((1, 2, 4), fsdp):
+        assert p.optimizer() == int(8 * n / w)
+        unit = max(n - 24 * memory.block_params(p.model), memory.block_params(p.model))  # the root: embeddings
+        assert p.grads(accumulation=1) == int(4 * n / w + 2 * 4 * unit)  # one unit's gradient, in flight twice
+    assert fsdp[2].grads() == fsdp[2].grads(accumulation=2) > 4 * n  # accumulating: one unsharded fp32 copy
+    hybrid = _plan(4, parallel="fsdp", fsdp_shard_size=2)
+    assert hybrid.shards == 2 and hybrid.optimizer() == fsdp[1].optimizer()
+    resharded, kept = _plan(2, parallel="fsdp"), _plan(2, parallel="fsdp", reshard_after_forward=False)
+    assert kept.params() - resharded.params() > 2 * n  # without resharding every Block stays gathered
+
+
+def test_activation_checkpointing_keeps_only_block_inputs():
+    p = _plan(1)
+    none, blocks = p.activations("none"), p.activations("blocks")
+    assert blocks < none / 4
+    for ck in ("none", "blocks"):  # linear in the micro-batch, plus a fixed part (the loss's gradient buffer)
+        a2, a4, a8 = (p.activations(ck, micro_batch=b) for b in (2, 4, 8))
+        assert a8 - a4 == pytest.approx(2 * (a4 - a2), abs=8) and a2 - (a4 - a2) > 0
+
+
+def test_largest_micro_batch_fits_and_the_next_one_does_not():
+    p = dataclasses.replace(_plan(2, parallel="fsdp"), memory=12 * memory.GiB)
+    for ck in ("none", "blocks"):
+        b = p.largest_micro_batch(ck)
+        assert b and p.rows_per_process % b == 0 and p.fits(ck, b)
+        bigger = [d for d in range(b + 1, p.rows_per_process + 1) if p.rows_per_process % d == 0]
+        assert all(not p.fits(ck, d) for d in bigger)
+    assert p.largest_micro_batch("blocks") > p.largest_micro_batch("none")
+
+
+@pytest.mark.parametrize("text,n", [("80GB", 80 << 30), ("40GiB", 40 << 30), ("512MB", 512 << 20), ("1.5T", int(1.5 * (1 << 40)))])
+def test_parse_bytes(text, n):
+    assert memory.parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "-1GB", "80XB", "0"])
+def test_parse_bytes_refuses_with_the_flag(bad):
+    with pytest.raises(GptrainError, match="--memory"):
+        memory.parse_bytes(bad)
+
+
+def test_plan_command_prints_the_table_without_data_or_a_gpu(capsys):
+    assert cli(["train", "--preset", "gpt3-6.7b", "--plan", "--plan-world-size", "8", "--device", "cuda",
+                "--memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp over 8 processes (8 shards)" in out and "6,658.6M parameters" in out
+    assert "bf16 compute, fp32 reduce" in out and "checkpointing blocks (this run): micro-batch 8 fits" in out
+    for row in ("parameters", "gradients", "optimizer state (AdamW)", "activations (micro-batch 8)", "total"):
+        assert row in out
+    assert cli(["train", "--preset", "gpt2-1558m", "--plan", "--plan-world-size", "8", "--device", "cuda",
+                "--memory", "40GB"]) == 0
+    assert "checkpointing none (this run): micro-batch 8 does not fit; largest micro-batch that fits: 2" in \
+        capsys.readouterr().out
+
+
+def test_a_run_that_does_not_fit_stops_before_its_first_step_naming_the_flag():
+    """--memory makes the check happen on the CPU too (on CUDA the GPU's memory is the default)."""
+    model = GPT(preset("tiny", n_layer=1, n_embd=32, n_head=2))
+    cfg = small_cfg(micro_batch_size=8, seq_len=16, total_batch_size=8 * 16 * 2)
+    p = memory.plan_for(model.config, cfg, 1, "cpu")
+    between = (p.total(micro_batch=4) + p.total(micro_batch=8)) / 2 / memory.USABLE  # 4 fits, 8 does not
+
+    def build(mem_bytes):
+        return Trainer(dataclasses.replace(cfg, memory=f"{mem_bytes / (1 << 20):.3f}MB"), model,
+                       SeqLoader(tokens(), 8, 16))
+
+    with pytest.raises(GptrainError) as e:
+        build(between)
+    msg = str(e.value)
+    assert "\n" not in msg and "the memory plan needs" in msg and "use --micro-batch-size 4 (the largest" in msg
+    with pytest.raises(GptrainError, match="--parallel fsdp"):  # nothing fits: say what else to change
+        build(p.total(micro_batch=1) * 0.9)
+    assert build(p.total() / memory.USABLE + 1).plan.fits()
