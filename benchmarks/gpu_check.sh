@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Single-GPU check, about 9 minutes: gpt2-124m for 50 steps on synthetic tokens with torch.compile + bf16 against
-# compile off (tokens/s, MFU), then FSDP at world size 1 against DDP with and without activation checkpointing (12
+# Single-GPU check, about 6 minutes (estimated: not yet run on a GPU): gpt2-124m for 50 steps on synthetic tokens with torch.compile + bf16 against
+# compile off (tokens/s, MFU), then FSDP at world size 1 against DDP with and without activation checkpointing (eager, 12
 # steps each: tokens/s, peak memory beside the memory plan), then one evaluation round with compile on (val loss, a sample, HellaSwag on 300
 # examples when ../shared/data has them), then HellaSwag examples/s of the batched scorer against the lecture's
 # per-example loop (gpt2 shape, float32, 200 examples), then the compiled bf16 step against transformers'
