@@ -225,11 +225,12 @@ def test_sft_works_offline_on_the_shipped_set_with_its_defaults(pretrained, tmp_
     """No --data, no --lr: the shipped oasst-100 conversations and an LR fitted to the model; the held-out
     assistant loss falls and the samples are chat-format replies."""
     run = tmp_path / "chat"
-    assert cli(["sft", "--model", str(pretrained), "--out", str(run), "--max-steps", "12", "--eval-every", "12",
-                "--sample-every", "12", "--save-every", "0", "--threads", "2", "--log-every", "0"]) == 0
+    assert cli(["sft", "--model", str(pretrained), "--out", str(run), "--max-steps", "8", "--eval-every", "8",
+                "--sample-every", "8", "--save-every", "0", "--micro-batch-size", "2", "--threads", "2",
+                "--log-every", "0"]) == 0
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [e["val_loss"] for e in events if "val_loss" in e]
-    assert len(vals) == 2 and vals[-1] < vals[0] - 0.15, vals  # 8.63 -> 8.39 for this barely pretrained model
+    assert len(vals) == 2 and vals[-1] < vals[0] - 0.1, vals  # 8.63 -> 8.50 in 8 steps for this barely trained model
     (samples,) = [e["samples"] for e in events if "samples" in e]
     assert samples[0].startswith("User: What is the capital of France? | Assistant:")
     config = json.loads((run / "config.json").read_text())

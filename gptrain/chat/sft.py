@@ -322,7 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ".jsonl/.jsonl.gz/.json/.parquet (OpenAI messages, OpenAssistant trees, Human/Assistant "
                              "transcripts) or hf:NAME with a messages column")
     add_dataclass_args(parser, TrainConfig, exclude=NOT_FOR_SFT, shown_defaults={
-        **SFT_DEFAULTS, "lr": SFT_LR_HELP, "seq_len": "the model's context window, up to 1024",
+        **SFT_DEFAULTS, "lr": SFT_LR_HELP, "warmup_steps": "20, at most a tenth of the steps",
+        "seq_len": "the model's context window, up to 1024",
         "total_batch_size": "4 micro-steps"})
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
                         default=argparse.SUPPRESS, help="torch.compile the model (default: on for CUDA, off elsewhere)")

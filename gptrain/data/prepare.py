@@ -58,7 +58,7 @@ class PrepareConfig:
     val_tokens: int | None = field(default=None, metadata={
         "help": "the first documents of the source, up to this many tokens, form the validation split "
                 "(none: 100M for fineweb/fineweb-edu, as the lecture's val shard; 100k for shakespeare; 10M for "
-                "other hub datasets; for local files 10%% of the corpus, at most 10M)", "ge": 0})
+                "other hub datasets; for local files a tenth of the corpus, at most 10M)", "ge": 0})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (val + train)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per CPU core)"})
     start_method: str | None = field(default=None, metadata={
