@@ -58,11 +58,24 @@ def _linear_op():
 
 
 _ONEDNN_LINEAR = _linear_op()
+_ONEDNN_WORKS: dict[torch.dtype, bool] = {}  # checked once per dtype on a small product, strided operand included
+
+
+def _onednn_works(dtype: torch.dtype) -> bool:
+    if dtype not in _ONEDNN_WORKS:
+        a = torch.arange(6, dtype=torch.float32).reshape(2, 3).to(dtype)
+        b = torch.arange(12, dtype=torch.float32).reshape(3, 4).t().to(dtype)  # (4, 3), not contiguous
+        try:
+            _ONEDNN_WORKS[dtype] = torch.equal(_ONEDNN_LINEAR(a, b, None, "none", [], ""), a @ b.t())
+        except RuntimeError:
+            _ONEDNN_WORKS[dtype] = False
+    return _ONEDNN_WORKS[dtype]
 
 
 def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.t()"""
-    if _ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16):
+    if (_ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
+            and _onednn_works(a.dtype)):
         return _ONEDNN_LINEAR(a, b, None, "none", [], "")
     return a @ b.t()
 
