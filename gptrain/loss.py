@@ -9,15 +9,16 @@ matmuls and every elementwise pass over the (tokens × 50,257) logits. So the ea
   row, so a row stays in cache for its max, exp-sum and scaling), and reads each row's loss off the probability
   of its target, -log p[t] (= logsumexp − logit[t]); the rare row whose p[t] underflows (a loss above ~69) is
   recomputed with logsumexp;
-- runs only the rows that count (targets -1, SFT's masked positions, skip the head entirely);
-- in bf16 autocast rounds the probabilities to bf16 once for the two backward matmuls, as autocast's plain
-  expression rounds its gradient; dW is accumulated over chunks in float32.
+- runs the three matmuls through oneDNN on CPU, only on the rows that count (targets -1, SFT's masked positions,
+  skip the head entirely), and under no_grad computes the loss alone.
 
 Float32 gives F.cross_entropy(F.linear(x, w[:vocab]), t, ignore_index=-1) to rounding (~1e-7; tests/test_loss.py).
-Under bf16 autocast the logits are rounded to bf16 as autocast's F.linear rounds them, then everything up to the
-rounded probabilities is float32; the difference from the plain expression is in the gradient's low bits
-(the plain one rounds (p − one-hot)/count, this one p − one-hot, then scales dW and dx in float32). Under
-torch.compile the plain expression is used and inductor fuses it.
+Under bf16 autocast the logits stay bf16, as autocast's F.linear leaves them; the softmax computes in float32
+inside ATen's kernel and writes bf16 probabilities, which feed the two gradient matmuls (as the plain expression
+rounds its gradient to bf16 for them) and the loss: read off the target's bf16 probability, a token's loss is
+within 0.2% of p (0.002 nats) of the plain expression's and a batch's mean within ~1e-4 (3e-5 measured on 1,024
+random tokens). That skips two dtype conversions of every chunk, 12% of the loss's time. dW is accumulated over
+chunks in float32. Under torch.compile the plain expression is used and inductor fuses it.
 """
 
 from __future__ import annotations
@@ -81,12 +82,11 @@ def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _row_losses(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (float32, (rows, V)) of xc's logits and each row's loss -log p[t]."""
+    """Softmax probabilities ((rows, V), in the compute dtype) of xc's logits and each row's loss -log p[t]."""
     logits = _mm_nt(xc, w)
-    logits = logits if logits.dtype == torch.float32 else logits.float()
     p = torch.softmax(logits, dim=1, out=logits)  # in place: one buffer serves the loss and the gradient
     rows = torch.arange(p.size(0), device=p.device)
-    pt = p[rows, tc]
+    pt = p[rows, tc].float()
     loss = -pt.log()
     tiny = pt < _TINY_P
     if tiny.any():  # exact for the few rows far out in the tail, from their logits again
