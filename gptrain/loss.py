@@ -82,8 +82,10 @@ def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _row_losses(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities ((rows, V), in the compute dtype) of xc's logits and each row's loss -log p[t]."""
+    """Softmax probabilities ((rows, V); float32 or bf16 as the logits) of xc's logits and each row's loss -log p[t]."""
     logits = _mm_nt(xc, w)
+    if logits.dtype not in (torch.float32, torch.bfloat16):  # float16's range would underflow p[t] at a loss of 17
+        logits = logits.float()
     p = torch.softmax(logits, dim=1, out=logits)  # in place: one buffer serves the loss and the gradient
     rows = torch.arange(p.size(0), device=p.device)
     pt = p[rows, tc].float()
@@ -117,7 +119,7 @@ def _chunked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
             loss_sum += loss.sum()
             if grads:  # d(sum of losses)/d(logits) = softmax − one-hot
                 p[torch.arange(p.size(0), device=dev), tc] -= 1.0
-                p = p.to(cdt)
+                p = p.to(cdt)  # a no-op but for float16
                 dxs[i:i + chunk] = _mm_nt(p, w_t)
                 part = _mm_nt(xc.t().contiguous(), p.t())
                 dw_t = part.float() if dw_t is None else dw_t.add_(part)

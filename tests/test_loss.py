@@ -61,3 +61,14 @@ def test_rows_far_in_the_tail_and_partial_gradients():
         assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-6)
         assert (xx.grad is not None) == xg and (ww.grad is not None) == wg
     assert torch.isnan(lm_loss(x, w, torch.full_like(t, -1), vocab)) and torch.isnan(_reference(x, w, torch.full_like(t, -1), vocab))
+
+
+def test_float16_autocast_keeps_losses_far_in_the_tail():
+    """float16 probabilities would underflow at a loss of ~17: those chunks use float32 for the softmax."""
+    torch.manual_seed(2)
+    vocab = 200
+    x, w, t = torch.randn(30, 8), torch.randn(256, 8), torch.randint(0, vocab, (30,))
+    w[t[:2]] = -6 * x[:2]  # two targets ~50 nats down
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, ref = lm_loss(x, w, t, vocab), _reference(x, w, t, vocab)
+    assert torch.isfinite(got) and torch.allclose(got, ref, rtol=1e-2)
