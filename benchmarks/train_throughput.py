@@ -41,6 +41,24 @@ def hf_model(cfg):
     return model
 
 
+def profile(name: str, step, steps: int, dev: str) -> None:
+    """torch.profiler over `steps` steps: the ops with the most self time, per step."""
+    from torch.profiler import ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+    key = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    print(f"\n## profile: {name}, {steps} steps, {total / 1e3 / steps:.1f} ms of self time per step")
+    print("| op | calls/step | self ms/step | share |")
+    print("|---|---|---|---|")
+    for e in events[:15]:
+        t = getattr(e, key)
+        print(f"| {e.key} | {e.count / steps:g} | {t / 1e3 / steps:.1f} | {100 * t / total:.0f}% |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(TRAIN_PRESETS))
@@ -55,6 +73,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="glibc mallopt as the gptrain command sets it (gptrain/allocator.py), for both models")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS more steps of each model (torch.profiler) and print the top ops")
     a = p.parse_args(argv)
     if a.keep_freed_memory:
         keep_freed_memory()
@@ -91,18 +111,22 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(dev)
     y = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(dev)
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+
+    def step(loss_fn, optim):
+        optim.zero_grad(set_to_none=True)
+        with amp():
+            loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(optim.param_groups[0]["params"] + optim.param_groups[1]["params"], 1.0)
+        optim.step()
+        sync()
+
     for i in range(a.warmup + a.steps):
         for name, (loss_fn, optim, times) in runs.items():
-            sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            optim.zero_grad(set_to_none=True)
-            with amp():
-                loss = loss_fn(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(optim.param_groups[0]["params"] + optim.param_groups[1]["params"], 1.0)
-            optim.step()
-            sync()
+            step(loss_fn, optim)
             if i >= a.warmup:
                 times.append((time.perf_counter() - t0, time.process_time() - c0))
     peak = peak_flops(dev)
@@ -119,6 +143,9 @@ def main(argv=None):
         print(f"| {name} | {wall:,.0f} | {cpu:,.0f} | {mfu} |")
     (bw, bc), (ow, oc) = result.values()
     print(f"speed-up: {ow / bw:.2f}x wall, {oc / bc:.2f}x per CPU-second")
+    if a.profile:
+        for name, (loss_fn, optim, _) in runs.items():
+            profile(name, lambda: step(loss_fn, optim), a.profile, dev)
     return {"baseline_tokens_per_sec": bw, "gptrain_tokens_per_sec": ow, "compiled": compile, "dtype": dtype}
 
 

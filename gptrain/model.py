@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptrain.loss import lm_loss
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -287,71 +289,3 @@ class GPT(nn.Module):
         from gptrain.hf import save_pretrained
         save_pretrained(self, out_dir, **kwargs)
 
-
-def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-            chunk_tokens: int = 512) -> torch.Tensor:
-    """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored.
-
-    Eager mode computes it in chunks of `chunk_tokens` rows with the gradient formed in the same pass
-    (softmax − one-hot), so the (tokens × 50k) float32 logits never exist all at once: with a 50k vocabulary
-    and a small model this is most of a training step's memory traffic. Under torch.compile the plain
-    expression is used and inductor fuses it.
-    """
-    x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if torch.compiler.is_compiling() or x2.size(0) <= chunk_tokens:
-        logits = F.linear(x2, weight[:vocab_size])
-        return F.cross_entropy(logits.float(), t, ignore_index=-1)
-    return _ChunkedCrossEntropy.apply(x2, weight, t, vocab_size, chunk_tokens)
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Exactly F.cross_entropy(F.linear(x, weight[:vocab]).float(), t, ignore_index=-1), chunked over rows."""
-
-    @staticmethod
-    def forward(ctx, x, weight, t, vocab_size, chunk):
-        cdt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(x.device.type, enabled=False):
-            w, xc_all = weight[:vocab_size].to(cdt), x.to(cdt)
-            valid = t != -1
-            count = valid.sum()
-            loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
-            dx = torch.empty_like(xc_all) if grads else None
-            dw = torch.zeros(vocab_size, x.size(1), device=x.device, dtype=torch.float32) if grads else None
-            for i in range(0, x.size(0), chunk):
-                xc, tc, vc = xc_all[i:i + chunk], t[i:i + chunk].clamp(min=0), valid[i:i + chunk]
-                logits = (xc @ w.t()).float()
-                rows = torch.arange(xc.size(0), device=x.device)
-                target_logit = logits[rows, tc]
-                m = logits.amax(dim=1, keepdim=True)
-                e = logits.sub_(m).exp_()  # in place: one (chunk x vocab) buffer serves loss and gradient
-                s = e.sum(dim=1, keepdim=True)
-                lse = (m + s.log()).squeeze(1)
-                loss_sum += ((lse - target_logit) * vc).sum()
-                if grads:  # d(sum of losses)/d(logits) = softmax - onehot; ignored rows masked on the C side
-                    p = e.div_(s)
-                    p[rows, tc] -= 1.0
-                    p = p.to(cdt)
-                    keep = vc[:, None].to(cdt)
-                    dx[i:i + chunk] = (p @ w) * keep
-                    if cdt == torch.float32:
-                        dw.addmm_(p.t(), xc * keep)
-                    else:
-                        dw.add_((p.t() @ (xc * keep)).float())
-        ctx.vocab_size, ctx.padded, ctx.dtypes = vocab_size, weight.size(0), (x.dtype, weight.dtype)
-        if grads:
-            ctx.save_for_backward(dx, dw, count)
-        return loss_sum / count
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        dx, dw, count = ctx.saved_tensors
-        scale = g / count
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = (dx.float() * scale).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            gw = torch.zeros(ctx.padded, dw.size(1), device=dw.device, dtype=ctx.dtypes[1])
-            gw[:ctx.vocab_size] = dw * scale
-        return gx, gw, None, None, None

@@ -98,12 +98,16 @@ def plot(runs: list[Run], out: Path) -> Path:
                 shown += v[len(v) // 50:]  # skip the first steps' ~11 so the interesting range fills the panel
             s, v = run.series(run.evals, "val_loss")
             if s:
-                loss_ax.plot(xmap(run, s), v, color=c, lw=2, marker="." if len(s) < 30 else None,
-                             label=f"{label}val loss")
+                sparse, note = len(s) < 30, ""
+                if sparse and len(s) > 1 and s[0] == 0:  # the untrained model's ~11 lies above the chart: a line
+                    note, s, v = f" (step 0: {v[0]:.2f})", s[1:], v[1:]  # to it would be one long diagonal
+                loss_ax.plot(xmap(run, s), v, color=c, lw=1 if sparse else 2, marker="o" if sparse else None,
+                             ms=5, label=f"{label}val loss{note}")
                 shown += [x for step, x in zip(s, v) if step > 0] or v  # the untrained model's ~11 too
             s, v = run.series(run.evals, "hellaswag_acc_norm")
             if s:
-                hs_ax.plot(xmap(run, s), v, color=c, lw=2, marker="." if len(s) < 30 else None,
+                sparse = len(s) < 30
+                hs_ax.plot(xmap(run, s), v, color=c, lw=1 if sparse else 2, marker="o" if sparse else None, ms=5,
                            label=f"{label}HellaSwag acc_norm")
         if any(run.on_fineweb_edu for run in runs):  # the published number is a FineWeb-EDU loss
             loss_ax.axhline(baselines.GPT2_124M_VAL_LOSS, color="r", ls="--",

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # gptrain's demo, the README's first command: set up ./.venv, tokenize the shipped Shakespeare corpus, train the
-# `tiny` preset (CPU, or the GPU when there is one), print samples and where the run is (timings and the val loss it reaches: README).
-# Extra arguments go to `gptrain train` (e.g. --max-steps 100 for a quick look).
+# `tiny` preset (CPU, or the GPU when there is one), print samples and where the run is (timings and the val loss it
+# reaches: README). With --chat first, then fine-tune it on the shipped conversations (gptrain sft, offline) and
+# print one chat reply. Other arguments go to `gptrain train` (e.g. --max-steps 100 for a quick look).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+chat=0
+if [ "${1:-}" = "--chat" ]; then chat=1; shift; fi
 . "$root/scripts/setup_env.sh" report
 cd "$root"
 data="${GPTRAIN_DEMO_DATA:-data/shakespeare}"
@@ -28,6 +31,17 @@ if [ -d "$run/checkpoints" ]; then
   gptrain sample --model "$run" --prompt "ROMEO:" --num-samples 2 --max-new-tokens 60 --seed 0
 fi
 gptrain report "$run" >/dev/null 2>&1 && echo "report: $run/report/report.png" || true
+cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')"
 echo
-echo "demo finished in $((SECONDS - start)) s after set-up; the run is in $(cd "$run" && pwd)"
-echo "next: gptrain sample --model $run --prompt 'JULIET:'   |   gptrain report $run   |   bash scripts/test.sh"
+echo "demo finished in $((SECONDS - start)) s after set-up (${cpu:-$(uname -m)}, $(nproc 2>/dev/null || echo '?') cores); the run is in $(cd "$run" && pwd)"
+if [ "$chat" = 1 ]; then
+  # SFT on the shipped oasst-100 conversations with its defaults (the LR follows the demo's), then one question.
+  gptrain sft --model "$run" --out "$run-chat" --resume auto ${extra[@]+"${extra[@]}"}
+  echo
+  echo "== chat (gptrain chat --model $run-chat) =="
+  printf 'What is the capital of France?\n' | gptrain chat --model "$run-chat" --seed 0
+  echo
+  echo "chat demo finished in $((SECONDS - start)) s after set-up; talk to it: gptrain chat --model $run-chat"
+else
+  echo "next: gptrain sample --model $run --prompt 'JULIET:' --max-new-tokens 60   |   gptrain report $run   |   bash scripts/demo.sh --chat"
+fi

@@ -103,7 +103,7 @@ def test_jsonl_webtext_under_spawn(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 20_000)
     out = tmp_path / "web"
     prepare(str(shared_data / "webtext" / "*.jsonl"),
-            PrepareConfig(out=str(out), shard_tokens=20_000, val_tokens=5_000, workers=2, start_method="spawn"),
+            PrepareConfig(out=str(out), shard_tokens=20_000, val_tokens=20_000, workers=2, start_method="spawn"),
             progress=False)
     ref = _reference(str(shared_data))
     docs = shard_docs(out)
@@ -115,7 +115,7 @@ def test_hub_path_reads_webtext_jsonl_through_datasets(tmp_path, shared_data):
     pytest.importorskip("datasets")
     files = sorted((shared_data / "webtext").glob("*.jsonl"))
     texts = [json.loads(line)["text"] for f in files for line in f.read_text().splitlines() if line.strip()]
-    m = prepare(f"hf:{shared_data / 'webtext'}", PrepareConfig(out=str(tmp_path / "o"), val_tokens=2_000, workers=1),
+    m = prepare(f"hf:{shared_data / 'webtext'}", PrepareConfig(out=str(tmp_path / "o"), val_tokens=20_000, workers=1),
                 progress=False)
     assert m["documents_read"] == len(texts) == m["totals"]["documents"]
     tok = get_tokenizer()
@@ -227,7 +227,8 @@ def test_prepare_errors(tmp_path):
         prepare(str(tmp_path / "rows.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
     (tmp_path / "doc.txt").write_text("short text")
     with pytest.raises(GptrainError, match="went to the validation split.*smaller --val-tokens"):
-        prepare(str(tmp_path / "doc.txt"), PrepareConfig(out=str(tmp_path / "o2")), progress=False)
+        prepare(str(tmp_path / "doc.txt"), PrepareConfig(out=str(tmp_path / "o2"), val_tokens=100), progress=False)
+    assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["complete"] is False  # never complete
     with pytest.raises(GptrainError, match="needs --out"):
         prepare("shakespeare", PrepareConfig(), progress=False)
 
@@ -236,3 +237,73 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert cli_main(["prepare", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptrain: error: source ") and err.count("\n") == 1
+
+
+def _book(tmp_path, works=2):
+    """A plain-text book of a few hundred KB: one document."""
+    path = tmp_path / "book.txt"
+    path.write_text("".join(shakespeare_documents()[:works]))
+    return path
+
+
+def test_one_text_file_splits_into_val_and_train(tmp_path, capsys):
+    """A lone .txt (one document) is cut at a line: its start is val (10% of the corpus by default), the rest
+    train; the two pieces are the file's text exactly, never overlapping, and the manifest says how."""
+    book = _book(tmp_path)
+    out = tmp_path / "data"
+    assert cli_main(["prepare", str(book), "--out", str(out), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["documents_read"] == 1 and "10% of the corpus" in m["val_rule"]
+    assert m["val_tokens"] == int(book.stat().st_size / 4 * 0.1) and "10% of the corpus" in err
+    (val,), (train,) = shard_docs(out, "val"), shard_docs(out, "train")
+    tok, text = get_tokenizer(), book.read_text()
+    assert val[0] == EOT == train[0] and EOT not in val[1:] and EOT not in train[1:]
+    head, rest = tok.decode(val[1:]), tok.decode(train[1:])
+    assert head + rest == text and head.endswith("\n") and len(head) < len(text) // 5
+    assert abs(len(val) - m["val_tokens"]) < 50  # cut at the last line within the budget
+    assert m["totals"]["val"]["tokens"] == len(val) and m["totals"]["train"]["tokens"] == len(train)
+
+
+def test_prepare_resumes_after_the_cut(tmp_path, monkeypatch):
+    """Killed after the val shard of a cut document: the rerun continues with the rest of that document."""
+    book = _book(tmp_path)
+    cfg = lambda out: PrepareConfig(out=str(tmp_path / out), workers=1)  # noqa: E731
+    whole = prepare(str(book), cfg("whole"), progress=False)
+    real_write = prepare_mod.write_shard
+
+    def crash_on_train(path, tokens):
+        if "train_" in path.name:
+            raise RuntimeError("simulated crash")
+        return real_write(path, tokens)
+
+    monkeypatch.setattr(prepare_mod, "write_shard", crash_on_train)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare(str(book), cfg("resumed"), progress=False)
+    partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert [s["split"] for s in partial["shards"]] == ["val"] and not partial["complete"]
+    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    assert prepare(str(book), cfg("resumed"), progress=False)["shards"] == whole["shards"]
+
+
+def test_cut_point_prefers_line_ends():
+    line_ends = prepare_mod._line_end_table()
+    tok = get_tokenizer()
+    doc = np.asarray([EOT] + tok.encode("one two\nthree four five\nsix seven"), dtype=np.uint16)
+    assert tok.decode(doc[1:prepare_mod.cut_point(doc, 7, line_ends)]) == "one two\n"  # last line end in budget
+    assert tok.decode(doc[1:prepare_mod.cut_point(doc, 8, line_ends)]) == "one two\nthree four five\n"
+    assert prepare_mod.cut_point(doc, 2, line_ends) == 4  # no line end within 2 tokens: the first one past it
+    no_lines = np.asarray([EOT] + tok.encode("a b c d e f"), dtype=np.uint16)
+    assert prepare_mod.cut_point(no_lines, 3, line_ends) == 3
+    assert prepare_mod.cut_point(no_lines, 100, line_ends) == len(no_lines) - 1  # train keeps a token
+
+
+def test_train_runs_on_one_prepared_text_file(tmp_path):
+    """`gptrain prepare book.txt` then `gptrain train --preset tiny` on it, no other flag but a short run."""
+    out, run = tmp_path / "data", tmp_path / "run"
+    assert cli_main(["prepare", str(_book(tmp_path)), "--out", str(out), "--workers", "1"]) == 0
+    assert cli_main(["train", "--preset", "tiny", "--data", str(out), "--out", str(run), "--max-steps", "2",
+                     "--sample-every", "0"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [0, 1]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]

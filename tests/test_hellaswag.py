@@ -308,3 +308,12 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
     assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
                          "--device", "cpu", "--autocast", "bfloat16", "--json", str(out)]) == 0
     assert abs(json.loads(out.read_text())["val_loss"] - res["val_loss"]) < 0.05  # bf16: close, not equal
+    # A run trained under bf16 autocast is evaluated under it by default: its own val_loss again
+    assert gptrain_main(["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "bf16"),
+                         "--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--seq-len", "32",
+                         "--micro-batch-size", "2", "--total-batch-size", "64", "--max-steps", "1", "--eval-every", "1",
+                         "--val-tokens", "256", "--sample-every", "0", "--threads", "1", "--dtype", "bfloat16"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert gptrain_main(["eval", "val", "--model", str(tmp_path / "bf16"), "--data", str(tmp_path / "data"),
+                         "--device", "cpu", "--json", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["val_loss"] - [r for r in logged if "val_loss" in r][-1]["val_loss"]) < 1e-5

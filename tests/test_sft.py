@@ -69,17 +69,22 @@ def test_masked_loss_is_the_mean_over_assistant_tokens_only():
     assert keep.sum().item() == sum(int(m[1:].sum()) for _, m in examples)
 
 
-def test_no_pack_puts_one_conversation_per_row_and_truncation_keeps_assistant_tokens():
-    examples, truncated, dropped = encode_conversations([conv(i, 2) for i in range(5)] + [conv(9, 60)], 24, TOK)
-    assert truncated == 1 and dropped == 0 and max(len(ids) for ids, _ in examples) == 25
+def test_no_pack_puts_one_conversation_per_row_and_long_ones_are_cut_into_pieces():
+    examples, cut, dropped = encode_conversations([conv(i, 2) for i in range(5)] + [conv(9, 60)], 24, TOK)
+    assert cut == 1 and dropped == 0 and max(len(ids) for ids, _ in examples) == 25
+    whole = render_conversation(conv(9, 60), TOK)[0]
+    pieces = [ids.tolist() for ids, _ in examples[5:]]
+    assert len(pieces) > 1 and sum((p[1:] for p in pieces), pieces[0][:1]) == whole  # every target once, in order
     x, y = ConversationLoader(examples, B=6, T=24, shuffle=False, pack=False).next_batch()
     for (ids, _), xr, yr in zip(examples, x.tolist(), y.tolist()):
         n = min(len(ids), 24)  # the conversation fills the row's start; the rest is padding, never a target
         assert xr[:n] == ids[:n].tolist() and set(xr[n:]) <= {TOK.eot} and set(yr[len(ids) - 1:]) <= {-1}
-    # a system-and-user-only conversation, or one whose reply is cut away entirely, has nothing to learn: dropped
+    # a long question: the pieces holding only the question have nothing to learn and are dropped; the reply's is kept
     long_question = [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]
-    _, _, dropped = encode_conversations([long_question], 24, TOK)
-    assert dropped == 1
+    examples, cut, dropped = encode_conversations([long_question], 24, TOK)
+    assert (cut, dropped, len(examples)) == (1, 0, 1)
+    ids, mask = examples[0]
+    assert ids[mask].tolist() == TOK.encode("ok") + [END]
 
 
 def test_loader_resumes_exactly_and_ranks_share_the_global_batch():
@@ -216,3 +221,30 @@ def test_bad_sources_are_one_line_errors(pretrained, tmp_path, capsys):
                 "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptrain: error:") and "missing.jsonl does not exist" in err and "\n" not in err
+
+
+def test_sft_works_offline_on_the_shipped_set_with_its_defaults(pretrained, tmp_path):
+    """No --data, no --lr: the shipped oasst-100 conversations and an LR fitted to the model; the held-out
+    assistant loss falls and the samples are chat-format replies."""
+    run = tmp_path / "chat"
+    assert cli(["sft", "--model", str(pretrained), "--out", str(run), "--max-steps", "8", "--eval-every", "8",
+                "--sample-every", "8", "--save-every", "0", "--micro-batch-size", "2", "--threads", "2",
+                "--log-every", "0"]) == 0
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [e["val_loss"] for e in events if "val_loss" in e]
+    assert len(vals) == 2 and vals[-1] < vals[0] - 0.1, vals  # 8.63 -> 8.50 in 8 steps for this barely trained model
+    (samples,) = [e["samples"] for e in events if "samples" in e]
+    assert samples[0].startswith("User: What is the capital of France? | Assistant:")
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["source"] == "oasst-100" and config["data"]["conversations"] == 102
+    assert config["train"]["lr"] == pytest.approx(5e-5 * 768 / 32)  # an HF directory: scaled from its width
+
+
+def test_sft_lr_follows_a_gptrain_runs_pretraining(tmp_path):
+    from gptrain.chat.sft import sft_lr
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=128))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {"lr": 2e-3, "embedding_lr_scale": 5.0}}))
+    assert sft_lr(str(tmp_path / "run"), model) == (1e-3, 5.0)
+    assert sft_lr(str(tmp_path / "run" / "checkpoints" / "step_00000010"), model) == (1e-3, 5.0)
+    assert sft_lr(str(tmp_path / "hf"), model) == (pytest.approx(3e-4), 1.0)

@@ -1,6 +1,8 @@
 """Conversation datasets: every source becomes a list of conversations in the chat format's message form.
 
 `load_conversations(source)` reads
+- `oasst-100`: the set shipped inside the package (100 OpenAssistant trees, Apache-2.0; gptrain/assets/
+  oasst_en_100_tree.NOTICE), so SFT works offline;
 - local `.jsonl`, `.jsonl.gz`, `.json` or `.parquet` files whose records are any of
   - OpenAI-style `{"messages": [{"role", "content"}, ...]}`,
   - OpenAssistant message trees `{"prompt": {"text", "role": "prompter", "replies": [...]}}`: each root-to-leaf
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from importlib import resources
 from pathlib import Path
 
 from gptrain.chat.format import validate_messages
@@ -27,12 +30,16 @@ from gptrain.errors import GptrainError, require
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+SHIPPED = {"oasst-100": "oasst_en_100_tree.jsonl.gz"}  # name -> file in gptrain/assets
 
 
 def load_conversations(source: str, split: str = "train", limit: int | None = None) -> list[list[dict]]:
     """Conversations from a file or `hf:NAME`; `split` applies to `hf:` sources, `limit` keeps the first N."""
     if source.startswith("hf:"):
         records, where = _hf_records(source[3:], split), source
+    elif source in SHIPPED:
+        with resources.as_file(resources.files("gptrain") / "assets" / SHIPPED[source]) as path:
+            records, where = list(_file_records(path)), source
     else:
         path = Path(source)
         if path.is_dir():

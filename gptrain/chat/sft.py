@@ -3,9 +3,9 @@ assistant's tokens only.
 
 Conversations (gptrain/chat/datasets.py) are rendered by gptrain/chat/format.py; each one becomes ids plus
 next-token targets that are -1 (ignored by the model's loss) wherever the format's mask is 0. Rows of
-`seq_len + 1` tokens hold whole conversations only: packed several to a row (default) or one per row
-(`--no-pack`), padded at the end, so no conversation is ever cut across rows; a conversation longer than a row is
-truncated and one left with no assistant token is dropped. With packing, a conversation can attend to the ones
+`seq_len + 1` tokens hold whole conversations: packed several to a row (default) or one per row (`--no-pack`),
+padded at the end, so no conversation that fits a row is cut across rows; a longer one is cut into row-sized
+pieces (each target learned once), and pieces with no assistant token are dropped. With packing, a conversation can attend to the ones
 before it in its row, as pretraining documents do after their `<|endoftext|>`; the loss never reaches across.
 
 A held-out slice of the conversations (`--val-fraction`) gives the validation loss. Everything else (the
@@ -30,27 +30,28 @@ from gptrain.errors import GptrainError
 from gptrain.model import GPT
 from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
-from gptrain.train.config import TrainConfig
+from gptrain.train.config import TrainConfig, recorded_train_config
 from gptrain.train.trainer import Trainer, check_run_inputs, print_plan, run_and_record, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
 
 def encode_conversations(convs: list[list[dict]], seq_len: int, tokenizer: Tokenizer | None = None):
-    """(ids, mask) int arrays per conversation, each at most seq_len + 1 tokens; those left without a learned
-    token after truncation are dropped. Returns (examples, number truncated, number dropped)."""
+    """(ids, mask) int arrays, each at most seq_len + 1 tokens. A conversation longer than that is cut into
+    consecutive pieces of seq_len + 1 tokens overlapping by one (so each target is learned once, the reply's end
+    and its `<|end|>` included: a model with a short context still learns to stop); pieces without a learned
+    token are dropped. Returns (examples, number of conversations cut, number dropped entirely)."""
     tok = tokenizer or get_tokenizer(chat=True)
-    examples, truncated, dropped = [], 0, 0
+    examples, cut, dropped = [], 0, 0
     for conv in convs:
         ids, mask = render_conversation(conv, tok)
-        if len(ids) > seq_len + 1:
-            truncated += 1
-            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-        if not any(mask[1:]):
-            dropped += 1
-            continue
-        examples.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.bool_)))
-    return examples, truncated, dropped
+        starts = range(0, max(1, len(ids) - 1), seq_len)
+        cut += len(starts) > 1
+        pieces = [(ids[a:a + seq_len + 1], mask[a:a + seq_len + 1]) for a in starts]
+        pieces = [(i, m) for i, m in pieces if any(m[1:])]
+        dropped += not pieces
+        examples += [(np.asarray(i, dtype=np.int64), np.asarray(m, dtype=np.bool_)) for i, m in pieces]
+    return examples, cut, dropped
 
 
 def split_train_val(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -88,7 +89,7 @@ class ConversationLoader:
         too_long = max(len(ids) for ids, _ in examples)
         if too_long > T + 1:
             raise GptrainError(f"a conversation of {too_long} tokens does not fit rows of seq_len={T}; "
-                               "encode_conversations truncates to seq_len + 1")
+                               "encode_conversations cuts them to seq_len + 1")
         self.examples, self.B, self.T = examples, B, T
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.pack = shuffle, pack
@@ -217,11 +218,25 @@ class SFTOptions:
                                  metadata={"help": "user message answered in the samples during training"})
 
 
-# Fine-tuning recipe: a small LR without decay to zero, no weight decay, few epochs. Flags override each value;
-# seq_len and total_batch_size, when not given, follow the model's context window (up to 1024) and 4 micro-steps.
-SFT_DEFAULTS = dict(lr=5e-5, min_lr_ratio=0.1, warmup_steps=20, weight_decay=0.0, micro_batch_size=4, epochs=2.0,
+# Fine-tuning recipe: an LR that fits the model (sft_lr), no decay to zero, no weight decay, few epochs. Flags
+# override each value; seq_len and total_batch_size, when not given, follow the model's context window (up to
+# 1024) and 4 micro-steps; warm-up is at most a tenth of the steps.
+SFT_DEFAULTS = dict(min_lr_ratio=0.1, warmup_steps=20, weight_decay=0.0, micro_batch_size=4, epochs=2.0,
                     max_steps=0, eval_every=50, sample_every=100, num_samples=1, sample_tokens=64, save_every=200,
                     hellaswag_data="none")
+SFT_LR_HELP = ("half the pretraining peak LR of a gptrain run, with its --embedding-lr-scale (the demo's: 1e-3, "
+               "5x); for other weights 5e-5 x 768 / the model's width (5e-5 for GPT-2 124M)")
+
+
+def sft_lr(init_from: str, model: GPT) -> tuple[float, float]:
+    """(lr, embedding_lr_scale) for fine-tuning `model` when --lr is not given. A gptrain run records its
+    pretraining LR: half of it, and the same embedding scale (on the demo model, against 5e-5 whose samples did not
+    change: held-out assistant loss 6.46 after 2 epochs of oasst-100 and 9 of 15 replies closed with <|end|>;
+    README, "SFT"). Other weights (a Hub GPT-2) get the usual 5e-5 at GPT-2 124M's width, more for narrower ones."""
+    pre = recorded_train_config(init_from)
+    if isinstance(pre.get("lr"), (int, float)) and pre["lr"] > 0:
+        return 0.5 * pre["lr"], float(pre.get("embedding_lr_scale") or 1.0)
+    return 5e-5 * 768 / model.config.n_embd, 1.0
 NOT_FOR_SFT = ("data", "init_from", "model", "n_layer", "n_head", "n_embd", "val_tokens", "hellaswag_data",
                "hellaswag_limit", "compile", "sample_prompt")
 
@@ -237,11 +252,12 @@ class ChatTrainer(Trainer):
     def sample(self) -> list[str]:
         from gptrain.generate import complete
         prompt = render_for_completion([{"role": "user", "content": self.question}], self.tokenizer)
+        n_new = min(self.cfg.sample_tokens, self.model.config.block_size - len(prompt))  # what the window leaves
         with self.wrapped.gathered() as model:  # every rank enters (FSDP gathers the weights); rank 0 samples
             if not self.env.is_master:
                 return []
             with self.autocast():
-                new = complete(model, [prompt] * self.cfg.num_samples, max_new_tokens=self.cfg.sample_tokens,
+                new = complete(model, [prompt] * self.cfg.num_samples, max_new_tokens=n_new,
                                top_k=50, seed=self.cfg.seed, stop_ids=stop_ids(self.tokenizer))
         self.last_samples = [f"User: {self.question} | Assistant: {self.tokenizer.decode(ids)}" for ids in new]
         return self.last_samples
@@ -260,6 +276,10 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         seed_everything(cfg.seed)
         tok = get_tokenizer(chat=True)
         model = widen_to_chat(load_model(cfg.init_from), seed=cfg.seed)
+        if "lr" not in user_set:
+            lr, embedding_scale = sft_lr(cfg.init_from, model)
+            cfg = dataclasses.replace(cfg, lr=lr, embedding_lr_scale=cfg.embedding_lr_scale
+                                      if "embedding_lr_scale" in user_set else embedding_scale)
         if "seq_len" not in user_set:
             cfg = dataclasses.replace(cfg, seq_len=min(1024, model.config.block_size))
         if "total_batch_size" not in user_set:
@@ -271,7 +291,7 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
             return print_plan(cfg, model.config)
 
         train_convs, val_convs = split_train_val(convs, opts.val_fraction, cfg.seed)
-        train_ex, truncated, dropped = encode_conversations(train_convs, cfg.seq_len, tok)
+        train_ex, cut, dropped = encode_conversations(train_convs, cfg.seq_len, tok)
         val_ex, _, _ = encode_conversations(val_convs, cfg.seq_len, tok)
         loader = ConversationLoader(train_ex, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
                                     world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle, pack=opts.pack)
@@ -281,17 +301,19 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
             cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * rows / rows_per_step)))
         if cfg.max_steps <= 0:
             raise GptrainError(f"--max-steps {cfg.max_steps} must be positive (or pass --epochs)")
+        if "warmup_steps" not in user_set:  # a short fine-tune must not spend itself warming up
+            cfg = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, max(1, cfg.max_steps // 10)))
         val = None
         if val_ex and cfg.eval_every > 0:
             val = ConversationValLoader(val_ex, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
                                         world_size=env.world_size, pack=opts.pack)
         trainer = ChatTrainer(cfg, model, loader, val, env=env, tokenizer=tok, question=opts.sample_question)
         learned = sum(int(m[1:].sum()) for _, m in train_ex)
-        note = (f"sft: {len(convs)} conversations from {cfg.data}: {len(train_ex)} train ({rows} rows of "
-                f"{cfg.seq_len}, {learned:,} assistant tokens; {truncated} truncated, {dropped} dropped), "
-                f"{len(val_ex)} held out; model {cfg.init_from}, {trainer.cfg.max_steps} steps")
-        record = {"sft": opts, "data": {"source": cfg.data, "conversations": len(convs), "train": len(train_ex),
-                                        "val": len(val_ex), "truncated": truncated, "dropped": dropped,
+        note = (f"sft: {len(convs)} conversations from {cfg.data}: {len(train_convs)} train ({rows} rows of "
+                f"{cfg.seq_len}, {learned:,} assistant tokens; {cut} cut into pieces, {dropped} dropped), "
+                f"{len(val_convs)} held out; model {cfg.init_from}, lr {cfg.lr:g}, {trainer.cfg.max_steps} steps")
+        record = {"sft": opts, "data": {"source": cfg.data, "conversations": len(convs), "train": len(train_convs),
+                                        "val": len(val_convs), "cut": cut, "dropped": dropped,
                                         "train_rows": rows, "assistant_tokens": learned}}
         return run_and_record(trainer, record, note)
     finally:
@@ -301,15 +323,19 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", dest="source", required=True, metavar="SRC",
                         help="model to fine-tune: HF GPT-2 directory or hub name (local cache), gptrain run or checkpoint")
-    parser.add_argument("--data", required=True, metavar="SOURCE",
-                        help="conversations: .jsonl/.jsonl.gz/.json/.parquet (OpenAI messages, OpenAssistant trees, "
-                             "Human/Assistant transcripts) or hf:NAME with a messages column")
+    parser.add_argument("--data", default="oasst-100", metavar="SOURCE",
+                        help="conversations: oasst-100 (shipped: 100 OpenAssistant trees, Apache-2.0; the default), "
+                             ".jsonl/.jsonl.gz/.json/.parquet (OpenAI messages, OpenAssistant trees, Human/Assistant "
+                             "transcripts) or hf:NAME with a messages column")
     add_dataclass_args(parser, TrainConfig, exclude=NOT_FOR_SFT, shown_defaults={
-        **SFT_DEFAULTS, "seq_len": "the model's context window, up to 1024", "total_batch_size": "4 micro-steps"})
+        **SFT_DEFAULTS, "lr": SFT_LR_HELP, "warmup_steps": "20, at most a tenth of the steps",
+        "seq_len": "the model's context window, up to 1024",
+        "total_batch_size": "4 micro-steps"})
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
                         default=argparse.SUPPRESS, help="torch.compile the model (default: on for CUDA, off elsewhere)")
     add_dataclass_args(parser, SFTOptions)
-    parser.epilog = "Defaults are a fine-tuning recipe, not pretraining's: small LR, no weight decay, 2 epochs."
+    parser.epilog = ("Defaults are a fine-tuning recipe, not pretraining's: an LR from the model's own (see --lr), "
+                     "no weight decay, 2 epochs of the shipped oasst-100 conversations.")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -2,13 +2,18 @@
 
 Layout of the output. Documents are read in source order; each is written as `<|endoftext|>` followed by its
 tokens. The first documents, until they hold at least `--val-tokens` tokens, form the validation split; every
-later document is train. The rule depends only on the source order, so a longer prepare of the same source keeps
-the same validation set and the two splits never share a document. Shards close at a document boundary: a shard
-holds whole documents up to `--shard-tokens`, and a document longer than that gets a shard of its own.
+later document is train. A document that would take the split past twice its size (one long book, the usual
+first try) is cut instead, after the last line that fits: its start completes the validation split and the rest,
+as a document of its own, begins train. The rule depends only on the source order and the text, so a longer
+prepare of the same source keeps the same validation set, and the two splits never share text. For local files
+the default size is 10% of the corpus (estimated from its bytes), at most 10M tokens, so a small corpus is not
+swallowed by validation. Shards close at a document boundary: a shard holds whole documents up to
+`--shard-tokens`, and a document longer than that gets a shard of its own.
 
 Resume. A finished shard is written to a temp file, fsynced and renamed, then the manifest records it together
-with the number of source documents consumed so far. Re-running the same command skips those documents and
-continues with the next shard; finished shards are verified, never rewritten. `--max-tokens` stops early (at a
+with the number of source documents consumed so far (and where the cut document was cut). Re-running the same
+command skips those documents and continues with the next shard; finished shards are verified, never rewritten.
+The manifest says `"complete": true` only after the last shard of a prepare that succeeded. `--max-tokens` stops early (at a
 document boundary); a later run with a larger `--max-tokens` extends the same directory.
 
 Speed. Worker processes receive batches of documents (about 1 MB of text each) and return one flat uint16 array
@@ -53,12 +58,16 @@ class PrepareConfig:
                                                              "ge": 1, "le": 2**31 - 1})
     val_tokens: int | None = field(default=None, metadata={
         "help": "the first documents of the source, up to this many tokens, form the validation split "
-                "(none: 100M for fineweb/fineweb-edu, as the lecture's val shard; 100k for shakespeare; 10M otherwise)",
-        "ge": 0})
+                "(none: 100M for fineweb/fineweb-edu, as the lecture's val shard; 100k for shakespeare; 10M for "
+                "other hub datasets; for local files a tenth of the corpus, at most 10M)", "ge": 0})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (val + train)", "ge": 1})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per CPU core)", "ge": 0, "le": 256})
     start_method: str | None = field(default=None, metadata={
         "help": "multiprocessing start method (none: the platform's default)", "choices": [None, "spawn", "fork", "forkserver"]})
+
+
+BYTES_PER_TOKEN = 4  # GPT-2 tokens of English text, roughly; only sizes the default validation split of local files
+VAL_FRACTION = 0.1
 
 
 def default_val_tokens(source: Source) -> int:
@@ -67,6 +76,41 @@ def default_val_tokens(source: Source) -> int:
     if source.kind == "hub" and source.params["path"].startswith("HuggingFaceFW/"):
         return 100_000_000
     return 10_000_000
+
+
+def choose_val_tokens(source: Source, requested: int | None) -> tuple[int, str]:
+    """The validation split's size and how it was chosen (printed, and kept in the manifest)."""
+    if requested is not None:
+        return requested, "--val-tokens"
+    default = default_val_tokens(source)
+    size = source.text_bytes()
+    if size is None:
+        return default, f"the default for {source.kind} sources"
+    estimate = size // BYTES_PER_TOKEN
+    if estimate * VAL_FRACTION >= default:
+        return default, f"the default for local files (10% of the corpus's ~{estimate:,} tokens is more)"
+    return max(1, int(estimate * VAL_FRACTION)), (f"10% of the corpus's ~{estimate:,} tokens ({size:,} bytes / "
+                                                  f"{BYTES_PER_TOKEN}); --val-tokens N to choose")
+
+
+def _line_end_table() -> np.ndarray:
+    """For every token id: does its text end a line? Where a long document may be cut."""
+    tok = get_tokenizer()
+    table = np.zeros(tok.n_vocab, dtype=np.bool_)
+    for i in range(tok.n_vocab):
+        if i != tok.eot and tok.enc.decode_single_token_bytes(i).endswith(b"\n"):
+            table[i] = True
+    return table
+
+
+def cut_point(tokens: np.ndarray, budget: int, line_ends: np.ndarray) -> int:
+    """Where to cut an `<|endoftext|>`-led document so its first part holds about `budget` tokens: after the last
+    line end within the budget, else after the first one past it, else at the budget. Both parts keep text."""
+    n = len(tokens)
+    k = min(max(budget, 2), n - 1)
+    ends = np.flatnonzero(line_ends[tokens[1:n - 1]]) + 2  # cutting at k keeps tokens[:k]; tokens[k - 1] ends a line
+    before, after = ends[ends <= k], ends[ends > k]
+    return int(before[-1]) if len(before) else int(after[0]) if len(after) else k
 
 
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +185,7 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _identity(source: Source, cfg: PrepareConfig, val_tokens: int) -> dict:
+def _identity(source: Source, cfg: PrepareConfig, val_tokens: int) -> dict:  # what resuming must match
     tok = get_tokenizer()
     return {"source": {"kind": source.kind, **source.params},
             "tokenizer": {"name": tok.name, "sha256": tok.sha256},
@@ -184,11 +228,11 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     validate(cfg)
     check_output_dir(cfg.out, "--out")
     source = resolve_source(source_spec, split=cfg.split, text_field=cfg.text_field)
-    val_target = default_val_tokens(source) if cfg.val_tokens is None else cfg.val_tokens
+    val_target, val_rule = choose_val_tokens(source, cfg.val_tokens)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     identity = _identity(source, cfg, val_target)
-    manifest = _resume(out, identity) or {"format": FORMAT, **identity, "spec": source_spec,
+    manifest = _resume(out, identity) or {"format": FORMAT, **identity, "val_rule": val_rule, "spec": source_spec,
                                           "documents_read": 0, "complete": False, "shards": []}
     manifest["totals"] = _totals(manifest["shards"])
     total = manifest["totals"]["tokens"]
@@ -205,6 +249,7 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     docs_read = manifest["documents_read"]
     buf: list[np.ndarray] = []
     buf_tokens, buf_split = 0, None
+    line_ends = None  # built when a document has to be cut
 
     def flush():
         nonlocal buf, buf_tokens
@@ -219,20 +264,34 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
         write_json_atomic(out / MANIFEST, manifest)
         buf, buf_tokens = [], 0
 
+    def add(doc: np.ndarray, split: str):
+        nonlocal buf_tokens, buf_split, total, val_tokens
+        if buf and (split != buf_split or buf_tokens + len(doc) > cfg.shard_tokens):
+            flush()
+        buf.append(doc)
+        buf_tokens += len(doc)
+        buf_split = split
+        total += len(doc)
+        if split == "val":
+            val_tokens += len(doc)
+
     stopped = False
     for flat, lengths in _encoded(source.documents(skip=docs_read), workers, cfg.start_method):
         ends = np.cumsum(lengths)
         for end, n in zip(ends.tolist(), lengths.tolist()):
-            split = "val" if val_tokens < val_target else "train"
-            if buf and (split != buf_split or buf_tokens + n > cfg.shard_tokens):
-                flush()
-            buf.append(flat[end - n:end])
-            buf_tokens += n
-            buf_split = split
+            doc = flat[end - n:end]
+            cut = manifest.get("val_cut")  # once a document was cut, validation is complete
+            if cut is not None and cut["document"] == docs_read:  # resuming right after the cut: its start is val
+                add(np.concatenate([doc[:1], doc[cut["tokens"]:]]), "train")
+            elif cut is None and val_tokens < val_target and val_tokens + n > 2 * val_target and n > 2:
+                line_ends = _line_end_table() if line_ends is None else line_ends
+                k = cut_point(doc, val_target - val_tokens, line_ends)
+                add(doc[:k], "val")
+                manifest["val_cut"] = {"document": docs_read, "tokens": k}  # saved with the shard holding doc[:k]
+                add(np.concatenate([doc[:1], doc[k:]]), "train")
+            else:
+                add(doc, "val" if cut is None and val_tokens < val_target else "train")
             docs_read += 1
-            total += n
-            if split == "val":
-                val_tokens += n
             if cfg.max_tokens is not None and total >= cfg.max_tokens:
                 stopped = True
                 break
@@ -244,17 +303,18 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
         flush()
     if docs_read == 0:
         raise GptrainError(f"source {source_spec} has no documents; check the path, --split and --text-field")
-    manifest["complete"] = not stopped
-    write_json_atomic(out / MANIFEST, manifest)
-    if manifest["totals"]["train"]["tokens"] == 0:
+    if manifest["totals"]["train"]["tokens"] == 0:  # before "complete" is written: this prepare failed
         raise GptrainError(f"all {total:,} tokens of {source_spec} went to the validation split (--val-tokens "
                            f"{val_target:,}); run again into a new --out directory with a smaller --val-tokens")
+    manifest["complete"] = not stopped
+    write_json_atomic(out / MANIFEST, manifest)
     if progress:
         bar.update(total, len(manifest["shards"]), final=True)
         t = manifest["totals"]
+        cut = " (the last one cut at a line, the rest of it train)" if "val_cut" in manifest else ""
         print(f"prepare: {out}: train {t['train']['tokens']:,} tokens / {t['train']['documents']:,} documents in "
               f"{t['train']['shards']} shards, val {t['val']['tokens']:,} tokens / {t['val']['documents']:,} "
-              f"documents", file=sys.stderr)
+              f"documents{cut}; val size: {manifest.get('val_rule', '--val-tokens')}", file=sys.stderr)
     return manifest
 
 

@@ -48,6 +48,13 @@ class Source:
             docs = _skip(_file_documents(self.params["files"], self.params["text_field"]), skip)
         return docs
 
+    def text_bytes(self) -> int | None:
+        """Local files' size in bytes, uncompressed where gzip records it; None for other sources (unknown or,
+        for the shipped corpus, not needed)."""
+        if self.kind != "files":
+            return None
+        return sum(_uncompressed_size(f) for f in self.params["files"])
+
 
 def resolve_source(spec: list[str] | str, split: str = "train", text_field: str = "text") -> Source:
     """Turn the command line's SOURCE argument(s) into a Source, or stop with a line naming the fix."""
@@ -111,6 +118,15 @@ def _skip(it: Iterator[str], n: int) -> Iterator[str]:
 def _local_format(path: str) -> str | None:
     p = path[:-3] if path.endswith(".gz") else path
     return next((s for s in LOCAL_SUFFIXES if p.endswith(s)), None)
+
+
+def _uncompressed_size(path: str) -> int:
+    size = os.path.getsize(path)
+    if path.endswith(".gz") and size >= 18:  # gzip's trailer holds the input size mod 2**32
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            size = max(size, int.from_bytes(f.read(4), "little"))
+    return size
 
 
 def _open_text(path: str):

@@ -4,15 +4,14 @@ published baselines (gptrain/eval/baselines.py) and optionally written as JSON."
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from gptrain.errors import GptrainError
 from gptrain.eval import baselines
+from gptrain.train.config import recorded_train_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "number matches its in-loop val_loss; else 10485760, the lecture's 20 x 64 x 1024 x 8)")
     p.add_argument("--autocast", choices=("bfloat16", "float16"),
                    help="run the forward pass under autocast in this dtype, as training with --dtype bfloat16 "
-                        "evaluates (default: the model's own dtype)")
+                        "evaluates (default: bfloat16 for a gptrain run trained with --dtype bfloat16, so the number "
+                        "is its in-loop val_loss; else the model's own dtype)")
     p.set_defaults(_run=run_val)
 
 
@@ -72,19 +72,6 @@ def _load(args):
     from gptrain.hf import load_model
     device = resolve_device(args.device)
     return load_model(args.model).to(device).eval(), device
-
-
-def _run_settings(src: str) -> dict:
-    """The training settings of a gptrain run directory (or of the run a checkpoint belongs to); {} otherwise."""
-    path = Path(src)
-    for cfg in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
-        try:
-            train = json.loads(cfg.read_text()).get("train")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(train, dict):
-            return train
-    return {}
 
 
 def _write_json(path: str | None, obj) -> None:
@@ -139,22 +126,23 @@ def run_val(args) -> int:
     from gptrain.data.loader import ValLoader, check_tokenizer
     from gptrain.tokenizer import tokenizer_for_vocab
     model, device = _load(args)
-    run = _run_settings(args.model)
+    run = recorded_train_config(args.model)
     T = args.seq_len or run.get("seq_len") or model.config.block_size
     if not 0 < T <= model.config.block_size:
         raise GptrainError(f"--seq-len {T} must be between 1 and the model's context window {model.config.block_size}")
     val = ValLoader(args.data, args.batch_size, T, max_tokens=args.val_tokens or run.get("val_tokens") or 10_485_760)
     check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
     total, count = 0.0, 0
-    dtype = getattr(torch, args.autocast or "bfloat16")
+    autocast = args.autocast or ("bfloat16" if run.get("dtype") == "bfloat16" else None)
+    dtype = getattr(torch, autocast or "bfloat16")
     for x, y in val.batches():
-        with torch.autocast(device.type, dtype=dtype, enabled=args.autocast is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
             _, loss = model(x.to(device), y.to(device))
         n = int((y != -1).sum())
         total += loss.item() * n
         count += n
     res = {"val_loss": total / count, "tokens": count}
-    print(f"validation loss over {count:,} tokens of {args.data} (T={T})")
+    print(f"validation loss over {count:,} tokens of {args.data} (T={T}{f', {autocast} autocast' if autocast else ''})")
     if baselines.val_loss_comparable(val.manifest.get("source")):
         print(baselines.table("FineWeb-EDU validation loss", {args.model: res, **baselines.VAL_LOSS}, ["val_loss"]))
     else:

@@ -9,7 +9,9 @@ run continues (how it executes, not what it trains); re-running a command with a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 
 def _f(default, help: str, **meta):
@@ -155,3 +157,18 @@ def resolve(preset: str | None, overrides: dict) -> TrainConfig:
         base = replace(base, **TRAIN_PRESETS[preset])
     known = {f.name for f in fields(TrainConfig)}
     return replace(base, **{k: v for k, v in overrides.items() if k in known})
+
+
+def recorded_train_config(src: str) -> dict:
+    """The training settings recorded in a gptrain run directory's config.json (for a run, one of its checkpoints or
+    the checkpoints directory); {} for anything else (an HF directory, a hub name). Commands that use a trained
+    model default to them: `eval val` to the run's seq_len, val_tokens and dtype, `sft` to its learning rate."""
+    path = Path(src)
+    for cfg in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
+        try:
+            train = json.loads(cfg.read_text()).get("train")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict):
+            return train
+    return {}

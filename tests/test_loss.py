@@ -1,9 +1,9 @@
-"""The chunked cross-entropy (gptrain.model.lm_loss) equals the plain expression, values and gradients."""
+"""The chunked cross-entropy (gptrain.loss.lm_loss) equals the plain expression, values and gradients."""
 
 import torch
 import torch.nn.functional as F
 
-from gptrain.model import lm_loss
+from gptrain.loss import lm_loss
 
 
 def _reference(x, w, t, vocab):
@@ -44,3 +44,31 @@ def test_chunked_loss_under_bf16_autocast_matches_plain():
     assert gx1.dtype == torch.float32 and gw1.dtype == torch.float32
     assert torch.allclose(l1, l2, atol=1e-3)
     assert torch.allclose(gx1, gx2, atol=2e-3, rtol=2e-2) and torch.allclose(gw1, gw2, atol=2e-3, rtol=2e-2)
+
+
+def test_rows_far_in_the_tail_and_partial_gradients():
+    """A target whose probability underflows float32 (loss ~ 200) is still exact; x or w alone may need grads."""
+    torch.manual_seed(1)
+    vocab = 300
+    x, w, t = torch.randn(40, 8), torch.randn(320, 8), torch.randint(0, vocab, (40,))
+    w[t[:3]] = -30 * x[:3]  # rows 0-2: the target's logit far below the others
+    ref = _reference(x, w, t, vocab)
+    assert ref > 5
+    for xg, wg in ((True, False), (False, True)):
+        xx, ww = x.clone().requires_grad_(xg), w.clone().requires_grad_(wg)
+        loss = lm_loss(xx, ww, t, vocab, chunk_tokens=16)
+        loss.backward()
+        assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-6)
+        assert (xx.grad is not None) == xg and (ww.grad is not None) == wg
+    assert torch.isnan(lm_loss(x, w, torch.full_like(t, -1), vocab)) and torch.isnan(_reference(x, w, torch.full_like(t, -1), vocab))
+
+
+def test_float16_autocast_keeps_losses_far_in_the_tail():
+    """float16 probabilities would underflow at a loss of ~17: those chunks use float32 for the softmax."""
+    torch.manual_seed(2)
+    vocab = 200
+    x, w, t = torch.randn(30, 8), torch.randn(256, 8), torch.randint(0, vocab, (30,))
+    w[t[:2]] = -6 * x[:2]  # two targets ~50 nats down
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, ref = lm_loss(x, w, t, vocab), _reference(x, w, t, vocab)
+    assert torch.isfinite(got) and torch.allclose(got, ref, rtol=1e-2)
