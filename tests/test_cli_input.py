@@ -113,7 +113,8 @@ def test_help_shows_ranges_and_the_presets_values():
     code, out, _ = run(["train", "--help", "--preset=gpt2-350m"])  # either order
     assert "maximum learning rate (default: 0.0003;" in " ".join(out.split())
     code, out, _ = run(["sft", "--help"])
-    assert code == 0 and "maximum learning rate (default: 5e-05;" in " ".join(out.split())
+    assert code == 0 and "maximum learning rate (default: half the pretraining peak LR of a gptrain run" in " ".join(
+        out.split())  # sft's own default, not pretraining's
 
 
 def test_mistyped_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion():
