@@ -1,8 +1,8 @@
 """Training-step throughput: gptrain's step against a plain PyTorch baseline of the same model, same run.
 
 Baseline: transformers' GPT2LMHeadModel (SDPA attention, eager) with the same shape and weights init, the lecture's
-loss (`F.cross_entropy` over the full float logits) and the same AdamW. gptrain: its GPT with the chunked loss,
-compiled or not as the trainer would on this device, autocast as the trainer would. The two steps alternate
+loss (`F.cross_entropy` over the full float logits) and the lecture's AdamW (fused on CUDA only). gptrain: its GPT
+with the chunked loss, compiled or not, autocast, attention kernel and AdamW as the trainer would on this device. The two steps alternate
 (A, B, A, B, ...) so both see the same machine load; the median of the timed steps after warm-up is reported,
 as wall-clock tokens/s and (CPU) tokens per CPU-second of this process, which contention disturbs less.
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptrain.allocator import keep_freed_memory  # noqa: E402
+from gptrain.devices import attention_kernels  # noqa: E402
 from gptrain.model import GPT, preset as model_preset  # noqa: E402
 from gptrain.train.config import TRAIN_PRESETS, resolve  # noqa: E402
 from gptrain.train.metrics import peak_flops  # noqa: E402
@@ -96,18 +97,21 @@ def main(argv=None):
     base = hf_model(mcfg).to(dev)
     base.train()
 
-    def opt(m):
-        return make_optimizer(m, lr=1e-4, weight_decay=0.1, device_type=dev.split(":")[0])
+    def opt(m, baseline: bool):  # the baseline's AdamW as the lecture builds it: fused on CUDA only
+        kind = dev.split(":")[0]
+        return make_optimizer(m, lr=1e-4, weight_decay=0.1, device_type=kind,
+                              fused=kind == "cuda" if baseline else None)
 
     def ours_loss(x, y):
-        return ours_fwd(x, y)[1]
+        with attention_kernels(dev.split(":")[0], T, compile):
+            return ours_fwd(x, y)[1]
 
     def base_loss(x, y):
         logits = base(x).logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
 
-    runs = {"baseline (HF GPT2LMHeadModel, sdpa, eager)": (base_loss, opt(base), []),
-            f"gptrain ({'compiled' if compile else 'eager'}, chunked loss)": (ours_loss, opt(ours), [])}
+    runs = {"baseline (HF GPT2LMHeadModel, sdpa, eager)": (base_loss, opt(base, True), []),
+            f"gptrain ({'compiled' if compile else 'eager'}, chunked loss)": (ours_loss, opt(ours, False), [])}
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(dev)
     y = torch.randint(0, mcfg.vocab_size, (B, T), generator=g).to(dev)

@@ -117,8 +117,27 @@ def test_optimizer_groups_match_torch_adamw(tiny_config):
     named = {k: p for k, p in b.named_parameters()}
     ref = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": 0.1},
                              {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    assert opt.defaults["fused"]  # on CPU too: one pass per tensor
     assert_same_updates(a, opt, b, ref)
+
+
+def test_fused_cpu_adamw_is_the_default_algorithm_to_rounding(tiny_config):
+    """The fused kernel gptrain uses on CPU updates as torch's default (for-loop) AdamW does, to float rounding."""
+    from gptrain.train.optim import make_optimizer
+    torch.manual_seed(0)
+    a, b = GPT(tiny_config), GPT(tiny_config)
+    b.load_state_dict(a.state_dict())
+    opts = [make_optimizer(m, lr=1e-3, weight_decay=0.1, fused=f) for m, f in ((a, True), (b, False))]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    x = torch.randint(0, 50257, (2, 16))
+    for _ in range(5):
+        for m, o in zip((a, b), opts):
+            o.zero_grad()
+            m(x[:, :-1], x[:, 1:])[1].backward()
+            o.step()
+    for (ka, pa), (kb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-5, msg=ka)  # 1% of one step (lr 1e-3); ~3e-6 seen
 
 
 def test_embedding_lr_scale_is_a_third_group_at_a_multiple_of_the_schedule(tiny_config):
@@ -136,7 +155,7 @@ def test_embedding_lr_scale_is_a_third_group_at_a_multiple_of_the_schedule(tiny_
     ref = torch.optim.AdamW([
         {"params": [p for p in named.values() if p.dim() >= 2 and p is not wte_b], "weight_decay": 0.1, "lr": 1e-3},
         {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0, "lr": 1e-3},
-        {"params": [wte_b], "weight_decay": 0.1, "lr": 5e-3}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        {"params": [wte_b], "weight_decay": 0.1, "lr": 5e-3}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     assert_same_updates(a, opt, b, ref)
 
 
@@ -295,3 +314,29 @@ def test_no_sync_only_on_last_micro_step(monkeypatch, tiny_config):
         with w.no_sync(last_micro_step=i == 3):
             pass
     assert calls == ["no_sync"] * 3
+
+
+def test_short_windows_on_cpu_take_the_math_attention_kernel(tiny_config):
+    """At T <= 128 on CPU the trainer's attention context runs the math kernel (faster there), with the flash
+    kernel's losses and gradients; longer windows, other devices and compiled models keep the default."""
+    from torch.profiler import ProfilerActivity, profile
+    from gptrain.devices import attention_kernels
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x = torch.randint(0, 50257, (2, 17))
+
+    def run(ctx):
+        model.zero_grad()
+        with profile(activities=[ProfilerActivity.CPU]) as prof, ctx:
+            loss = model(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+        ops = {e.key for e in prof.key_averages()}
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], any("flash" in o for o in ops)
+
+    flash_loss, flash_grads, used_flash = run(attention_kernels("cpu", 256))
+    math_loss, math_grads, math_used_flash = run(attention_kernels("cpu", 128))
+    assert used_flash and not math_used_flash
+    torch.testing.assert_close(math_loss, flash_loss, rtol=0, atol=1e-6)
+    for a, b in zip(math_grads, flash_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert run(attention_kernels("cpu", 128, compiled=True))[2] and run(attention_kernels("cuda", 128))[2]

@@ -1,7 +1,9 @@
 """AdamW with the lecture's parameter groups, and the learning-rate schedules.
 
 Weight decay applies to tensors of two or more dimensions (matmul weights, embeddings) and never to biases or
-LayerNorm gains, as in GPT-3 and the lecture. The fused AdamW kernel is used on CUDA, where it is faster.
+LayerNorm gains, as in GPT-3 and the lecture. The fused AdamW kernel is used on CUDA and on CPU: on CPU it updates
+each tensor in one multi-threaded pass where the default loops over a dozen elementwise ops (~10 ms of the tiny
+demo's ~210 ms step; benchmarks/RESULTS.md).
 
 Each group carries an `lr_scale`: the trainer sets a group's lr to the schedule's value times it. It is 1 for
 the lecture's two groups; `embedding_lr_scale` != 1 moves the token embedding (tied to the LM head) into a third
@@ -31,11 +33,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8,
-                   embedding_lr_scale: float = 1.0, device_type: str = "cpu") -> torch.optim.AdamW:
+                   embedding_lr_scale: float = 1.0, device_type: str = "cpu", fused: bool | None = None
+                   ) -> torch.optim.AdamW:
+    """`fused` defaults to on for CPU and CUDA (the lecture fuses on CUDA only; benchmarks/train_throughput.py
+    passes that for its baseline)."""
     groups = param_groups(model, weight_decay, embedding_lr_scale)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+    if fused is None:
+        fused = device_type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def lr_at(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,

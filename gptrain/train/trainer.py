@@ -23,6 +23,7 @@ import torch
 
 from gptrain.config import (add_dataclass_args, check_output_dir, overrides_from_args, runtime_fields, to_jsonable,
                             validate, write_json_atomic)
+from gptrain.devices import attention_kernels
 from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, GPTConfig, preset as model_preset
 from gptrain.train import distributed, memory
@@ -142,10 +143,19 @@ class Trainer:
             raise e.with_continuation(self.how_to_continue()) from None
 
     # --- the pieces of a step
+    @contextlib.contextmanager
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.env.device_type, dtype=self.amp_dtype)
+        """The numerics of a forward pass: autocast to the run's dtype, and the attention kernel for its window."""
+        with contextlib.ExitStack() as stack:
+            if self.amp_dtype is not None:
+                stack.enter_context(torch.autocast(device_type=self.env.device_type, dtype=self.amp_dtype))
+            stack.enter_context(self.attention())
+            yield
+
+    def attention(self):
+        """The attention kernel for this run's window (gptrain/devices.py). Backward runs under it too: activation
+        checkpointing recomputes a Block there and must take the forward's kernel."""
+        return attention_kernels(self.env.device_type, self.cfg.seq_len, self.compile)
 
     def lr(self, step: int) -> float:
         c = self.cfg
@@ -165,7 +175,8 @@ class Trainer:
                     _, loss = self.wrapped.train(x, y)
                 loss = inject_test_nan(self.step, loss / self.grad_accum)
                 loss_accum += loss.detach()
-                loss.backward()
+                with self.attention():
+                    loss.backward()
         distributed.all_reduce_mean(loss_accum, self.env)
         norm = self.wrapped.clip_grad_norm(self.cfg.grad_clip or float("inf"))
         lr = self.lr(self.step)
