@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import operator
@@ -240,21 +241,34 @@ def to_jsonable(obj):
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of either."""
+    write_atomic(path, [(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n").encode()], str(path))
+
+
+def write_atomic(path: str | os.PathLike, parts, what: str, how_to_continue: str | None = None) -> str:
+    """Write the byte strings `parts` crash-safely (temp file, fsync, rename, fsync of the directory) and return
+    the sha256 of what was written. A full disk removes the temp file and raises the one-line DiskFullError about
+    `what` (with `how_to_continue` when given); the file's previous version, if any, is untouched."""
     path = Path(path)
+    parts = list(parts)
+    digest = hashlib.sha256()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+                digest.update(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if is_disk_full(e):
-            raise disk_full(path.parent, len(text.encode()), str(path)) from None
+            needed = sum(len(memoryview(part).cast("B")) for part in parts)
+            raise (disk_full(path.parent, needed, what) if how_to_continue is None else
+                   disk_full(path.parent, needed, what, how_to_continue)) from None
         raise
     fsync_dir(path.parent)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptrain.config import fsync_dir
-from gptrain.errors import GptrainError, disk_full, is_disk_full
+from gptrain.config import write_atomic
+from gptrain.errors import GptrainError
 
 MAGIC = 20240520
 VERSION = 1
@@ -32,25 +32,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
         raise GptrainError(f"shard {path} would hold {len(tokens)} tokens, more than llm.c's limit {MAX_SHARD_TOKENS}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, len(tokens))
-    digest = hashlib.sha256()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for part in (header.tobytes(), memoryview(tokens).cast("B")):
-                f.write(part)
-                digest.update(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full(path.parent, HEADER_BYTES + 2 * len(tokens), f"shard {path.name}",
-                            "the shards finished before it are kept: free space there and run the same command "
-                            "again to continue after them") from None
-        raise
-    fsync_dir(path.parent)
-    return digest.hexdigest()
+    return write_atomic(path, [header.tobytes(), memoryview(tokens).cast("B")], f"shard {path.name}",
+                        "the shards finished before it are kept: free space there and run the same command again "
+                        "to continue after them")
 
 
 def read_header(path: Path) -> int:
