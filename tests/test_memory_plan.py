@@ -9,7 +9,7 @@ import torch
 from gptrain.cli import main as cli
 from gptrain.errors import GptrainError
 from gptrain.model import GPT, PRESETS, preset
-from gptrain.train import distributed, memory
+from gptrain.train import memory
 from gptrain.train.config import TrainConfig, resolve
 from gptrain.train.trainer import Trainer
 from test_train import SeqLoader, small_cfg, tokens
