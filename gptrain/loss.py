@@ -18,7 +18,7 @@ inside ATen's kernel and writes bf16 probabilities, which feed the two gradient 
 rounds its gradient to bf16 for them) and the loss: read off the target's bf16 probability, a token's loss is
 within 0.2% of p (0.002 nats) of the plain expression's and a batch's mean within ~1e-4 (3e-5 measured on 1,024
 random tokens). That skips two dtype conversions of every chunk, 12% of the loss's time. dW is accumulated over
-chunks in float32 (a single chunk's product is taken as it is). Under torch.compile the plain expression is used and inductor fuses it.
+chunks in float32. Under torch.compile the plain expression is used and inductor fuses it.
 """
 
 from __future__ import annotations
@@ -26,23 +26,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Rows per chunk, for float32 logits (bf16 ones take twice as many): the three matmuls lose speed below ~256 rows;
-# 512 rows of float32 logits are 100 MB. The tiny demo's 1,024-token bf16 step is then one chunk.
+# Rows per chunk: the three matmuls lose speed below ~256 rows; 512 rows of float32 logits are 100 MB.
 CHUNK_TOKENS = 512
 _TINY_P = 1e-30  # p[t] below this (a loss above ~69 nats) loses precision to underflow: recompute that row
 
 
 def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-            chunk_tokens: int | None = None) -> torch.Tensor:
+            chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored.
 
     x: (..., C) final hidden states; weight: the (padded) LM head (V_padded, C); targets: x's leading shape.
     """
     x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if chunk_tokens is None:  # the same bytes of logits in any dtype
-        bf16 = x2.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x2.device.type) and
-                                              torch.get_autocast_dtype(x2.device.type) == torch.bfloat16)
-        chunk_tokens = CHUNK_TOKENS * 2 if bf16 else CHUNK_TOKENS
     if torch.compiler.is_compiling():
         return F.cross_entropy(F.linear(x2, weight[:vocab_size]).float(), t, ignore_index=-1)
     if torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad):
@@ -104,7 +99,7 @@ def _row_losses(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor) -> tuple[to
 
 def _chunked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
     """(summed loss, count, dx of the kept rows, dW transposed, kept row indices or None): the gradients are of
-    the summed loss (dW's float32, or the compute dtype when one chunk made it), and None without `grads`."""
+    the summed loss, and None without `grads`."""
     dev = x.device
     cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
     with torch.autocast(dev.type, enabled=False):
@@ -114,7 +109,7 @@ def _chunked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
         xs, ts = (x, t) if keep is None else (x.index_select(0, keep), t.index_select(0, keep))
         xs, w = xs.to(cdt), weight[:vocab_size].to(cdt)
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
-        dxs = dw_t = None  # dw_t: dW transposed, (C, V)
+        dxs = dw_t = None  # dw_t: dW transposed, (C, V), float32
         if grads:
             w_t = w.t().contiguous()  # (C, V): dx = p @ w as p @ w_t.t(), the fast layout
             dxs = torch.empty_like(xs)
@@ -127,10 +122,7 @@ def _chunked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
                 p = p.to(cdt)  # a no-op but for float16
                 dxs[i:i + chunk] = _mm_nt(p, w_t)
                 part = _mm_nt(xc.t().contiguous(), p.t())
-                if dw_t is None:  # one chunk: kept as is (backward writes it to float32 once)
-                    dw_t = part
-                else:
-                    dw_t = (dw_t if dw_t.dtype == torch.float32 else dw_t.float()).add_(part)
+                dw_t = part.float() if dw_t is None else dw_t.add_(part)
         if grads and dw_t is None:  # no row counts
             dw_t = torch.zeros(x.size(1), vocab_size, device=dev, dtype=torch.float32)
     return loss_sum, count, dxs, dw_t, keep
@@ -158,6 +150,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 gx = torch.zeros(ctx.shape, device=gx.device, dtype=gx.dtype).index_copy_(0, keep, gx)
         if ctx.needs_input_grad[1]:
             gw = torch.empty(ctx.padded, dw_t.size(0), device=dw_t.device, dtype=ctx.dtypes[1])
-            torch.mul(dw_t.t(), scale.reshape(1), out=gw[:dw_t.size(1)])  # (1,): multiplies in float32
+            torch.mul(dw_t.t(), scale, out=gw[:dw_t.size(1)])
             gw[dw_t.size(1):] = 0
         return gx, gw, None, None, None

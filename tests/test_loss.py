@@ -40,8 +40,8 @@ def test_chunked_loss_under_bf16_autocast_matches_plain():
     x, w, t = torch.randn(300, 32), torch.randn(512, 32) * 0.3, torch.randint(0, vocab, (300,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (l2, gx2, gw2) = _grads(_reference, x, w, t, vocab)
-        for chunk in (64, None):  # 5 chunks accumulated in float32; the default: one chunk
-            (l1, gx1, gw1) = _grads(lambda *a: lm_loss(*a, chunk_tokens=chunk), x, w, t, vocab)
+        for kwargs in ({"chunk_tokens": 64}, {}):  # 5 chunks accumulated in float32; the default: one chunk
+            (l1, gx1, gw1) = _grads(lambda *a: lm_loss(*a, **kwargs), x, w, t, vocab)
             assert gx1.dtype == torch.float32 and gw1.dtype == torch.float32
             assert torch.allclose(l1, l2, atol=1e-3)
             assert torch.allclose(gx1, gx2, atol=2e-3, rtol=2e-2) and torch.allclose(gw1, gw2, atol=2e-3, rtol=2e-2)
