@@ -202,11 +202,16 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("unrecognized arguments: "):
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-            parts = []
-            for arg in message.split(": ", 1)[1].split():
+            args = message.split(": ", 1)[1].split()
+            hints = []
+            for arg in args:
                 guess = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6) if arg.startswith("--") else []
-                parts.append(f"{arg} (did you mean {guess[0]}?)" if guess else arg)
-            message = "unrecognized arguments: " + " ".join(parts)
+                hints += [(arg, guess[0])] if guess else []
+            message = "unrecognized arguments: " + " ".join(args)
+            if len(hints) == 1:
+                message += f" (did you mean {hints[0][1]}?)"
+            elif hints:
+                message += " (did you mean " + ", ".join(f"{g} for {a}" for a, g in hints) + "?)"
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -241,9 +241,9 @@ def _hub_snapshot(name: str) -> Path:
         except hub.errors.LocalEntryNotFoundError:
             continue
     raise GptrainError(
-        f"--model {name}: not a local directory and not in the Hugging Face cache {hub.constants.HF_HUB_CACHE} "
-        f"(gptrain never downloads models); on a machine with internet run `hf download {candidates[0]}` and copy "
-        "the cache, or pass --model DIR where DIR holds config.json and model.safetensors")
+        f"--model {name}: no such directory here ({Path(name).absolute()}), nor a hub model in the Hugging Face "
+        f"cache {hub.constants.HF_HUB_CACHE}; for a run or an exported model check the path, for a hub model run "
+        f"`hf download {candidates[0]}` on a machine with internet and copy the cache (gptrain never downloads)")
 
 
 # ---------------------------------------------------------------- tokenizer files

@@ -35,8 +35,9 @@ cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^
 echo
 echo "demo finished in $((SECONDS - start)) s after set-up (${cpu:-$(uname -m)}, $(nproc 2>/dev/null || echo '?') cores); the run is in $(cd "$run" && pwd)"
 if [ "$chat" = 1 ]; then
-  # SFT on the shipped oasst-100 conversations with its defaults (the LR follows the demo's), then one question.
-  gptrain sft --model "$run" --out "$run-chat" --resume auto ${extra[@]+"${extra[@]}"}
+  # SFT on the shipped oasst-100 conversations with its defaults (the LR follows the demo's), then one question:
+  # the README's own command, so running that by hand afterwards continues this run rather than changing it.
+  gptrain sft --model "$run" --out "$run-chat"
   echo
   echo "== chat (gptrain chat --model $run-chat) =="
   printf 'What is the capital of France?\n' | gptrain chat --model "$run-chat" --seed 0

@@ -123,7 +123,7 @@ def test_mistyped_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion(
         assert code == 2 and not out
         usage, message = err.strip().splitlines()
         assert usage.startswith("usage: gptrain train ")
-        assert message == f"gptrain train: error: unrecognized arguments: {typo} (did you mean --max-steps?) 3"
+        assert message == f"gptrain train: error: unrecognized arguments: {typo} 3 (did you mean --max-steps?)"
     code, _, err = run(["eval", "val", "--model", "m", "--data", "d", "--batch-sise", "2"])
     assert code == 2 and "usage: gptrain eval val --model SRC --data DIR" in err and "did you mean --batch-size?" in err
 

@@ -298,12 +298,15 @@ def test_cut_point_prefers_line_ends():
     assert prepare_mod.cut_point(no_lines, 100, line_ends) == len(no_lines) - 1  # train keeps a token
 
 
-def test_train_runs_on_one_prepared_text_file(tmp_path):
+def test_train_runs_on_one_prepared_text_file(tmp_path, capsys):
     """`gptrain prepare book.txt` then `gptrain train --preset tiny` on it, no other flag but a short run."""
     out, run = tmp_path / "data", tmp_path / "run"
     assert cli_main(["prepare", str(_book(tmp_path)), "--out", str(out), "--workers", "1"]) == 0
+    assert "/ 1 document in 1 shard," in capsys.readouterr().err
     assert cli_main(["train", "--preset", "tiny", "--data", str(out), "--out", str(run), "--max-steps", "2",
                      "--sample-every", "0"]) == 0
+    note = [line for line in capsys.readouterr().err.splitlines() if "fewer than --val-tokens 65,536" in line]
+    assert len(note) == 1 and "each evaluation reads" in note[0]  # the small split is said, not silently used
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [0, 1]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]

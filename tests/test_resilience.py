@@ -74,3 +74,11 @@ def test_nan_injection_hook(monkeypatch):
     assert resilience._NAN_STEPS == {3, 5, 6}
     assert torch.isnan(resilience.inject_test_nan(5, torch.tensor(1.0)))
     assert resilience.inject_test_nan(4, torch.tensor(1.0)).item() == 1.0
+
+
+def test_the_rerun_hint_never_repeats_a_fresh_start_or_a_pinned_checkpoint():
+    from gptrain.train.checkpoint import rerun_hint
+    assert rerun_hint(None) == rerun_hint("auto") == "run the same command again"
+    assert rerun_hint("fresh") == "run the same command without --resume fresh"
+    assert rerun_hint("runs/a/checkpoints/step_00000010") == \
+        "run the same command without --resume runs/a/checkpoints/step_00000010"

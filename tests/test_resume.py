@@ -132,7 +132,8 @@ def test_sigkill_at_a_random_moment_then_resume_auto_is_bit_exact(data, referenc
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(data, reference, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(data, run), cwd=ROOT, env=_env(GPTRAIN_TEST_SAVE_HOOK="sleep:0.4"),
+    proc = subprocess.Popen(train_cmd(data, run) + ["--resume", "fresh"], cwd=ROOT,  # a fresh start, so the hint
+                            env=_env(GPTRAIN_TEST_SAVE_HOOK="sleep:0.4"),       # must not say "same command"
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (run / "checkpoints" / "step_00000002").exists() and time.monotonic() < deadline:
@@ -141,6 +142,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(data, reference, tmp_path)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM received" in err
+    assert "run the same command without --resume fresh to continue" in out + err
     stopped = find_checkpoint(run)
     assert 2 <= int(stopped.name.split("_")[1]) < STEPS  # saved where it stopped, before the end
     assert max(losses(run)) < STEPS - 1  # the last step logged is before the end

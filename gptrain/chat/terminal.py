@@ -28,7 +28,7 @@ class ChatSession:
         tok = engine.tokenizer
         if tok is None or tok.name != "gpt2-chat":
             raise GptrainError(f"the model's vocabulary of {engine.model.config.vocab_size} tokens has no chat tokens; "
-                               "fine-tune it into a chat model first: gptrain sft --model SRC --data ... --out RUN")
+                               "fine-tune it into a chat model first: gptrain sft --model SRC --out RUN (offline, on the shipped conversations)")
         self.engine, self.params, self.tok = engine, params, tok
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict] = list(self.system)

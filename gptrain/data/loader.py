@@ -334,6 +334,7 @@ class ValLoader:
         step = B * T * world_size
         usable = total - 1 if max_tokens is None else min(total - 1, max_tokens)
         self.steps = max(usable, 0) // step
+        self.tokens, self.available = self.steps * step, total - 1  # evaluated per round; in the split (as targets)
         if self.steps == 0:
             raise GptrainError(f"{data_dir} has {total:,} validation tokens (limit {max_tokens}), fewer than one batch "
                                f"of B*T*W+1 = {step + 1:,}; prepare with a larger --val-tokens or use a smaller batch")

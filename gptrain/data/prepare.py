@@ -312,9 +312,12 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
         bar.update(total, len(manifest["shards"]), final=True)
         t = manifest["totals"]
         cut = " (the last one cut at a line, the rest of it train)" if "val_cut" in manifest else ""
-        print(f"prepare: {out}: train {t['train']['tokens']:,} tokens / {t['train']['documents']:,} documents in "
-              f"{t['train']['shards']} shards, val {t['val']['tokens']:,} tokens / {t['val']['documents']:,} "
-              f"documents{cut}; val size: {manifest.get('val_rule', '--val-tokens')}", file=sys.stderr)
+        def n(count, noun):
+            return f"{count:,} {noun}{'' if count == 1 else 's'}"
+        print(f"prepare: {out}: train {t['train']['tokens']:,} tokens / {n(t['train']['documents'], 'document')} in "
+              f"{n(t['train']['shards'], 'shard')}, val {t['val']['tokens']:,} tokens / "
+              f"{n(t['val']['documents'], 'document')}{cut}; val size: {manifest.get('val_rule', '--val-tokens')}",
+              file=sys.stderr)
     return manifest
 
 

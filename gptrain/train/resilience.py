@@ -34,8 +34,8 @@ class Preemption:
 
     DUPLICATE_WINDOW_S = 1.0
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
+    def __init__(self, rerun: str = "run the same command again", signals=(signal.SIGTERM, signal.SIGINT)):
+        self.rerun, self.signals = rerun, signals
         self.received: int | None = None
         self._at = 0.0
         self._previous = {}
@@ -67,8 +67,8 @@ class Preemption:
             return
         if signum == self.received and time.monotonic() - self._at < self.DUPLICATE_WINDOW_S:
             return
-        print(f"gptrain: second {name}: exiting now without saving; run the same command again to continue "
-              "from the last checkpoint", file=sys.stderr, flush=True)
+        print(f"gptrain: second {name}: exiting now without saving; {self.rerun} to continue from the last "
+              "checkpoint", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     def should_stop(self, device: str | torch.device = "cpu") -> bool:

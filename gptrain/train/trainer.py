@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from gptrain.devices import attention_kernels
 from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, GPTConfig, preset as model_preset
 from gptrain.train import distributed, memory
-from gptrain.train.checkpoint import Checkpointer, checkpoint_step
+from gptrain.train.checkpoint import Checkpointer, checkpoint_step, rerun_hint
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
 from gptrain.train.optim import lr_at, make_optimizer
@@ -131,10 +132,11 @@ class Trainer:
     def how_to_continue(self) -> str:
         """For an error that stops the run (a full disk): what survived and how to go on."""
         last = self.checkpoints.last_good if self.checkpoints else None
+        rerun = rerun_hint(self.cfg.resume)
         if last is None:
-            return "no checkpoint of this run was written yet; free space there and run the same command again"
+            return f"no checkpoint of this run was written yet; free space there and {rerun}"
         return (f"the last good checkpoint {last} (step {checkpoint_step(last)}) is intact; free space there and "
-                "run the same command again to continue from it")
+                f"{rerun} to continue from it")
 
     def _log(self, event: dict) -> None:
         try:
@@ -255,7 +257,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, clock = self.cfg, Clock()
-        preempt = Preemption().install()
+        preempt = Preemption(rerun_hint(cfg.resume)).install()
         try:
             while True:
                 if self._due(cfg.eval_every) and (self.val_source is not None or self.hellaswag is not None):
@@ -286,7 +288,7 @@ class Trainer:
                     self.checkpoints.save(self.step, self.tokens_seen)
                 if stop:
                     if self.env.is_master:
-                        console(f"stopped after step {self.step} on a signal; run the same command again to continue")
+                        console(f"stopped after step {self.step} on a signal; {rerun_hint(cfg.resume)} to continue")
                     break
         finally:
             preempt.uninstall()
@@ -374,6 +376,10 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.eval_every > 0 and cfg.val_tokens > 0:
             val = ValLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
                             world_size=env.world_size, max_tokens=cfg.val_tokens)
+            if val.available < cfg.val_tokens and env.is_master:
+                print(f"gptrain: note: {cfg.data} holds {val.available:,} validation tokens, fewer than --val-tokens "
+                      f"{cfg.val_tokens:,}: each evaluation reads {val.tokens:,} of them (whole batches)",
+                      file=sys.stderr)
         hellaswag = _load_hellaswag(cfg) if cfg.eval_every > 0 else None
         trainer = Trainer(cfg, model, train_loader, val, env=env, hellaswag=hellaswag, tokenizer=tokenizer)
         return run_and_record(trainer, {"data_source": manifest.get("source")})

@@ -8,7 +8,7 @@
 - `checkpointer`: `Checkpointer` (atomic save, prune, resume) and `ResumeState`
 """
 
-from gptrain.train.checkpoint.checkpointer import TEST_SAVE_HOOK, Checkpointer, ResumeState
+from gptrain.train.checkpoint.checkpointer import TEST_SAVE_HOOK, Checkpointer, ResumeState, rerun_hint
 from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, MODEL, OPTIMIZER, STATE, VERSION,
                                              checkpoint_step, list_checkpoints, step_dir)
 from gptrain.train.checkpoint.provenance import git_revision
@@ -18,5 +18,5 @@ from gptrain.train.checkpoint.verify import find_checkpoint, verify_checkpoint
 
 __all__ = ["CHECKPOINTS", "FORMAT", "MANIFEST", "META", "MODEL", "OPTIMIZER", "STATE", "TEST_SAVE_HOOK", "VERSION",
            "Checkpointer", "ResumeState", "capture_rng_state", "checkpoint_step", "find_checkpoint", "git_revision",
-           "list_checkpoints", "load_model_weights", "model_state_dict", "restore_rng_state", "step_dir",
+           "list_checkpoints", "load_model_weights", "model_state_dict", "rerun_hint", "restore_rng_state", "step_dir",
            "unwrap_model", "verify_checkpoint"]

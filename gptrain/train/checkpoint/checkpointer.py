@@ -74,6 +74,14 @@ class ResumeState:
     meta: dict = field(default_factory=dict)
 
 
+def rerun_hint(resume: str | None) -> str:
+    """How to continue a stopped run: its own command again, unless that command starts over (--resume fresh)
+    or pins a checkpoint (--resume PATH), which a rerun would repeat."""
+    if resume in (None, "auto"):
+        return "run the same command again"
+    return f"run the same command without --resume {resume}"
+
+
 class Checkpointer:
     """Saves and restores everything a run's future depends on. Every rank calls `save`/`resume` at the same
     points (they exchange small state); only rank 0 touches the disk when saving.
@@ -136,7 +144,8 @@ class Checkpointer:
             needed = self._bytes_needed()
             prev = (f"the last good checkpoint {self.last_good} (step {checkpoint_step(self.last_good)}) is intact"
                     if self.last_good else "no earlier checkpoint of this run exists")
-            how = (f"{prev}; free space there (or lower --keep-last) and run the same command again to continue"
+            how = (f"{prev}; free space there (or lower --keep-last) and {rerun_hint(self.config.get('resume'))} "
+                   "to continue"
                    + (f" from step {checkpoint_step(self.last_good)}" if self.last_good else ""))
             if is_disk_full(e, self.root, needed):
                 raise disk_full(self.root, needed, f"checkpoint {final.name}", how) from None
