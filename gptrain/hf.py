@@ -12,6 +12,7 @@ export, and never reach logits or loss either way).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -197,6 +198,9 @@ def load_model(src: str, device=None) -> GPT:
         raise GptrainError(f"--model {src}: not a Hugging Face GPT-2 directory (config.json + model.safetensors) "
                            "nor a gptrain run or checkpoint directory (checkpoints/ or MANIFEST.json)")
     elif HUB_NAME.match(src):
+        if importlib.util.find_spec("huggingface_hub") is None:  # most likely a mistyped path, not a hub name
+            raise GptrainError(f"--model {src}: no such directory here ({path.absolute()}); if it names a hub model, "
+                               "reading it from the local Hugging Face cache needs: pip install 'gptrain[hf]'")
         model = _load_hf_dir(_hub_snapshot(src))
     else:
         raise GptrainError(f"--model {src}: no such directory")

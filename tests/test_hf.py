@@ -256,3 +256,14 @@ def test_chat_export_renders_conversations_as_gptrain_does(tmp_path):
     assert ids(add_generation_prompt=True) == render_for_completion(conv, tok)
     assert ids() == render_conversation(conv, tok)[0]
     assert "chat_template" not in json.loads(tokenizer_files(50257, 32)["tokenizer_config.json"])  # base: none
+
+
+def test_a_missing_local_path_without_the_hf_extra_is_named_as_a_path(tmp_path, monkeypatch):
+    """`--model runs/typo` on the core install: a missing directory, not a request for huggingface_hub."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "huggingface_hub" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GptrainError, match=r"--model runs/typo: no such directory here \(.*runs/typo\); if it names a"
+                                           r" hub model, .*pip install 'gptrain\[hf\]'"):
+        load_model("runs/typo")
