@@ -22,7 +22,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
    && grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
   extra+=(--dtype bfloat16)
 fi
-# --resume auto: running the demo again continues (or, when finished, just re-evaluates) the same run.
+# --resume auto: running the demo again continues the same run (a finished one is left as it is).
 gptrain train --preset tiny --data "$data" --out "$run" --resume auto ${extra[@]+"${extra[@]}"} "$@"
 
 if [ -d "$run/checkpoints" ]; then

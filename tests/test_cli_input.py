@@ -4,6 +4,7 @@ numeric option of prepare, train, sft, eval, sample, chat and serve."""
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -190,3 +191,23 @@ NUMBERS = st.one_of(st.integers(min_value=-10**30, max_value=10**30).map(str),
 def test_fuzzed_numbers_exit_0_or_2_with_one_line(tmp_path, option, value):
     command, flag = option
     check_command_line([a.format(tmp=tmp_path) for a in ENDS_FAST[command]] + [flag, value])
+
+
+def test_rerunning_a_finished_run_changes_nothing(data, tmp_path):
+    """The same command on a finished run (the demo run twice) trains nothing, re-evaluates nothing and cuts
+    nothing: metrics.jsonl stays byte for byte, no metrics.jsonl.cut-* appears."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run_dir), *TRAIN, "--eval-every", "1"]
+    code, _, err = run(args)
+    assert code == 0, err
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    assert b"val_loss" in before.splitlines()[-1]  # the final evaluation follows the last checkpoint
+    code, out, err = run(args)
+    assert code == 0, err
+    assert "finished at step 2/2: nothing to train" in out + err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    assert not list(run_dir.glob("metrics.jsonl.cut-*"))
+    code, out, err = run(args[:-2] + ["--eval-every", "1", "--max-steps", "3", "--resume", "auto"])  # longer: trains on
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [0, 1, 2]

@@ -407,6 +407,8 @@ class Checkpointer:
             return
         if ckpt.parent.resolve() != self.root.resolve():
             return  # resuming another run's checkpoint: this run's log is its own
+        if checkpoint_step(ckpt) >= self.config.get("max_steps", float("inf")):
+            return  # the run's last checkpoint: what follows it is its final evaluation, which a rerun keeps
         size = self.metrics_path.stat().st_size
         if size < offset:
             warn(f"{self.metrics_path} is shorter than when {ckpt.name} was saved; appending to it as it is")
