@@ -29,7 +29,7 @@ import sys
 import typing
 from pathlib import Path
 
-from gptrain.errors import GptrainError, disk_full, is_disk_full
+from gptrain.errors import RETRY_AFTER_FREEING, GptrainError, disk_full, is_disk_full
 
 BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
 RANGE_KEYS = ("ge", "gt", "le", "lt", "allow_inf")
@@ -249,10 +249,10 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_atomic(path, [(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n").encode()], str(path))
 
 
-def write_atomic(path: str | os.PathLike, parts, what: str, how_to_continue: str | None = None) -> str:
+def write_atomic(path: str | os.PathLike, parts, what: str, how_to_continue: str = RETRY_AFTER_FREEING) -> str:
     """Write the byte strings `parts` crash-safely (temp file, fsync, rename, fsync of the directory) and return
     the sha256 of what was written. A full disk removes the temp file and raises the one-line DiskFullError about
-    `what` (with `how_to_continue` when given); the file's previous version, if any, is untouched."""
+    `what` and `how_to_continue`; the file's previous version, if any, is untouched."""
     path = Path(path)
     parts = list(parts)
     digest = hashlib.sha256()
@@ -269,8 +269,7 @@ def write_atomic(path: str | os.PathLike, parts, what: str, how_to_continue: str
         tmp.unlink(missing_ok=True)
         if is_disk_full(e):
             needed = sum(len(memoryview(part).cast("B")) for part in parts)
-            raise (disk_full(path.parent, needed, what) if how_to_continue is None else
-                   disk_full(path.parent, needed, what, how_to_continue)) from None
+            raise disk_full(path.parent, needed, what, how_to_continue) from None
         raise
     fsync_dir(path.parent)
     return digest.hexdigest()

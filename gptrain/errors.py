@@ -90,9 +90,11 @@ def is_disk_full(exc: BaseException, directory: str | os.PathLike | None = None,
     return False
 
 
+RETRY_AFTER_FREEING = "free space there (or choose another directory) and run the same command again"
+
+
 def disk_full(path: str | os.PathLike, needed_bytes: int | None, what: str,
-              how_to_continue: str = "free space there (or choose another directory) and run the same command "
-                                     "again") -> DiskFullError:
+              how_to_continue: str = RETRY_AFTER_FREEING) -> DiskFullError:
     """The one-line error for a write that ran out of space: which directory, how much was needed and is free,
     and how to continue. Raise it `from None` in place of the OSError/SafetensorError/RuntimeError."""
     directory = Path(path).absolute()

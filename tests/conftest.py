@@ -18,6 +18,19 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory):
+    """Two real llm.c shards (50 train and 10 val documents of 40 tokens, each led by <|endoftext|>), for short
+    runs and for runs that must stop before training. Read-only: shared by every test that asks."""
+    import numpy as np
+    from gptrain.data.shards import write_shard
+    d = tmp_path_factory.mktemp("small_shards")
+    rng = np.random.default_rng(0)
+    write_shard(d / "t_train_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(50)]))
+    write_shard(d / "t_val_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(10)]))
+    return d
+
+
 @pytest.fixture
 def tiny_config():
     from gptrain.model import GPTConfig

@@ -34,14 +34,10 @@ def assert_one_line_error(code, err, *needles):
         assert needle in lines[0], (needle, err)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+@pytest.fixture
+def data(small_shards):
     """Real shards (the old code would have trained on them): a bad value must stop before that."""
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    write_shard(d / "t_train_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(50)]))
-    write_shard(d / "t_val_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(10)]))
-    return d
+    return small_shards
 
 
 TRAIN = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--seq-len", "16",

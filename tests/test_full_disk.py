@@ -64,13 +64,9 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(m)], check=False)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    write_shard(d / "t_train_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(50)]))
-    write_shard(d / "t_val_000.bin", np.concatenate([[50256, *rng.integers(0, 500, 40)] for _ in range(10)]))
-    return d
+@pytest.fixture
+def data(small_shards):
+    return small_shards
 
 
 # a checkpoint of this model is ~9.8 MB: model.safetensors 3.2 MB, optimizer.pt 6.5 MB

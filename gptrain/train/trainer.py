@@ -257,16 +257,14 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, clock = self.cfg, Clock()
-        if self.step >= cfg.max_steps > 0 and self.checkpoints and self.checkpoints.last_good is not None:
-            self.log.close()  # rerun of a finished run: its final evaluation and samples are already logged
-            if self.env.is_master:
-                console(f"{cfg.out} finished at step {self.step}/{cfg.max_steps}: nothing to train (its final "
-                        "evaluation is in metrics.jsonl); to train longer, raise --max-steps and pass --resume auto")
-            return {"train_losses": [], "val_loss": None, "eval": {}, "samples": [], "step": self.step,
-                    "tokens_seen": self.tokens_seen}
+        # a rerun of a finished run: its final evaluation and samples are logged already, nothing is done again
+        finished = self.step >= cfg.max_steps and self.checkpoints and self.checkpoints.last_good is not None
+        if finished and self.env.is_master:
+            console(f"{cfg.out} finished at step {self.step}/{cfg.max_steps}: nothing to train (its final "
+                    "evaluation is in metrics.jsonl); to train longer, raise --max-steps and pass --resume auto")
         preempt = Preemption(rerun_hint(cfg.resume)).install()
         try:
-            while True:
+            while not finished:
                 if self._due(cfg.eval_every) and (self.val_source is not None or self.hellaswag is not None):
                     ev = self.evaluate()
                     self._log(ev)
