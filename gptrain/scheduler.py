@@ -257,6 +257,8 @@ class Scheduler:
         t0 = time.perf_counter()
         drawn = self._pool.step()
         seconds = time.perf_counter() - t0
+        with self._lock:  # counted before its tokens go out: a client that has its last token sees the step in stats
+            self.steps += 1
         by_seq = {id(r._seq): r for r in self._running.values()}
         for seq, token, text in drawn:
             req = by_seq[id(seq)]
@@ -268,8 +270,6 @@ class Scheduler:
                 self._finish(req, seq.finish_reason, Event(output, text, seq.finish_reason))
             else:
                 req._push(Event(token, text))
-        with self._lock:
-            self.steps += 1
         if self.on_step is not None:
             try:
                 self.on_step(self._pool.last_decode_rows, seconds, self._pool.last_prefill_tokens)
