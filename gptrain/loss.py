@@ -9,8 +9,9 @@ matmuls and every elementwise pass over the (tokens × 50,257) logits. So the ea
   row, so a row stays in cache for its max, exp-sum and scaling), and reads each row's loss off the probability
   of its target, -log p[t] (= logsumexp − logit[t]); the rare row whose p[t] underflows (a loss above ~69) is
   recomputed with logsumexp;
-- runs the three matmuls through oneDNN on CPU, only on the rows that count (targets -1, SFT's masked positions,
-  skip the head entirely), and under no_grad computes the loss alone.
+- runs the three matmuls only on the rows that count (targets -1, SFT's masked positions, skip the head
+  entirely), on CPU through oneDNN's linear or torch.mm, whichever this CPU's vendor runs faster
+  (gptrain.devices.onednn_lm_head), and under no_grad computes the loss alone.
 
 Float32 gives F.cross_entropy(F.linear(x, w[:vocab]), t, ignore_index=-1) to rounding (~1e-7; tests/test_loss.py).
 Under bf16 autocast the logits stay bf16, as autocast's F.linear leaves them; the softmax computes in float32
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from gptrain.devices import onednn_lm_head
 
 # Rows per chunk: the three matmuls lose speed below ~256 rows; 512 rows of float32 logits are 100 MB.
 CHUNK_TOKENS = 512
@@ -48,9 +51,10 @@ def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_
 
 
 def _linear_op():
-    """oneDNN's linear (x @ w.t(), any strides) where this torch has it: on CPU it runs the LM head's three float32
-    matmuls 1.2-1.8x faster than `torch.mm` (MKL), and the bf16 ones ~1.1x (benchmarks/RESULTS.md)."""
-    if not torch.backends.mkldnn.is_available():
+    """oneDNN's linear (x @ w.t(), any strides) where this torch has it and this CPU runs it faster than torch.mm:
+    on AMD EPYC the LM head's three float32 matmuls 1.2-1.8x, the bf16 ones ~1.1x; not on Intel Xeon, where
+    torch.mm is faster (gptrain.devices.onednn_lm_head, benchmarks/RESULTS.md)."""
+    if not torch.backends.mkldnn.is_available() or not onednn_lm_head():
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise
@@ -73,12 +77,14 @@ def _onednn_works(dtype: torch.dtype) -> bool:
     return _ONEDNN_WORKS[dtype]
 
 
+def _onednn(a: torch.Tensor) -> bool:
+    return (_ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
+            and _onednn_works(a.dtype))
+
+
 def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.t()"""
-    if (_ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
-            and _onednn_works(a.dtype)):
-        return _ONEDNN_LINEAR(a, b, None, "none", [], "")
-    return a @ b.t()
+    return _ONEDNN_LINEAR(a, b, None, "none", [], "") if _onednn(a) else a @ b.t()
 
 
 def _row_losses(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +117,9 @@ def _chunked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         dxs = dw_t = None  # dw_t: dW transposed, (C, V), float32
         if grads:
-            w_t = w.t().contiguous()  # (C, V): dx = p @ w as p @ w_t.t(), the fast layout
+            w_t = w.t()  # (C, V): dx = p @ w as p @ w_t.t(); oneDNN's fast layout is a contiguous copy
+            if _onednn(w):
+                w_t = w_t.contiguous()
             dxs = torch.empty_like(xs)
         for i in range(0, xs.size(0), chunk):
             xc, tc = xs[i:i + chunk], ts[i:i + chunk]

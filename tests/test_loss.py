@@ -1,9 +1,23 @@
 """The chunked cross-entropy (gptrain.loss.lm_loss) equals the plain expression, values and gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from gptrain import loss as loss_module
 from gptrain.loss import lm_loss
+
+
+@pytest.fixture(autouse=True, params=["onednn", "torch.mm"])
+def lm_head_kernel(request, monkeypatch):
+    """Every test runs on both kernels the loss may pick for this CPU (gptrain.devices.onednn_lm_head)."""
+    if request.param == "onednn":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch has no oneDNN")
+        monkeypatch.setattr(loss_module, "_ONEDNN_LINEAR", torch.ops.mkldnn._linear_pointwise)
+    else:
+        monkeypatch.setattr(loss_module, "_ONEDNN_LINEAR", None)
+    return request.param
 
 
 def _reference(x, w, t, vocab):

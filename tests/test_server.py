@@ -439,6 +439,11 @@ def test_native_bf16_and_the_default_dtype(tmp_path, monkeypatch):
     assert devices.native_bf16(info)
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
     assert not devices.native_bf16(info) and not devices.native_bf16(tmp_path / "missing")
+    assert devices.onednn_lm_head(info) and devices.cpuinfo_field("vendor_id", info) == ""  # unknown: as on AMD
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\n")
+    assert devices.cpuinfo_field("model name", info) == "Intel(R) Xeon(R)" and not devices.onednn_lm_head(info)
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n")
+    assert devices.onednn_lm_head(info) and devices.onednn_lm_head(tmp_path / "missing")
     monkeypatch.setattr(devices, "native_bf16", lambda: False)
     assert devices.inference_dtype("cpu") == torch.float32
     assert devices.inference_dtype("cpu", "bfloat16") == torch.bfloat16

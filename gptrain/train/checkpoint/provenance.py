@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from gptrain.devices import cpuinfo_field
+
 
 @lru_cache(maxsize=1)
 def git_revision() -> str | None:
@@ -28,13 +30,7 @@ def git_revision() -> str | None:
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The processor's name (/proc/cpuinfo's 'model name' on Linux), '' when unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
+    return cpuinfo_field("model name") or platform.processor() or ""
 
 
 def machine() -> dict:
