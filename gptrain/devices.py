@@ -43,8 +43,8 @@ def onednn_lm_head(cpuinfo: str | Path = CPUINFO) -> bool:
     takes the kernels of the uninterrupted one. Measured on both machine kinds (benchmarks/RESULTS.md): on AMD EPYC
     oneDNN's linear is 1.2-1.8x faster in float32 (torch.mm goes to MKL, whose fast paths are for Intel CPUs) and
     ~1.1x in bf16; on Intel Xeon torch.mm is faster (float32 logits 44 vs 68 ms per 1,024 rows; bf16 through
-    oneDNN's matmul with AMX) and needs no transposed copy of the weight: the tiny step 1.08x -> 1.26x (float32) and
-    1.72x -> 1.84x (bf16) the HF baseline's speed. Other CPUs keep oneDNN, as measured on AMD."""
+    oneDNN's matmul with AMX) and needs no transposed copy of the weight: the tiny step 1.08x -> 1.27x (float32) and
+    1.76x -> 1.86x (bf16) the HF baseline's speed. Other CPUs keep oneDNN, as measured on AMD."""
     return cpuinfo_field("vendor_id", cpuinfo) != "GenuineIntel"
 
 
