@@ -84,7 +84,8 @@ def plot(runs: list[Run], out: Path) -> Path:
     with_tokens = all(r.tokens_per_step for r in runs)
     axes_x = [("steps", lambda r, s: s)] + ([("tokens", lambda r, s: [x * r.tokens_per_step for x in s])]
                                              if with_tokens else [])
-    fig, axes = plt.subplots(len(axes_x), 2, figsize=(14, 5 * len(axes_x)), squeeze=False)
+    # sharex by row: a HellaSwag panel with no points spans the run's steps (or tokens), not matplotlib's 0-1
+    fig, axes = plt.subplots(len(axes_x), 2, figsize=(14, 5 * len(axes_x)), squeeze=False, sharex="row")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (xlabel, xmap) in zip(axes, axes_x):
         loss_ax, hs_ax = row

@@ -88,3 +88,13 @@ def test_report_default_out_and_a_run_without_records(tmp_path):
         report([str(empty)])
     with pytest.raises(GptrainError, match="has no metrics.jsonl"):
         report([str(tmp_path / "nowhere")])
+
+
+def test_a_hellaswag_panel_without_points_spans_the_runs_steps_and_tokens(tmp_path, monkeypatch):
+    import matplotlib.figure
+    figs, real = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figs.append(fig), real(fig, *a, **k)))
+    report([str(write_run(tmp_path / "r", steps=300, evals_every=50, hellaswag=False))])
+    loss_s, hs_s, loss_t, hs_t = figs[0].axes
+    assert hs_s.get_xlim() == loss_s.get_xlim() and hs_s.get_xlim()[1] >= 299  # steps, not matplotlib's 0-1
+    assert hs_t.get_xlim() == loss_t.get_xlim() and hs_t.get_xlim()[1] >= 299 * 2048
