@@ -15,15 +15,9 @@ start=$SECONDS
 
 gptrain prepare shakespeare --out "$data"
 
-# CPUs with native bfloat16 (avx512_bf16 / AMX) train the demo ~1.3x faster under bf16 autocast; elsewhere float32.
-# On a GPU the trainer picks bf16 and torch.compile by itself.
-extra=()
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-   && grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
-  extra+=(--dtype bfloat16)
-fi
-# --resume auto: running the demo again continues the same run (a finished one is left as it is).
-gptrain train --preset tiny --data "$data" --out "$run" --resume auto ${extra[@]+"${extra[@]}"} "$@"
+# The trainer picks the dtype (bf16 autocast on GPUs and on CPUs with native bf16, float32 elsewhere) and, on a GPU,
+# torch.compile. --resume auto: running the demo again continues the same run (a finished one is left as it is).
+gptrain train --preset tiny --data "$data" --out "$run" --resume auto "$@"
 
 if [ -d "$run/checkpoints" ]; then
   echo

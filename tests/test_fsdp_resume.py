@@ -26,7 +26,7 @@ FLAGS = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
          "--micro-batch-size", "2", "--total-batch-size", "64", "--max-steps", str(STEPS), "--warmup-steps", "2",
          "--lr", "1e-2", "--eval-every", "4", "--val-tokens", "64", "--sample-every", "4", "--sample-tokens", "4",
          "--num-samples", "1", "--save-every", "2", "--keep-last", "0", "--device", "cpu", "--threads", "1",
-         "--seed", "7", "--hellaswag-data", "none"]
+         "--seed", "7", "--hellaswag-data", "none", "--dtype", "float32"]
 
 
 def train_cmd(data, run, *more, nproc=2):

@@ -299,7 +299,8 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
     assert gptrain_main(["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                          "--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--seq-len", "32",
                          "--micro-batch-size", "2", "--total-batch-size", "64", "--max-steps", "2",
-                         "--eval-every", "2", "--val-tokens", "256", "--sample-every", "0", "--threads", "1"]) == 0
+                         "--eval-every", "2", "--val-tokens", "256", "--sample-every", "0", "--threads", "1",
+                         "--dtype", "float32"]) == 0
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
                          "--device", "cpu", "--json", str(out)]) == 0

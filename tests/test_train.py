@@ -67,7 +67,7 @@ def lecture_lr(it, max_lr, min_lr, warmup, max_steps):
 def small_cfg(**kw):
     base = dict(seq_len=16, micro_batch_size=2, total_batch_size=32, max_steps=20, lr=1e-3, warmup_steps=5,
                 min_lr_ratio=0.1, eval_every=0, sample_every=0, save_every=0, device="cpu", compile=False,
-                hellaswag_data=None, log_every=0)
+                dtype="float32", hellaswag_data=None, log_every=0)  # float32: the exactness tests' dtype anywhere
     base.update(kw)
     return TrainConfig(**base)
 

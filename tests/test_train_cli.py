@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from gptrain import devices
 from gptrain.cli import main as cli
+from gptrain.devices import native_bf16
 
 SMALL = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
          "--micro-batch-size", "2", "--total-batch-size", "128", "--max-steps", "4", "--eval-every", "2",
@@ -27,7 +29,8 @@ def test_train_writes_resolved_config_and_metrics(data_dir, tmp_path, capsys):
     assert cli(["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--lr", "0.01"]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["lr"] == 0.01 and cfg["train"]["device"] == "cpu" and cfg["train"]["compile"] is False
-    assert cfg["train"]["dtype"] == "float32" and cfg["grad_accum_steps"] == 2 and cfg["world_size"] == 1
+    auto = "bfloat16" if native_bf16() else "float32"  # --dtype auto on this CPU
+    assert cfg["train"]["dtype"] == auto and cfg["grad_accum_steps"] == 2 and cfg["world_size"] == 1
     assert cfg["train"]["embedding_lr_scale"] == 5.0 and cfg["train"]["save_every"] == 500  # tiny's
     assert cfg["data_source"] == {"kind": "shakespeare", "name": "shakespeare"}  # what the val loss is of
     assert cfg["model"] == {"block_size": cfg["model"]["block_size"], "vocab_size": 50257, "n_layer": 1, "n_head": 2,
@@ -113,3 +116,24 @@ def test_in_loop_samples_continue_the_datas_own_text(data_dir, tmp_path):
     assert prompt and first_line.startswith(prompt) and prompt != "ROMEO:"
     samples = next(e["samples"] for e in _events(run) if "samples" in e)
     assert all(s.startswith(prompt) for s in samples)
+
+
+def test_dtype_auto_follows_the_cpu_for_a_new_run_and_keeps_a_run_s_own(data_dir, tmp_path, monkeypatch):
+    """auto: bf16 autocast on a CPU with native bf16, float32 without; rerunning a run keeps the dtype it has."""
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(devices, "native_bf16", lambda native=native: native)
+        run = tmp_path / f"new-{dtype}"
+        assert cli(["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--max-steps", "1"]) == 0
+        assert json.loads((run / "config.json").read_text())["train"]["dtype"] == dtype
+    # a float32 run, then the same command (auto) on a CPU where auto would pick bf16: it continues in float32
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    run = tmp_path / "kept"
+    assert cli(["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--max-steps", "2", "--dtype", "float32",
+                "--save-every", "1"]) == 0
+    assert cli(["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--max-steps", "3",
+                "--resume", "auto"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["dtype"] == "float32"
+    assert [e["step"] for e in _events(run) if "train_loss" in e] == [0, 1, 2]  # continued, not started over
+    assert cli(["train", "--data", str(data_dir), "--out", str(run), *SMALL, "--max-steps", "3",
+                "--resume", "fresh"]) == 0  # a new run: the CPU's choice again
+    assert json.loads((run / "config.json").read_text())["train"]["dtype"] == "bfloat16"

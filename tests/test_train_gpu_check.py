@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, SHARED_DATA
+from gptrain.devices import native_bf16
 
 
 def test_gpu_check_dry_run_without_datasets(tmp_path):
@@ -17,7 +18,8 @@ def test_gpu_check_dry_run_without_datasets(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     table = lines[lines.index("| phase | tokens/s | MFU | first step (compile) s | final loss |"):]
-    assert table[2].startswith("| eager float32 |") and table[3].startswith("| eager float32 |")
+    auto = "bfloat16" if native_bf16() else "float32"  # the trainer's --dtype auto on this CPU
+    assert table[2].startswith(f"| eager {auto} |") and table[3].startswith(f"| eager {auto} |")
     assert "compile speed-up" in table[4]
     assert table[5].startswith("| eval round") and "val_loss 10." in table[5] and "sample" in table[5]
     assert table[6].startswith("| HellaSwag scoring")

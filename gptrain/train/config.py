@@ -52,7 +52,8 @@ class TrainConfig:
                                         "schedule's (1: the lecture's single rate)", gt=0)
     # --- numerics and speed
     device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"), runtime=True)
-    dtype: str = _f("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere)",
+    dtype: str = _f("auto", "autocast dtype: auto (the run's own when --out holds one; else bfloat16 on CUDA and "
+                            "on CPUs with native bf16, float32 elsewhere)",
                     choices=("auto", "float32", "bfloat16"))
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)", runtime=True)
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", ge=0, le=4096, runtime=True)
