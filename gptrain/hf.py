@@ -197,6 +197,10 @@ def load_model(src: str, device=None) -> GPT:
     elif path.exists():
         raise GptrainError(f"--model {src}: not a Hugging Face GPT-2 directory (config.json + model.safetensors) "
                            "nor a gptrain run or checkpoint directory (checkpoints/ or MANIFEST.json)")
+    elif path.parent.is_dir() and path.parent != Path("."):  # runs/typo: a local path, not a hub name
+        near = sorted(p.name for p in path.parent.iterdir() if _is_gptrain_dir(p) or (p / "config.json").is_file())
+        raise GptrainError(f"--model {src}: no such directory here ({path.absolute()})"
+                           + (f"; models in {path.parent}/: {', '.join(near[:8])}" if near else ""))
     elif HUB_NAME.match(src):
         if importlib.util.find_spec("huggingface_hub") is None:  # most likely a mistyped path, not a hub name
             raise GptrainError(f"--model {src}: no such directory here ({path.absolute()}); if it names a hub model, "

@@ -12,9 +12,17 @@ fi
 stamp="$root/.venv/.gptrain-installed-$extras"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   echo "setting up $root/.venv (gptrain[$extras], torch==${GPTRAIN_TORCH:-2.13.0}) ..." >&2
-  python -m pip install -q --upgrade pip >/dev/null
-  # GPTRAIN_TORCH_INDEX: a wheel index for torch alone, e.g. PyTorch's CPU-only index on a machine without a GPU.
-  python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" ${GPTRAIN_TORCH_INDEX:+--index-url "$GPTRAIN_TORCH_INDEX"}
-  python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" -e "$root[$extras]"
+  # pip's output (setuptools' editable-install banner among it) is shown only when an install fails
+  log="$(mktemp)"
+  if ! { python -m pip install -q --upgrade pip &&
+         # GPTRAIN_TORCH_INDEX: a wheel index for torch alone, e.g. PyTorch's CPU-only index without a GPU.
+         python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" ${GPTRAIN_TORCH_INDEX:+--index-url "$GPTRAIN_TORCH_INDEX"} &&
+         python -m pip install -q "torch==${GPTRAIN_TORCH:-2.13.0}" -e "$root[$extras]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup_env.sh: installing into $root/.venv failed (pip's output above)" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi

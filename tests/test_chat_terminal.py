@@ -46,10 +46,14 @@ def test_chat_command_turns_reset_and_quit(tmp_path):
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     turns = proc.stdout.split(USER_PROMPT)
-    # one prompt per line read up to /quit: 2 replies, the /reset line (no reply), 1 reply, /quit
-    assert turns[0] == "" and len(turns) == 6 and turns[3] == "" and turns[5] == ""
-    replies = [t[len(BOT_PROMPT):].rstrip("\n") for t in (turns[1], turns[2], turns[4])]
-    assert all(t.startswith(BOT_PROMPT) for t in (turns[1], turns[2], turns[4])) and all(replies)
+    # one prompt per line read up to /quit, each piped line echoed: 2 replies, /reset (no reply), 1 reply, /quit
+    assert turns[0] == "" and len(turns) == 6 and turns[3] == "/reset\n" and turns[5] == "/quit\n"
+    asked = [t.partition("\n")[0] for t in (turns[1], turns[2], turns[4])]
+    assert asked == ["hello there", "how are you?", "hello there"]
+    answers = [t.partition("\n")[2] for t in (turns[1], turns[2], turns[4])]
+    assert all(t.startswith(BOT_PROMPT) for t in answers)
+    replies = [t[len(BOT_PROMPT):].rstrip("\n") for t in answers]
+    assert all(replies)
     assert replies[2] == replies[0]  # after /reset the same question gets the same (greedy) answer
     assert replies[1] != replies[0]
     assert "(conversation reset)" in proc.stderr and "/reset starts over" in proc.stderr
@@ -64,7 +68,8 @@ def test_chat_on_its_defaults_with_a_small_window(tmp_path, monkeypatch, capsys)
     args = argparse.Namespace(model="m", **{k: v for k, v in vars(ChatConfig()).items() if v is not None})
     assert SamplingParams().max_new_tokens == 128 and main(args) == 0
     out, err = capsys.readouterr()
-    replies = [t[len(BOT_PROMPT):].strip() for t in out.split(USER_PROMPT) if t.startswith(BOT_PROMPT)]
+    answers = [t.partition("\n")[2] for t in out.split(USER_PROMPT)]
+    replies = [t[len(BOT_PROMPT):].strip() for t in answers if t.startswith(BOT_PROMPT)]
     assert len(replies) == 2 and all(replies)
     assert "replies are capped at what the 64-token window leaves after the conversation (at least 32" in err
     assert "error" not in err

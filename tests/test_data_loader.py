@@ -304,3 +304,28 @@ def test_state_from_other_data_is_refused(tmp_path, data):
         TrainLoader(data_dir, 2, 8).load_state_dict(sd)
     with pytest.raises(GptrainError, match="rows of 8 tokens, this one 16; resume with --seq-len 8"):
         TrainLoader(data_dir, 2, 16).load_state_dict(TrainLoader(data_dir, 2, 8).state_dict())
+
+
+@pytest.mark.parametrize("text, prompt", [
+    ("\n\n  THE TRAGEDY OF HAMLET\n\nACT I.\n", "THE TRAGEDY OF HAMLET\n"),  # a whole line keeps its newline
+    ("In the beginning God created the heaven and the earth, and the earth was without form, and void",
+     "In the beginning God created the heaven and the earth, and the earth was"),  # cut: at a whole word
+    ("Short text", "Short text"),  # the whole document
+])
+def test_the_default_sample_prompt_is_the_first_line_of_the_first_val_document(tmp_path, text, prompt):
+    from gptrain.data.loader import opening_words
+    tok = get_tokenizer()
+    tokens = np.array([EOT, *tok.encode(text), EOT, *tok.encode("a second document")], dtype=np.uint16)
+    manifest = {"data_dir": str(tmp_path), "shards": [
+        {"path": "val.bin", "split": "val", "tokens": len(tokens), "sha256": write_shard(tmp_path / "val.bin", tokens)}]}
+    assert opening_words(manifest, tok) == prompt
+
+
+def test_a_run_directory_given_as_data_is_named_as_one(tmp_path):
+    run = tmp_path / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    write_json_atomic(run / "config.json", {"train": {"data": "data/shakespeare"}})
+    with pytest.raises(GptrainError) as e:
+        load_manifest(run)
+    assert str(e.value) == (f"--data {run} is a training run's directory, not prepared data; pass the data directory "
+                            "it trained on: --data data/shakespeare")

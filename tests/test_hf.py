@@ -267,3 +267,8 @@ def test_a_missing_local_path_without_the_hf_extra_is_named_as_a_path(tmp_path, 
     with pytest.raises(GptrainError, match=r"--model runs/typo: no such directory here \(.*runs/typo\); if it names a"
                                            r" hub model, .*pip install 'gptrain\[hf\]'"):
         load_model("runs/typo")
+    (tmp_path / "runs" / "demo" / "checkpoints").mkdir(parents=True)  # runs/ exists: a path, whatever is installed
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    with pytest.raises(GptrainError) as e:
+        load_model("runs/typo")
+    assert str(e.value) == f"--model runs/typo: no such directory here ({tmp_path / 'runs' / 'typo'}); models in runs/: demo"

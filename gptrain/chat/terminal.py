@@ -71,6 +71,8 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
             stdout.write("\n")
             return
         text = line.rstrip("\n")
+        if not interactive:  # piped input: show it, so a transcript reads question, reply, question...
+            stdout.write(text + "\n")
         if text.strip() in ("/quit", "/exit"):
             return
         if text.strip() == "/reset":

@@ -70,6 +70,12 @@ def load_manifest(data_dir: str | Path) -> dict:
                 shards.append({"path": p.name, "split": split, "tokens": len(open_shard(p)), "documents": None,
                                "sha256": None})
         if not shards:
+            if (data_dir / "checkpoints").is_dir() or (data_dir / "metrics.jsonl").is_file():
+                from gptrain.train.config import recorded_train_config
+                trained_on = recorded_train_config(str(data_dir)).get("data")
+                raise GptrainError(f"--data {data_dir} is a training run's directory, not prepared data; pass the "
+                                   "data directory " + (f"it trained on: --data {trained_on}" if trained_on else
+                                                        "made by `gptrain prepare SOURCE --out DIR`"))
             raise GptrainError(f"{data_dir} has no manifest.json and no *train*/*val* .bin or .npy shards; "
                                f"run `gptrain prepare SOURCE --out {data_dir}`")
         manifest = {"format": "bare", "tokenizer": {"name": "gpt2", "sha256": None}, "shards": shards}
@@ -82,7 +88,8 @@ def load_manifest(data_dir: str | Path) -> dict:
 def opening_words(manifest: dict, tokenizer, max_tokens: int = 16) -> str:
     """A prompt that fits the data: the first line of the first validation document (the first train document
     when there is no validation split), at most `max_tokens` tokens of it, so in-loop samples continue text of
-    the kind the model learns rather than a fixed string."""
+    the kind the model learns rather than a fixed string. A whole line keeps its newline (the sample starts the
+    next line instead of gluing onto the last word); a line cut short ends at its last whole word."""
     for split in ("val", "train"):
         entry = next((sh for sh in manifest["shards"] if sh["split"] == split and sh["tokens"]), None)
         if entry is None:
@@ -90,13 +97,20 @@ def opening_words(manifest: dict, tokenizer, max_tokens: int = 16) -> str:
         tokens = np.asarray(open_shard(Path(manifest["data_dir"]) / entry["path"])[:4 * max_tokens + 64])
         doc = tokens[1:] if len(tokens) and tokens[0] == tokenizer.eot else tokens
         ends = np.flatnonzero(doc == tokenizer.eot)
-        ids = doc[:ends[0] if len(ends) else len(doc)][:max_tokens].tolist()
+        whole = doc[:ends[0] if len(ends) else len(doc)]
+        ids = whole[:max_tokens].tolist()
         while ids and tokenizer.decode(ids).endswith("\ufffd"):  # never end inside a multi-byte character
             ids.pop()
-        text = tokenizer.decode(ids).strip()
-        line = next((ln.rstrip() for ln in text.splitlines() if ln.strip()), "")
-        if line:
-            return line
+        lines = tokenizer.decode(ids).split("\n")
+        first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
+        if first is None:
+            continue
+        line = lines[first].strip()
+        if first < len(lines) - 1:  # the whole first line
+            return line + "\n"
+        if len(ids) < len(whole) and " " in line:  # cut short: end at its last whole word
+            line = line.rsplit(" ", 1)[0]
+        return line
     return "\n"
 
 
