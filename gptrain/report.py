@@ -124,8 +124,10 @@ def plot(runs: list[Run], out: Path) -> Path:
         hs_ax.axhline(baselines.GPT3_SMALL_HELLASWAG, color="g", ls="--",
                       label=f"OpenAI GPT-3 (124M) checkpoint ({baselines.GPT3_SMALL_HELLASWAG})")
         hs_ax.axhline(0.25, color="0.6", ls=":", lw=1, label="chance (0.25)")
-        for ax, title in ((loss_ax, "Loss"), (hs_ax, "HellaSwag eval (acc_norm)")):
+        for ax, title, ylabel in ((loss_ax, "Loss", "cross-entropy (nats per token)"),
+                                  (hs_ax, "HellaSwag eval (acc_norm)", "acc_norm")):
             ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
             ax.set_title(f"{title} vs {xlabel}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

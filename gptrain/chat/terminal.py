@@ -64,15 +64,17 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
     """Read user lines until /quit or end of input; answer each, streaming."""
     interactive = stdin.isatty()
     while True:
-        stdout.write(USER_PROMPT)
-        stdout.flush()
+        if interactive:
+            stdout.write(USER_PROMPT)
+            stdout.flush()
         line = input() if interactive else stdin.readline()  # input() gives line editing on a terminal
         if not line:
-            stdout.write("\n")
+            if interactive:
+                stdout.write("\n")
             return
         text = line.rstrip("\n")
         if not interactive:  # piped input: show it, so a transcript reads question, reply, question...
-            stdout.write(text + "\n")
+            stdout.write(USER_PROMPT + text + "\n")
         if text.strip() in ("/quit", "/exit"):
             return
         if text.strip() == "/reset":
