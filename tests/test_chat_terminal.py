@@ -85,6 +85,24 @@ def test_history_and_reset_in_process():
     assert s.messages == [{"role": "system", "content": "Be brief."}]
 
 
+def test_on_a_terminal_an_empty_line_is_skipped_and_the_end_of_input_ends(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    typed = iter(["hi", "", "what now?"])
+
+    def fake_input():
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", fake_input)
+    s, out = session(), io.StringIO()
+    run(s, Terminal(), out)
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]  # "" did not end it
+    assert out.getvalue().count(USER_PROMPT) == 4 and out.getvalue().endswith(USER_PROMPT + "\n")
+
+
 def test_oldest_turns_are_dropped_when_the_window_is_full(capsys):
     s = session(system="Be brief.")
     for i in range(6):

@@ -64,17 +64,20 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
     """Read user lines until /quit or end of input; answer each, streaming."""
     interactive = stdin.isatty()
     while True:
-        if interactive:
+        if interactive:  # input() gives line editing; an empty line is "", the end of input EOFError
             stdout.write(USER_PROMPT)
             stdout.flush()
-        line = input() if interactive else stdin.readline()  # input() gives line editing on a terminal
-        if not line:
-            if interactive:
+            try:
+                text = input()
+            except EOFError:
                 stdout.write("\n")
-            return
-        text = line.rstrip("\n")
-        if not interactive:  # piped input: show it, so a transcript reads question, reply, question...
-            stdout.write(USER_PROMPT + text + "\n")
+                return
+        else:
+            line = stdin.readline()
+            if not line:
+                return
+            text = line.rstrip("\n")
+            stdout.write(USER_PROMPT + text + "\n")  # shown, so a transcript reads question, reply, question...
         if text.strip() in ("/quit", "/exit"):
             return
         if text.strip() == "/reset":
