@@ -112,8 +112,10 @@ def _parser_for(tp, optional: bool, flag: str, meta: typing.Mapping):
 
 def _help(text: str, default, meta: typing.Mapping) -> str:
     rng = describe_range(meta)
-    tail = f"default: {default}" + (f"; {rng}" if rng else "")
-    return (f"{text} ({tail})" if text else tail).replace("%", "%%")
+    # an empty default (a required value) or one the text itself states is not repeated as "default: "
+    shown = default not in ("", None) or (default is None and "default:" not in text)
+    tail = "; ".join(([f"default: {default}"] if shown else []) + ([rng] if rng else []))
+    return (f"{text} ({tail})" if text and tail else text or tail).replace("%", "%%")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (),

@@ -186,28 +186,31 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- load_model
 
-def load_model(src: str, device=None) -> GPT:
+def load_model(src: str, device=None, flag: str = "--model") -> GPT:
     """The model named by `--model SRC`: a HF GPT-2 directory, a gptrain run or checkpoint directory, or a hub
-    name (gpt2, gpt2-medium, openai-community/gpt2, ...) already in the local Hugging Face cache."""
+    name (gpt2, gpt2-medium, openai-community/gpt2, ...) already in the local Hugging Face cache. `flag` is how the
+    caller's user spelled the source (`--init-from`, or `pretrained=` in lm-eval's model_args), so that errors
+    name what they typed."""
+    given = f"{flag}{src}" if flag.endswith("=") else f"{flag} {src}"
     path = Path(src).expanduser()
     if _is_gptrain_dir(path):
-        model = _load_gptrain(path)
+        model = _load_gptrain(path, given)
     elif path.is_dir() and (path / "config.json").is_file():
         model = _load_hf_dir(path)
     elif path.exists():
-        raise GptrainError(f"--model {src}: not a Hugging Face GPT-2 directory (config.json + model.safetensors) "
+        raise GptrainError(f"{given}: not a Hugging Face GPT-2 directory (config.json + model.safetensors) "
                            "nor a gptrain run or checkpoint directory (checkpoints/ or MANIFEST.json)")
     elif path.parent.is_dir() and path.parent != Path("."):  # runs/typo: a local path, not a hub name
         near = sorted(p.name for p in path.parent.iterdir() if _is_gptrain_dir(p) or (p / "config.json").is_file())
-        raise GptrainError(f"--model {src}: no such directory here ({path.absolute()})"
+        raise GptrainError(f"{given}: no such directory here ({path.absolute()})"
                            + (f"; models in {path.parent}/: {', '.join(near[:8])}" if near else ""))
     elif HUB_NAME.match(src):
         if importlib.util.find_spec("huggingface_hub") is None:  # most likely a mistyped path, not a hub name
-            raise GptrainError(f"--model {src}: no such directory here ({path.absolute()}); if it names a hub model, "
+            raise GptrainError(f"{given}: no such directory here ({path.absolute()}); if it names a hub model, "
                                "reading it from the local Hugging Face cache needs: pip install 'gptrain[hf]'")
-        model = _load_hf_dir(_hub_snapshot(src))
+        model = _load_hf_dir(_hub_snapshot(src, given))
     else:
-        raise GptrainError(f"--model {src}: no such directory")
+        raise GptrainError(f"{given}: no such directory")
     return model.to(device) if device is not None else model
 
 
@@ -228,16 +231,16 @@ def _is_gptrain_dir(path: Path) -> bool:
                               or path.name == "checkpoints" or STEP_DIR.match(path.name) is not None)
 
 
-def _load_gptrain(path: Path) -> GPT:
+def _load_gptrain(path: Path, given: str) -> GPT:
     from gptrain.train.checkpoint import find_checkpoint, load_model_weights
     ckpt = find_checkpoint(path)
     if ckpt is None:
-        raise GptrainError(f"--model {path}: this run has no valid checkpoint under checkpoints/ yet")
+        raise GptrainError(f"{given}: this run has no valid checkpoint under checkpoints/ yet")
     config, sd, _meta = load_model_weights(ckpt)
     return load_weights_into(config, sd, str(ckpt))
 
 
-def _hub_snapshot(name: str) -> Path:
+def _hub_snapshot(name: str, given: str) -> Path:
     """The cached snapshot directory of hub model `name`; never touches the network."""
     hub = require("huggingface_hub", f"loading the hub model {name!r} from the local Hugging Face cache")
     repo, _, short = name.rpartition("/")
@@ -249,7 +252,7 @@ def _hub_snapshot(name: str) -> Path:
         except hub.errors.LocalEntryNotFoundError:
             continue
     raise GptrainError(
-        f"--model {name}: no such directory here ({Path(name).absolute()}), nor a hub model in the Hugging Face "
+        f"{given}: no such directory here ({Path(name).absolute()}), nor a hub model in the Hugging Face "
         f"cache {hub.constants.HF_HUB_CACHE}; for a run or an exported model check the path, for a hub model run "
         f"`hf download {candidates[0]}` on a machine with internet and copy the cache (gptrain never downloads)")
 
@@ -317,6 +320,15 @@ def tokenizer_files(vocab_size: int, block_size: int) -> dict[str, str]:
 
 # ---------------------------------------------------------------- save_pretrained
 
+def _entries(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()} if path.is_dir() else set()
+
+
+def _is_export(names: set[str]) -> bool:
+    """Whether a directory holding these names is (at most) a previous export, which may be replaced."""
+    return names <= EXPORT_FILES
+
+
 def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
     """Write a transformers directory (config, weights with the vocabulary cut to the tokenizer's, generation
     config, tokenizer files) atomically: built beside `out_dir`, then renamed into place. An existing non-empty
@@ -327,7 +339,7 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False)
         raise GptrainError(f"--out {out} is a file, not a directory")
     if _is_gptrain_dir(out):
         raise GptrainError(f"--out {out} holds gptrain checkpoints; export into another directory")
-    if out.is_dir() and not force and not {p.name for p in out.iterdir()} <= EXPORT_FILES:
+    if out.is_dir() and not force and not _is_export(_entries(out)):
         raise GptrainError(f"--out {out} is a non-empty directory that is not a gptrain export; "
                            "pick another directory or pass --force to replace it")
     config = model.config
@@ -386,9 +398,13 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     check_output_dir(args.out, "--out")
     model = load_model(args.model)
-    files = save_pretrained(model, args.out, force=args.force)
+    out = Path(args.out).expanduser()
+    previous = _entries(out)  # what the export replaces, said below
+    files = save_pretrained(model, out, force=args.force)
+    replaced = ("" if not previous else ", replacing the previous export there" if _is_export(previous)
+                else ", replacing what it held before (--force)")
     print(f"exported {args.model} ({model.num_params(padded=False):,} parameters, vocabulary "
-          f"{model.config.vocab_size}) to {Path(args.out)}:")
+          f"{model.config.vocab_size}) to {Path(args.out)}{replaced}:")
     for p in files:
         print(f"  {p.name:<24} {p.stat().st_size:>14,} bytes")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}) "

@@ -2,7 +2,8 @@
 # gptrain's demo, the README's first command: set up ./.venv, tokenize the shipped Shakespeare corpus, train the
 # `tiny` preset (CPU, or the GPU when there is one), print samples and where the run is (timings and the val loss it
 # reaches: README). With --chat first, then fine-tune it on the shipped conversations (gptrain sft, offline) and
-# print one chat reply. Other arguments go to `gptrain train` (e.g. --max-steps 100 for a quick look).
+# print one chat reply. Other arguments go to `gptrain train` (e.g. --max-steps 100 for a quick look), into
+# runs/demo-custom (or their --out).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 chat=0
@@ -11,6 +12,18 @@ if [ "${1:-}" = "--chat" ]; then chat=1; shift; fi
 cd "$root"
 data="${GPTRAIN_DEMO_DATA:-data/shakespeare}"
 run="${GPTRAIN_DEMO_RUN:-runs/demo}"
+if [ $# -gt 0 ] && [ -z "${GPTRAIN_DEMO_RUN:-}" ]; then
+  # Other settings make another run: runs/demo stays the README's (a quick look first would otherwise become the
+  # start of it). An --out among the arguments names the run.
+  run="runs/demo-custom"
+  prev=""
+  for a in "$@"; do
+    case "$a" in --out=*) run="${a#--out=}" ;; esac
+    if [ "$prev" = "--out" ]; then run="$a"; fi
+    prev="$a"
+  done
+  echo "demo: with your arguments the run goes to $run (runs/demo is the README's run)"
+fi
 start=$SECONDS
 
 gptrain prepare shakespeare --out "$data"

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from gptrain.chat.datasets import clean, hh_transcript, load_conversations, oasst_paths
+from gptrain.chat.datasets import clean, hh_transcript, load_conversations, oasst_paths, read_conversations
 from gptrain.errors import GptrainError
 
 
@@ -62,14 +62,32 @@ def test_human_assistant_transcripts_real_file(shared_data):
     path = shared_data / "sft" / "hh-rlhf_harmless-base_test.jsonl.gz"
     with gzip.open(path, "rt") as f:
         first = json.loads(f.readline())["chosen"]
-    convs = load_conversations(str(path))
-    # 2,312 records; the two whose only reply is empty are skipped
-    assert 2300 <= len(convs) < 2312
+    read = read_conversations(str(path))
+    convs = read.conversations
+    # 2,312 records; the three whose only reply is empty are skipped, and counted
+    assert (len(convs), read.records, read.skipped) == (2309, 2312, 3)
     assert all(c[0]["role"] == "user" and c[-1]["role"] == "assistant" for c in convs)
     assert all(m["content"] and m["content"] == m["content"].strip() for c in convs for m in c)
     assert convs[0][0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
     assert convs[0][-1]["content"] == first.rsplit("\n\nAssistant:", 1)[1].strip()
     assert len(load_conversations(str(path), limit=7)) == 7
+
+
+def test_records_without_an_assistant_reply_are_counted(tmp_path):
+    """Records that give no conversation (an empty final Assistant turn, an unanswered tree) are counted, not lost."""
+    path = tmp_path / "hh.jsonl.gz"
+    chosen = ["\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: anyone?\n\nAssistant:",
+              "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d", "\n\nHuman: still?\n\nAssistant:  "]
+    records = [{"chosen": c, "rejected": ""} for c in chosen]
+    records.append({"prompt": {"role": "prompter", "text": "unanswered tree", "replies": []}})
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    read = read_conversations(str(path))
+    assert [c[-1]["content"] for c in read.conversations] == ["hello", "d"]
+    assert (read.records, read.skipped) == (5, 3)
+    limited = read_conversations(str(path), limit=1)  # reading stops at the limit: the counts are of what was read
+    assert (len(limited.conversations), limited.records, limited.skipped) == (1, 1, 0)
+    assert load_conversations(str(path)) == read.conversations
 
 
 def test_transcript_edge_cases():

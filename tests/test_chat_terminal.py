@@ -1,4 +1,5 @@
 import argparse
+import builtins
 import io
 import os
 import subprocess
@@ -85,22 +86,51 @@ def test_history_and_reset_in_process():
     assert s.messages == [{"role": "system", "content": "Be brief."}]
 
 
-def test_on_a_terminal_an_empty_line_is_skipped_and_the_end_of_input_ends(monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-    typed = iter(["hi", "", "what now?"])
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
-    def fake_input():
+
+def typing(monkeypatch, out: io.StringIO, lines: list[str]) -> None:
+    """input() as at a terminal: shows its prompt, returns the typed lines, then the end of input."""
+    typed = iter(lines)
+
+    def fake_input(prompt=""):
+        out.write(prompt)
         try:
             return next(typed)
         except StopIteration:
             raise EOFError from None
     monkeypatch.setattr("builtins.input", fake_input)
+
+
+def test_on_a_terminal_an_empty_line_is_skipped_and_the_end_of_input_ends(monkeypatch):
     s, out = session(), io.StringIO()
+    typing(monkeypatch, out, ["hi", "", "what now?"])
     run(s, Terminal(), out)
     assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]  # "" did not end it
     assert out.getvalue().count(USER_PROMPT) == 4 and out.getvalue().endswith(USER_PROMPT + "\n")
+
+
+def test_line_editing_is_loaded_only_at_a_terminal(monkeypatch):
+    """readline (arrow keys, history) is imported for a terminal, not for piped input, and its absence (Windows)
+    leaves chat working."""
+    imported, real_import = [], builtins.__import__
+
+    def recording_import(name, *args, **kwargs):
+        imported.append(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    run(session(), io.StringIO("hi\n/quit\n"), io.StringIO())
+    assert "readline" not in imported
+    out = io.StringIO()
+    typing(monkeypatch, out, ["hi"])
+    run(session(), Terminal(), out)
+    assert "readline" in imported
+    monkeypatch.setitem(sys.modules, "readline", None)  # import readline raises ImportError, as on Windows
+    typing(monkeypatch, out := io.StringIO(), ["hi"])
+    run(session(), Terminal(), out)
+    assert out.getvalue().count(BOT_PROMPT) == 1
 
 
 def test_oldest_turns_are_dropped_when_the_window_is_full(capsys):
@@ -115,11 +145,23 @@ def test_oldest_turns_are_dropped_when_the_window_is_full(capsys):
     assert "dropped the" in capsys.readouterr().err
 
 
+def test_dropped_turns_notice_is_a_line_of_its_own_before_the_reply(monkeypatch):
+    """In a transcript of stdout and stderr together (a terminal), the notice never lands inside `bot> ...`."""
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", screen)
+    run(session(), io.StringIO("".join(f"message number {i} is here\n" for i in range(6))), screen)
+    lines = screen.getvalue().splitlines()
+    notices = [i for i, line in enumerate(lines) if "context window full" in line]
+    assert notices and all(lines[i].startswith("(context window full: dropped the") for i in notices)
+    assert all(lines[i + 1].startswith(BOT_PROMPT) and lines[i - 1].startswith(USER_PROMPT) for i in notices)
+
+
 def test_message_too_long_for_the_window_is_refused_not_fatal(capsys):
     s = session()
     out = io.StringIO()
     run(s, io.StringIO("word " * 100 + "\nshort\n"), out)
     assert "only 56 fit in the context window" in capsys.readouterr().err
+    assert out.getvalue().count(BOT_PROMPT) == 1  # no empty reply line for the refused message
     assert [m["content"] for m in s.messages if m["role"] == "user"] == ["short"]
 
 

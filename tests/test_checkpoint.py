@@ -310,10 +310,13 @@ def test_all_checkpoints_broken_stops_and_keeps_every_record(tmp_path, capsys):
 
     # the explicit fresh start moves the records aside (nothing deleted), then starts from step 0
     (tmp_path / "config.json").write_text("{}\n")
+    (tmp_path / "report").mkdir()  # drawn from the old metrics: it goes with them
+    (tmp_path / "report" / "report.png").write_bytes(b"png")
     *_, ckpt = make_run(tmp_path, metrics_path=metrics)
     assert ckpt.resume("fresh") is None
     prev = next(tmp_path.glob("previous-*"))
     assert (prev / "metrics.jsonl").read_bytes() == log_before and (prev / "config.json").exists()
+    assert (prev / "report" / "report.png").read_bytes() == b"png" and not (tmp_path / "report").exists()
     assert len(list((prev / "checkpoints").glob("step_*.broken-*"))) == 3
     assert not metrics.exists() and not (tmp_path / "checkpoints").exists()
     assert "previous-" in capsys.readouterr().err

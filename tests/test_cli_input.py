@@ -114,6 +114,15 @@ def test_help_shows_ranges_and_the_presets_values():
         out.split())  # sft's own default, not pretraining's
 
 
+def test_help_states_each_default_once():
+    """A required value has no 'default: ' in its help; one whose text states its default is not repeated."""
+    flat = lambda argv: " ".join(run(argv)[1].split())  # noqa: E731
+    prepare = flat(["prepare", "--help"])
+    assert "manifest.json (required)" in prepare and "(default: )" not in prepare
+    serve = flat(["serve", "--help"])
+    assert "(default: $GPTRAIN_API_KEY; none: no key)" in serve and "no key) (default: None)" not in serve
+
+
 def test_mistyped_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion():
     for typo in ("--max-stesp", "--max-step"):  # a typo, and a prefix argparse would have accepted
         code, out, err = run(["train", typo, "3"])
@@ -122,7 +131,7 @@ def test_mistyped_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion(
         assert usage.startswith("usage: gptrain train ")
         assert message == f"gptrain train: error: unrecognized arguments: {typo} 3 (did you mean --max-steps?)"
     code, _, err = run(["eval", "val", "--model", "m", "--data", "d", "--batch-sise", "2"])
-    assert code == 2 and "usage: gptrain eval val --model SRC --data DIR" in err and "did you mean --batch-size?" in err
+    assert code == 2 and "usage: gptrain eval val --model SRC [OPTIONS]" in err and "did you mean --batch-size?" in err
 
 
 # ---------------------------------------------------------------- the fuzz
@@ -207,3 +216,39 @@ def test_rerunning_a_finished_run_changes_nothing(data, tmp_path):
     assert code == 0, err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [0, 1, 2]
+
+
+def test_epochs_and_max_steps_together_are_refused(data, tmp_path):
+    """--epochs sets the step count; with --max-steps too, one of them would be ignored without a word."""
+    code, _, err = run(["train", "--data", str(data), "--out", str(tmp_path / "r"), *TRAIN, "--epochs", "1"])
+    assert_one_line_error(code, err, "--epochs 1 and --max-steps 2: pass one of them")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_shorter_than_its_warm_up_says_so(data, tmp_path):
+    code, out, err = run(["train", "--data", str(data), "--out", str(tmp_path / "r"), *TRAIN, "--warmup-steps", "5"])
+    assert code == 0, err
+    assert ("note: --warmup-steps 5 is not below the run's 2 steps: the learning rate rises all run and never "
+            "reaches --lr 0.002") in out
+    code, out, err = run(["train", "--data", str(data), "--out", str(tmp_path / "s"), *TRAIN, "--warmup-steps", "1"])
+    assert code == 0 and "--warmup-steps" not in out + err
+
+
+def test_a_run_past_a_lowered_max_steps_says_so_and_settings_name_no_paths(data, tmp_path):
+    """The demo's quick look after the full run: a run at step 3 asked for 2 steps trains nothing and says why
+    (not 'finished at step 3/2'); the changed-settings warning lists what changed in training, not --out."""
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TRAIN[:-8], "--eval-every", "0",
+            "--sample-every", "0", "--threads", "1"]
+    assert args.count("--max-steps") == 0
+    code, _, err = run(args + ["--max-steps", "3"])
+    assert code == 0, err
+    code, out, err = run(args + ["--max-steps", "2", "--resume", "auto"])
+    assert code == 0, err
+    assert "is at step 3, past --max-steps 2: nothing to train" in out + err and "3/2" not in out + err
+    assert "settings changed since step_00000003: max_steps 3 -> 2" in err
+    other = tmp_path / "elsewhere"
+    code, out, err = run(args[:4] + [str(other)] + args[5:] + ["--max-steps", "4", "--resume",
+                                                               str(tmp_path / "r" / "checkpoints" / "step_00000003")])
+    assert code == 0, err
+    changed = next(line for line in err.splitlines() if "settings changed" in line)
+    assert "max_steps 3 -> 4" in changed and "out " not in changed

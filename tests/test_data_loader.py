@@ -3,6 +3,7 @@ epoch, the same order for the same seed, exact resume (also on another world siz
 deterministic validation stream, and clear errors for bad shards."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -257,7 +258,7 @@ def test_prefetch_builds_the_document_index_ahead(data):
 
 def test_bad_shards_and_data(tmp_path, data):
     data_dir, _ = data
-    with pytest.raises(GptrainError, match=r"fewer than one batch of B\*T\*W\+1 = 64\*64\*3\+1"):
+    with pytest.raises(GptrainError, match=r"fewer than one batch of B\*W = 64\*3 rows"):
         TrainLoader(data_dir, 64, 64, world_size=3)
     with pytest.raises(GptrainError, match="does not exist"):
         TrainLoader(tmp_path / "nope", 2, 8)
@@ -329,3 +330,85 @@ def test_a_run_directory_given_as_data_is_named_as_one(tmp_path):
         load_manifest(run)
     assert str(e.value) == (f"--data {run} is a training run's directory, not prepared data; pass the data directory "
                             "it trained on: --data data/shakespeare")
+
+
+def test_data_given_as_a_file_says_how_to_prepare_it(tmp_path, capsys):
+    from gptrain.cli import main as cli_main
+    plays = tmp_path / "mydata" / "plays.txt"
+    plays.parent.mkdir()
+    plays.write_text("First Citizen:\n")
+    assert cli_main(["train", "--preset", "tiny", "--data", str(plays), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"gptrain: error: --data {plays} is a file, not prepared data; prepare it "
+                                       f"first: gptrain prepare {plays} --out data/plays, then pass --data data/plays\n")
+    (tmp_path / "corpus.jsonl.gz").write_bytes(b"")
+    with pytest.raises(GptrainError, match=r"prepare it first: gptrain prepare \S+corpus.jsonl.gz --out data/corpus,"):
+        load_manifest(tmp_path / "corpus.jsonl.gz")
+    make_dir(tmp_path, [3])
+    with pytest.raises(GptrainError, match=rf"is a file of prepared data; pass its directory: --data {tmp_path}$"):
+        load_manifest(tmp_path / "train_000000.bin")
+    with pytest.raises(GptrainError, match=r"data directory \S+nope does not exist; create it with `gptrain prepare "
+                                           r"SOURCE --out \S+nope`"):
+        load_manifest(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_batch_too_large_for_the_data_names_sizes_that_fit(data, shuffle):
+    """The error names --micro-batch-size and --seq-len values (powers of two) that do fit; they do, and twice
+    them does not."""
+    data_dir, _ = data
+    with pytest.raises(GptrainError) as e:
+        TrainLoader(data_dir, 64, 128, world_size=2, shuffle=shuffle)
+    b, t = map(int, re.search(r"; use --micro-batch-size (\d+) or --seq-len (\d+), or prepare more text$",
+                              str(e.value)).groups())
+    assert "(B: --micro-batch-size, T: --seq-len, W: processes)" in str(e.value)
+    TrainLoader(data_dir, b, 128, world_size=2, shuffle=shuffle)
+    TrainLoader(data_dir, 64, t, world_size=2, shuffle=shuffle)
+    for B, T in ((2 * b, 128), (64, 2 * t)):
+        with pytest.raises(GptrainError, match="fewer than one batch"):
+            TrainLoader(data_dir, B, T, world_size=2, shuffle=shuffle)
+
+
+def test_a_validation_split_smaller_than_a_batch(data):
+    data_dir, _ = data
+    total = load_manifest(data_dir)["totals"]["val"]["tokens"]
+    with pytest.raises(GptrainError) as e:
+        ValLoader(data_dir, 8, total)
+    msg = str(e.value)
+    assert msg.startswith(f"{data_dir} holds {total:,} validation tokens, fewer than one batch of B*T*W+1 = "
+                          f"8*{total}*1+1 = {8 * total + 1:,}; pass --eval-every 0 to train without validation")
+    assert "--val-tokens" not in msg  # no corpus total recorded: a larger split is not known to leave train a batch
+    # A smaller micro-batch that fits is named when there is one; another command names its own flags.
+    with pytest.raises(GptrainError, match=r"; pass --eval-every 0 to train without validation, or use "
+                                           r"--micro-batch-size 4$"):
+        ValLoader(data_dir, 8, (total - 1) // 4)
+    with pytest.raises(GptrainError, match=r"; use --batch-size 4$"):
+        ValLoader(data_dir, 8, (total - 1) // 4, batch_flag="--batch-size", skip_hint=None)
+    # The budget, not the split, too small: the flag that sets it.
+    with pytest.raises(GptrainError, match=r"^--val-tokens 10 \(tokens per evaluation\) is fewer than one batch of "
+                                           r"B\*T\*W = 2\*8\*1 = 16; pass --val-tokens 16 or more$"):
+        ValLoader(data_dir, 2, 8, max_tokens=10)
+    # A corpus large enough for both splits to hold a batch: a larger split is named too.
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    write_json_atomic(data_dir / "manifest.json", dict(manifest, totals={"tokens": 10 ** 6}))
+    with pytest.raises(GptrainError, match=rf", or prepare the source again into a new --out with `gptrain prepare "
+                                           rf"\.\.\. --val-tokens {2 * 8 * total}`$"):
+        ValLoader(data_dir, 8, total)
+
+
+def test_an_unfinished_prepare_is_named_as_one(tmp_path, data):
+    """A directory whose prepare stopped before its train (or any) shard says so, not to change --val-tokens."""
+    data_dir, _ = data
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    val_only = dict(manifest, shards=[sh for sh in manifest["shards"] if sh["split"] == "val"])
+    write_json_atomic(data_dir / "manifest.json", dict(val_only, complete=False))
+    with pytest.raises(GptrainError, match=rf"^{data_dir} has no train shards: its prepare did not finish "
+                                           r"\(.*manifest.json is not marked complete\); run the same `gptrain prepare "
+                                           rf"... --out {data_dir}` again"):
+        TrainLoader(data_dir, 2, 8)
+    write_json_atomic(data_dir / "manifest.json", dict(val_only, shards=[], complete=False))
+    with pytest.raises(GptrainError, match="has no validation shards: its prepare did not finish"):
+        ValLoader(data_dir, 2, 8)
+    write_json_atomic(data_dir / "manifest.json", dict(val_only, complete=True))  # finished, all of it val
+    with pytest.raises(GptrainError, match="has no train shards; prepare the source again into a new --out with a "
+                                           "smaller --val-tokens$"):
+        TrainLoader(data_dir, 2, 8)

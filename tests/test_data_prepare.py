@@ -4,6 +4,7 @@ the validation split is a fixed rule, and an interrupted prepare continues witho
 import gzip
 import json
 import os
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -14,6 +15,7 @@ import tiktoken_ext.openai_public as openai_public
 
 import gptrain.data.prepare as prepare_mod
 from gptrain.cli import main as cli_main
+from gptrain.data.loader import TrainLoader
 from gptrain.data.prepare import PrepareConfig, prepare
 from gptrain.data.shards import HEADER_BYTES, MAGIC, document_starts, file_sha256, open_shard
 from gptrain.data.sources import shakespeare_documents
@@ -88,12 +90,15 @@ def test_shakespeare_token_ids_equal_tiktoken(shakespeare_dir, shared_data):
 
 
 def test_worker_encoding_is_ordinary_encoding(shared_data):
-    """Special-token text is plain text, as encode_ordinary treats it; every document gets one leading EOT."""
+    """Special-token text is plain text, as encode_ordinary treats it; every document gets one leading EOT, and a
+    document without text (empty, whitespace only) gets no tokens at all."""
     ref = _reference(str(shared_data))
-    texts = ["a<|endoftext|>b", "", "  spaces   and\n\nnewlines ", "Ünïcödé 😀 中文", "x" * 5000]
+    texts = ["a<|endoftext|>b", "", "  spaces   and\n\nnewlines ", " \n\t", "Ünïcödé 😀 中文", "x" * 5000]
     flat, lengths = prepare_mod.encode_texts(texts)
-    assert flat.dtype == np.uint16 and lengths.tolist() == [len(ref.encode_ordinary(t)) + 1 for t in texts]
-    assert flat.tolist() == sum(([EOT] + ref.encode_ordinary(t) for t in texts), [])
+    with_text = [t for t in texts if t.strip()]
+    assert flat.dtype == np.uint16
+    assert lengths.tolist() == [len(ref.encode_ordinary(t)) + 1 if t.strip() else 0 for t in texts]
+    assert flat.tolist() == sum(([EOT] + ref.encode_ordinary(t) for t in with_text), [])
 
 
 def test_jsonl_webtext_under_spawn(tmp_path, shared_data, monkeypatch):
@@ -133,6 +138,11 @@ def test_local_formats_txt_gz_parquet(tmp_path):
         for w in works[2:4]:
             f.write(json.dumps({"body": w, "id": 1}) + "\n")
     pq.write_table(pa.table({"body": works[4:6], "n": [1, 2]}), tmp_path / "d.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "d.parquet").read_bytes()[:-100])
+    with pytest.raises(GptrainError, match=r"cut.parquet is not a readable Parquet file \(.*\); check that the file is "
+                                           r"complete$"):
+        prepare(str(tmp_path / "cut.parquet"), PrepareConfig(out=str(tmp_path / "o"), text_field="body"),
+                progress=False)
     # .txt files carry no field name; --text-field applies to .jsonl and .parquet.
     out = tmp_path / "out"
     m = prepare([str(tmp_path / "*.txt*"), str(tmp_path / "*.jsonl.gz"), str(tmp_path / "d.parquet")],
@@ -219,16 +229,22 @@ def test_document_longer_than_a_shard_gets_its_own(tmp_path):
 def test_prepare_errors(tmp_path):
     with pytest.raises(GptrainError, match="no such file"):
         prepare(str(tmp_path / "missing*.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(GptrainError, match="has no documents"):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(GptrainError, match=r"empty.jsonl holds no text \(2 bytes, no records\); nothing to prepare"):
         prepare(str(tmp_path / "empty.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
+    assert not (tmp_path / "o").exists()
     (tmp_path / "rows.jsonl").write_text(json.dumps({"content": "hi"}) + "\n")
     with pytest.raises(GptrainError, match=r"rows.jsonl:1 has no field 'text' \(fields: content\); pass --text-field"):
         prepare(str(tmp_path / "rows.jsonl"), PrepareConfig(out=str(tmp_path / "o")), progress=False)
     (tmp_path / "doc.txt").write_text("short text")
-    with pytest.raises(GptrainError, match="went to the validation split.*smaller --val-tokens"):
+    with pytest.raises(GptrainError, match=r"went to the validation split \(--val-tokens 100\).*smaller --val-tokens"):
         prepare(str(tmp_path / "doc.txt"), PrepareConfig(out=str(tmp_path / "o2"), val_tokens=100), progress=False)
     assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["complete"] is False  # never complete
+    # Training on it says the prepare did not finish (the --val-tokens advice belongs to prepare, which knows why).
+    with pytest.raises(GptrainError, match=r"has no train shards: its prepare did not finish \(.*not marked complete"):
+        TrainLoader(tmp_path / "o2", 1, 1)
+    with pytest.raises(GptrainError, match=r"--max-tokens 2 ends inside the validation split.*larger --max-tokens"):
+        prepare("shakespeare", PrepareConfig(out=str(tmp_path / "o3"), max_tokens=2, workers=1), progress=False)
     with pytest.raises(GptrainError, match="needs --out"):
         prepare("shakespeare", PrepareConfig(), progress=False)
 
@@ -310,3 +326,100 @@ def test_train_runs_on_one_prepared_text_file(tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [0, 1]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]
+
+
+def test_sources_without_text_are_refused_before_writing(tmp_path, capsys):
+    """An empty or whitespace-only source stops up front with one line, and leaves no --out directory behind."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n\t\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
+    out = tmp_path / "data" / "empty"
+    assert cli_main(["prepare", str(tmp_path / "empty.txt"), "--out", str(out)]) == 2
+    empty = tmp_path / "empty.txt"
+    assert capsys.readouterr().err == f"gptrain: error: {empty} holds no text (0 bytes); nothing to prepare\n"
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(GptrainError, match=r"^the 3 source files hold no text \(\d+ bytes; its 4 documents are each "
+                                           r"empty or whitespace\); nothing to prepare$"):
+        prepare([str(tmp_path / "*.txt"), str(tmp_path / "rows.jsonl")], PrepareConfig(out=str(out), workers=1),
+                progress=False)
+    assert not (tmp_path / "data").exists()
+
+
+def test_documents_without_text_are_skipped_beside_real_ones(tmp_path, capsys):
+    """An empty file beside a book, and blank records between real ones, are not documents: no lone
+    `<|endoftext|>` in the shards, and the summary says how many were skipped."""
+    works = shakespeare_documents()[:3]
+    (tmp_path / "a_empty.txt").write_text("")
+    (tmp_path / "b_book.txt").write_text(works[0])
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for text in ["", works[1], " \n", works[2]]:
+            f.write(json.dumps({"text": text}) + "\n")
+    out = tmp_path / "data"
+    assert cli_main(["prepare", str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl"), "--out", str(out),
+                     "--val-tokens", "0", "--workers", "1"]) == 0
+    assert "; skipped 3 documents without text;" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["documents_read"] == 6 and m["documents_skipped"] == 3 and m["totals"]["documents"] == 3
+    tok = get_tokenizer()
+    assert [tok.decode(d[1:]) for d in shard_docs(out)] == works
+
+
+def test_a_utf8_bom_is_not_data(tmp_path):
+    """A BOM opening a text file (CRLF, gzip too) or a .jsonl file is dropped as CRs are normalised; a U+FEFF
+    inside a JSON string is that string's text."""
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfFirst Citizen:\r\nBefore we proceed.\r\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wb") as f:
+        f.write(b"\xef\xbb\xbfSecond\rline\n")
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "\ufeffkept"}).encode() + b"\r\n"
+                                       + json.dumps({"text": "third"}).encode() + b"\n")
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt.gz"), str(tmp_path / "c.jsonl")],
+            PrepareConfig(out=str(out), val_tokens=0, workers=1), progress=False)
+    tok = get_tokenizer()
+    assert [tok.decode(d[1:]) for d in shard_docs(out)] == [
+        "First Citizen:\nBefore we proceed.\n", "Second\nline\n", "\ufeffkept", "third"]
+
+
+def test_a_source_that_is_not_utf8_says_how_to_convert_it(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Café au lait\n".encode("latin1"))
+    assert cli_main(["prepare", str(latin1), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (
+        f"gptrain: error: {latin1} is not UTF-8 text (byte 0xe9 at offset 3); convert it first, e.g. "
+        f"iconv -f latin1 -t utf-8 {latin1} > {tmp_path / 'latin1.utf8.txt'}\n")
+    rows = tmp_path / "rows.jsonl"
+    raw = b'{"text": "fine"}\n{"text": "na\xefve"}\n'
+    rows.write_bytes(raw)
+    at = raw.index(0xef)
+    with pytest.raises(GptrainError, match=rf"rows.jsonl:2 is not UTF-8 text \(byte 0xef at offset {at}\)"):
+        prepare(str(rows), PrepareConfig(out=str(tmp_path / "o")), progress=False)
+    cut = tmp_path / "cut.txt.gz"  # a partial download: the one case where "complete" is the fix
+    cut.write_bytes(gzip.compress(shakespeare_documents()[0].encode())[:5000])
+    with pytest.raises(GptrainError, match=r"cannot read source file .*cut.txt.gz: .*; check that the file is "
+                                           r"complete$"):
+        prepare(str(cut), PrepareConfig(out=str(tmp_path / "o")), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_small_file_trains_on_the_first_try(tmp_path, capsys):
+    """A 2.6 KB file: prepare's progress line reads plainly, its note names the flags `--preset tiny` needs, and
+    they work; without them train's one-line error names the same sizes."""
+    small = tmp_path / "small.txt"
+    small.write_text(shakespeare_documents()[0][:2600])
+    out = tmp_path / "data"
+    assert cli_main(["prepare", str(small), "--out", str(out), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^prepare: \d{3} tokens, 2 shards \| [\d.]+K? tokens/s$", err, re.M)
+    note = next(line for line in err.splitlines() if line.startswith("prepare: note:"))
+    assert note.startswith(f"prepare: note: {out} is smaller than one batch of `gptrain train --preset tiny` "
+                           "(8x128+1 = 1,025 tokens); train on it with --micro-batch-size 4 --eval-every 0")
+    run = ["train", "--preset", "tiny", "--data", str(out), "--sample-every", "0", "--max-steps", "1"]
+    assert cli_main(run + ["--out", str(tmp_path / "r1")]) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and "use --micro-batch-size 4 or --seq-len 64, or prepare more text" in line
+    assert cli_main(run + ["--out", str(tmp_path / "r2"), "--micro-batch-size", "4", "--eval-every", "0"]) == 0
+
+
+def test_progress_amounts_read_well():
+    assert [prepare_mod._amount(n) for n in (0, 736, 999.6, 12_345, 999_960, 4_500_000, 10_000_000_000)] == [
+        "0", "736", "1.0K", "12.3K", "1.0M", "4.5M", "10.0B"]

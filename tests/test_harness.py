@@ -117,3 +117,24 @@ def test_missing_task_data_is_a_one_line_error(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gptrain: error: lm-eval could not load the data of --tasks hellaswag_nodata")
     assert "missing.jsonl" in err
+
+
+def test_no_git_noise_outside_a_repository(setup, tmp_path, monkeypatch, capfd):
+    """lm-eval records the working directory's git commit; outside a repository git's "fatal: not a git
+    repository" must not reach the terminal (and the result still says there is no commit)."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"Question {i}:", "choices": [" yes", " no"], "label": i % 2}) + "\n"
+                            for i in range(2)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "qa.yaml").write_text(
+        f"task: qa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # even if the temp directory sits inside a repo
+    capfd.readouterr()
+    out = harness.evaluate(setup["model"], ["qa_local"], include_path=str(tasks), batch_size=2, device="cpu")
+    assert out["results"]["qa_local"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert out["git_hash"] is None and "not a git repository" not in capfd.readouterr().err

@@ -302,8 +302,10 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
                          "--eval-every", "2", "--val-tokens", "256", "--sample-every", "0", "--threads", "1",
                          "--dtype", "float32"]) == 0
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
-                         "--device", "cpu", "--json", str(out)]) == 0
+    capsys.readouterr()
+    assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--device", "cpu", "--json", str(out)]) == 0
+    assert f"eval val: --data {tmp_path / 'data'} (the data --model {tmp_path / 'run'} was trained on)" in \
+        capsys.readouterr().err  # no --data: the run's own, said
     res = json.loads(out.read_text())
     assert res["tokens"] == 256 and abs(res["val_loss"] - [r for r in logged if "val_loss" in r][-1]["val_loss"]) < 1e-5
     assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
@@ -318,3 +320,19 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
     assert gptrain_main(["eval", "val", "--model", str(tmp_path / "bf16"), "--data", str(tmp_path / "data"),
                          "--device", "cpu", "--json", str(out)]) == 0
     assert abs(json.loads(out.read_text())["val_loss"] - [r for r in logged if "val_loss" in r][-1]["val_loss"]) < 1e-5
+
+
+def test_eval_val_without_data_needs_a_run_that_recorded_it(tmp_path, capsys):
+    """--data may be left out only for a gptrain run whose data directory is still there; otherwise one line asks
+    for it, before any model is loaded."""
+    from gptrain.cli import main as gptrain_main
+    from gptrain.hf import save_pretrained
+    save_pretrained(GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=16)), tmp_path / "export")
+    sft_run = tmp_path / "chat"  # an sft run records its conversations, not a prepared directory
+    (sft_run / "checkpoints").mkdir(parents=True)
+    (sft_run / "config.json").write_text(json.dumps({"train": {"data": "oasst-100"}}))
+    for model, says in [(tmp_path / "export", "records no training data"),
+                        (sft_run, "was trained on --data oasst-100, which is not a prepared data directory here")]:
+        assert gptrain_main(["eval", "val", "--model", str(model), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gptrain: error: eval val needs --data DIR") and says in err and err.count("\n") == 1

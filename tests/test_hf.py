@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,39 @@ def test_load_model_rejects_bad_sources_in_one_line(tmp_path):
         with pytest.raises(GptrainError, match=message) as e:
             load_model(str(tmp_path))
         assert "\n" not in str(e.value)
+
+
+def test_errors_name_the_flag_the_source_came_from(tmp_path, monkeypatch):
+    """train's --init-from (and lm-eval's pretrained=) resolve through load_model too: its errors name that flag."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty: offline, nothing cached
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for src, message in [("gpt2", "no such directory here .*nor a hub model in the Hugging Face cache"),
+                         (str(tmp_path / "typo"), "no such directory here"),
+                         (str(tmp_path), "not a Hugging Face GPT-2 directory"),
+                         (str(tmp_path / "run"), "this run has no valid checkpoint")]:
+        with pytest.raises(GptrainError, match=f"^--init-from {re.escape(src)}: {message}"):
+            load_model(src, flag="--init-from")
+        with pytest.raises(GptrainError, match=f"^--model {re.escape(src)}: {message}"):
+            load_model(src)
+    with pytest.raises(GptrainError, match="^pretrained=gpt2: no such directory"):
+        load_model("gpt2", flag="pretrained=")
+
+
+def test_export_command_says_when_it_replaced_a_previous_export(tmp_path, capsys):
+    tiny_gptrain().save_pretrained(tmp_path / "model")
+    export = ["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]
+    assert cli.main(export) == 0
+    assert "replacing" not in capsys.readouterr().out
+    assert cli.main(export) == 0
+    assert f"to {tmp_path / 'out'}, replacing the previous export there:" in capsys.readouterr().out
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # no longer only an export: refused, kept, until --force
+    assert cli.main(export) == 2
+    assert "is a non-empty directory that is not a gptrain export" in capsys.readouterr().err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert cli.main(export + ["--force"]) == 0
+    assert ", replacing what it held before (--force):" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "notes.txt").exists()
 
 
 def fake_hub_cache(home: Path, repo_id: str, hf) -> None:

@@ -129,3 +129,37 @@ def test_a_run_that_does_not_fit_stops_before_its_first_step_naming_the_flag():
     with pytest.raises(GptrainError, match="--parallel fsdp"):  # nothing fits: say what else to change
         build(p.total(micro_batch=1) * 0.9)
     assert build(p.total() / memory.USABLE + 1).plan.fits()
+
+
+def test_host_ram_is_memavailable_capped_by_a_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    assert memory._host_available(str(meminfo), str(cg)) == 20000000 * 1024  # no cgroup files: RAM alone
+    (cg / "memory.max").write_text("max\n")
+    (cg / "memory.current").write_text("123\n")
+    assert memory._host_available(str(meminfo), str(cg)) == 20000000 * 1024  # unlimited cgroup
+    (cg / "memory.max").write_text(f"{8 << 30}\n")
+    (cg / "memory.current").write_text(f"{1 << 30}\n")
+    assert memory._host_available(str(meminfo), str(cg)) == 7 << 30  # the container's remaining limit is lower
+    assert memory._host_available(str(tmp_path / "absent"), str(cg)) is None  # not Linux: no check
+
+
+def test_cpu_run_beyond_the_ram_stops_at_once_naming_the_flags(monkeypatch, tmp_path, capsys):
+    """Without --preset a run is GPT-2 124M at micro-batch 64: on a CPU with 8 GiB free it must stop before it
+    allocates anything (it used to be killed by the kernel minutes in, without a word), and say what fits."""
+    monkeypatch.setattr(memory, "_host_available", lambda: 8 << 30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    data = tmp_path / "data"  # train needs real data before it builds the trainer
+    (tmp_path / "t.txt").write_text("To be, or not to be, that is the question.\n" * 9000)
+    assert cli(["prepare", str(tmp_path / "t.txt"), "--out", str(data)]) == 0
+    capsys.readouterr()
+    assert cli(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu",
+                "--eval-every", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gptrain: error: the memory plan needs") and "of the 8.00 GiB available (RAM" in err
+    assert "use --micro-batch-size" in err and "--preset tiny" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes of this node share the RAM
+    assert memory.detected_memory("cpu") == (2 << 30, "RAM available now, shared by 4 processes")

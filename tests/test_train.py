@@ -122,6 +122,31 @@ def test_optimizer_groups_match_torch_adamw(tiny_config):
     assert_same_updates(a, opt, b, ref)
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, float("inf")])
+def test_clip_matches_torch_and_leaves_small_gradients_as_they_are(tiny_config, max_norm):
+    """Above max_norm: torch's clip_grad_norm_ to the bit. At or below (and inf, measure only): the gradients are
+    not touched at all on CPU (torch would multiply them by exactly 1.0)."""
+    torch.manual_seed(0)
+    a = GPT(tiny_config)
+    b = GPT(tiny_config)
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    for m in (a, b):
+        m(idx, idx)[1].backward()
+    before = [p.grad.clone() for p in a.parameters()]
+    writes = [p.grad._version for p in a.parameters()]
+    norm = distributed.wrap(a, distributed.DistEnv(), compile=False).clip_grad_norm(max_norm)
+    ref = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm)
+    assert torch.equal(norm, ref)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    clipped = bool(ref > max_norm)
+    assert clipped == (max_norm == 1e-3)
+    assert all((p.grad._version != v) == clipped for p, v in zip(a.parameters(), writes))
+    if not clipped:
+        assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), before))
+
+
 def test_fused_cpu_adamw_is_the_default_algorithm_to_rounding(tiny_config):
     """The fused kernel gptrain uses on CPU updates as torch's default (for-loop) AdamW does, to float rounding."""
     from gptrain.train.optim import make_optimizer

@@ -13,7 +13,7 @@
 
 Every conversation is cleaned the same way: contents stripped, empty messages dropped, consecutive messages of
 one role joined, trailing non-assistant messages dropped (nothing to learn from them); conversations left without
-an assistant reply are skipped.
+an assistant reply are skipped, and `read_conversations` counts the records that gave none.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -33,8 +34,22 @@ _OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 SHIPPED = {"oasst-100": "oasst_en_100_tree.jsonl.gz"}  # name -> file in gptrain/assets
 
 
+@dataclass
+class Conversations:
+    """What a source gave: its usable conversations and how many records were read for them; `skipped` records
+    left none (e.g. an empty final Assistant turn), so a summary can count them instead of losing them silently."""
+    conversations: list[list[dict]]
+    records: int
+    skipped: int
+
+
 def load_conversations(source: str, split: str = "train", limit: int | None = None) -> list[list[dict]]:
     """Conversations from a file or `hf:NAME`; `split` applies to `hf:` sources, `limit` keeps the first N."""
+    return read_conversations(source, split, limit).conversations
+
+
+def read_conversations(source: str, split: str = "train", limit: int | None = None) -> Conversations:
+    """`load_conversations` with the count of records read and of records skipped for want of a reply."""
     if source.startswith("hf:"):
         records, where = _hf_records(source[3:], split), source
     elif source in SHIPPED:
@@ -49,18 +64,17 @@ def load_conversations(source: str, split: str = "train", limit: int | None = No
             raise GptrainError(f"conversation file {source} does not exist; pass a .jsonl, .jsonl.gz, .json or "
                                ".parquet file, or hf:NAME for a Hugging Face dataset")
         records, where = _file_records(path), str(path)
-    out = []
+    out, n, skipped = [], 0, 0
     for n, record in enumerate(records, 1):
-        for conv in record_conversations(record, f"{where}, record {n}"):
-            conv = clean(conv)
-            if conv:
-                out.append(conv)
-                if limit is not None and len(out) >= limit:
-                    return out
+        convs = [c for c in map(clean, record_conversations(record, f"{where}, record {n}")) if c]
+        skipped += not convs
+        out += convs
+        if limit is not None and len(out) >= limit:
+            return Conversations(out[:limit], n, skipped)
     if not out:
         raise GptrainError(f"{where} holds no usable conversation (each needs at least one non-empty "
                            "assistant reply)")
-    return out
+    return Conversations(out, n, skipped)
 
 
 def record_conversations(record, where: str) -> list[list[dict]]:

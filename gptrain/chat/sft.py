@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gptrain.chat.datasets import load_conversations
+from gptrain.chat.datasets import read_conversations
 from gptrain.chat.format import render_conversation, render_for_completion, stop_ids
 from gptrain.config import add_dataclass_args, overrides_from_args, validate
 from gptrain.errors import GptrainError
@@ -268,7 +268,8 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
     from gptrain.hf import load_model
     check_run_inputs(cfg, "sft")
     validate(opts)
-    convs = load_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
+    source = read_conversations(cfg.data, split=opts.data_split, limit=opts.max_conversations or None)
+    convs = source.conversations
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     env = distributed.setup(cfg.device, cfg.parallel)
@@ -309,10 +310,13 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
                                         world_size=env.world_size, pack=opts.pack)
         trainer = ChatTrainer(cfg, model, loader, val, env=env, tokenizer=tok, question=opts.sample_question)
         learned = sum(int(m[1:].sum()) for _, m in train_ex)
-        note = (f"sft: {len(convs)} conversations from {cfg.data}: {len(train_convs)} train ({rows} rows of "
-                f"{cfg.seq_len}, {learned:,} assistant tokens; {cut} cut into pieces, {dropped} dropped), "
-                f"{len(val_convs)} held out; model {cfg.init_from}, lr {cfg.lr:g}, {trainer.cfg.max_steps} steps")
-        record = {"sft": opts, "data": {"source": cfg.data, "conversations": len(convs), "train": len(train_convs),
+        skipped = f" ({source.skipped:,} without an assistant reply, skipped)" if source.skipped else ""
+        note = (f"sft: {len(convs):,} conversations from {source.records:,} records of {cfg.data}{skipped}: "
+                f"{len(train_convs)} train ({rows} rows of {cfg.seq_len}, {learned:,} assistant tokens; {cut} cut "
+                f"into pieces, {dropped} with no assistant token dropped), {len(val_convs)} held out; "
+                f"model {cfg.init_from}, lr {cfg.lr:g}, {trainer.cfg.max_steps} steps")
+        record = {"sft": opts, "data": {"source": cfg.data, "conversations": len(convs), "records": source.records,
+                                        "skipped_records": source.skipped, "train": len(train_convs),
                                         "val": len(val_convs), "cut": cut, "dropped": dropped,
                                         "train_rows": rows, "assistant_tokens": learned}}
         return run_and_record(trainer, record, note)

@@ -9,6 +9,7 @@ end of input) leaves, Ctrl-C cuts a reply short. Replies go to stdout, notices t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, TextIO
@@ -38,8 +39,9 @@ class ChatSession:
         self.messages, self.turn = list(self.system), 0
 
     def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, stream the reply's text, and add the reply (as far as it got) to the history.
-        Oldest turns are dropped first when the conversation plus room for a reply would overflow the window."""
+        """Add the user's message and return the reply's text as it streams; the reply (as far as it got) joins
+        the history. Oldest turns are dropped first when the conversation plus room for a reply would overflow
+        the window; that notice is printed here, before the caller shows the reply's prompt."""
         block = self.engine.model.config.block_size
         room = min(self.params.max_new_tokens, block // 2)
         kept = fit_to_context(self.messages + [{"role": "user", "content": text}], block - room, self.tok)
@@ -52,6 +54,9 @@ class ChatSession:
                                    max_new_tokens=min(self.params.max_new_tokens, block - len(prompt)),
                                    stop_ids=tuple(stop_ids(self.tok)))
         self.turn += 1
+        return self._stream(gen)
+
+    def _stream(self, gen) -> Iterator[str]:
         try:
             for step in gen:
                 if step.text[0]:
@@ -61,14 +66,16 @@ class ChatSession:
 
 
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
-    """Read user lines until /quit or end of input; answer each, streaming."""
+    """Read user lines until /quit or end of input; answer each, streaming. At a terminal the prompt is input()'s,
+    with readline's line editing and history where the platform has it."""
     interactive = stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # absent on Windows: input() works, without arrows or history
+            import readline  # noqa: F401  (importing it is what gives input() line editing)
     while True:
-        if interactive:  # input() gives line editing; an empty line is "", the end of input EOFError
-            stdout.write(USER_PROMPT)
-            stdout.flush()
+        if interactive:  # an empty line is "", the end of input EOFError
             try:
-                text = input()
+                text = input(USER_PROMPT)  # readline must know the prompt to redraw the line
             except EOFError:
                 stdout.write("\n")
                 return
@@ -78,6 +85,7 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
                 return
             text = line.rstrip("\n")
             stdout.write(USER_PROMPT + text + "\n")  # shown, so a transcript reads question, reply, question...
+            stdout.flush()  # before any notice on stderr, which a transcript of both would otherwise misplace
         if text.strip() in ("/quit", "/exit"):
             return
         if text.strip() == "/reset":
@@ -86,15 +94,18 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
             continue
         if not text.strip():
             continue
+        try:
+            pieces = session.reply(text)  # a dropped-turns notice comes out here, on its own line
+        except GptrainError as e:  # this message cannot fit: say so, keep the conversation going
+            print(f"gptrain: {e}", file=sys.stderr)
+            continue
         stdout.write(BOT_PROMPT)
         try:
-            for piece in session.reply(text):
+            for piece in pieces:
                 stdout.write(piece)
                 stdout.flush()
         except KeyboardInterrupt:
             print(" [interrupted]", file=sys.stderr)
-        except GptrainError as e:  # this message cannot fit: say so, keep the conversation going
-            print(f"gptrain: {e}", file=sys.stderr)
         stdout.write("\n")
         stdout.flush()
 

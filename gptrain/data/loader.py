@@ -27,6 +27,7 @@ document index built, in a background thread that runs one shard ahead, so switc
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,8 @@ def load_manifest(data_dir: str | Path) -> dict:
     """The directory's manifest.json, or one inferred from bare llm.c `.bin` / lecture `.npy` shards (split from
     'val'/'train' in the file name, as the lecture does; no sha256, GPT-2 tokenizer assumed)."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise GptrainError(_file_as_data(data_dir))
     if not data_dir.is_dir():
         raise GptrainError(f"data directory {data_dir} does not exist; create it with `gptrain prepare SOURCE --out {data_dir}`")
     path = data_dir / MANIFEST
@@ -83,6 +86,52 @@ def load_manifest(data_dir: str | Path) -> dict:
     manifest.setdefault("totals", {s: {"tokens": sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s)}
                                    for s in ("train", "val")})
     return manifest
+
+
+def _file_as_data(path: Path) -> str:
+    """What to do when --data names a file: a source to prepare, or a file inside a prepared directory."""
+    if path.suffix in SHARD_SUFFIXES or path.name == MANIFEST:
+        return f"--data {path} is a file of prepared data; pass its directory: --data {shlex.quote(str(path.parent))}"
+    from gptrain.data.sources import LOCAL_SUFFIXES
+    stem = path.name[:-3] if path.name.endswith(".gz") else path.name
+    suffix = next((s for s in LOCAL_SUFFIXES if stem.endswith(s)), None)
+    if suffix is None:
+        return (f"--data {path} is a file, not prepared data; pass a directory made by "
+                f"`gptrain prepare SOURCE --out DIR` (SOURCE: .txt, .jsonl or .parquet files, optionally .gz)")
+    out = shlex.quote(f"data/{stem[:-len(suffix)] or 'mydata'}")
+    return (f"--data {path} is a file, not prepared data; prepare it first: gptrain prepare {shlex.quote(str(path))} "
+            f"--out {out}, then pass --data {out}")
+
+
+def _unfinished(manifest: dict, what: str) -> str | None:
+    """The message for a split that is missing because the directory's prepare never finished, else None."""
+    if manifest.get("complete", True):  # bare shard directories have no such flag
+        return None
+    data_dir = manifest["data_dir"]
+    return (f"{data_dir} has no {what}: its prepare did not finish ({Path(data_dir) / MANIFEST} is not marked "
+            f"complete); run the same `gptrain prepare ... --out {data_dir}` again (it continues, or says why it "
+            "stops), or prepare into a new --out")
+
+
+def _pow2_fits(n: int, fits) -> int:
+    """The largest power of two below n for which fits(k) holds, 0 if none. Suggested sizes are powers of two so
+    that --total-batch-size (a multiple of B*T*W) stays valid for the usual power-of-two presets."""
+    return next((k for k in (1 << i for i in reversed(range(n.bit_length()))) if k < n and fits(k)), 0)
+
+
+def train_fit(sizes, B: int, T: int, world_size: int = 1, shuffle: bool = True) -> tuple[bool, int, int]:
+    """Whether train shards of these token counts hold one step of B x T per rank; if not, the largest micro-batch
+    at this T and the largest seq-len at this B that would (0 where none does)."""
+    sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 1)
+
+    def fits(b: int, t: int) -> bool:
+        if shuffle:  # rows of t+1 tokens at stride t
+            return int(((sizes - 1) // t).sum()) >= b * world_size
+        return int(sizes.max(initial=0)) >= b * t * world_size + 1
+
+    if fits(B, T):
+        return True, B, T
+    return False, _pow2_fits(B, lambda b: fits(b, T)), _pow2_fits(T, lambda t: fits(B, t))
 
 
 def opening_words(manifest: dict, tokenizer, max_tokens: int = 16) -> str:
@@ -196,22 +245,29 @@ class TrainLoader:
         self.B, self.T, self.rank, self.world_size, self.seed, self.shuffle = B, T, rank, world_size, seed, shuffle
         self.shards = _Shards(self.manifest, "train")
         if not len(self.shards):
-            raise GptrainError(f"{data_dir} has no train shards; re-run `gptrain prepare` with a smaller --val-tokens")
-        step = B * T * world_size
+            raise GptrainError(_unfinished(self.manifest, "train shards") or
+                               f"{data_dir} has no train shards; prepare the source again into a new --out with a "
+                               "smaller --val-tokens")
         self.rows = (self.shards.sizes - 1) // T  # rows of T+1 tokens each shard yields (shuffled mode)
         self.epoch_rows = int(self.rows.sum())
-        if self.shuffle:
-            usable = self.epoch_rows * T + 1
-            what = "tokens in whole rows of T+1"
-        else:
-            usable = int(self.shards.sizes.max())
-            what = "tokens in its largest shard (sequential mode reads shard by shard)"
-        if usable < step + 1:
-            raise GptrainError(f"{data_dir} has {usable:,} train {what}, fewer than one batch of "
-                               f"B*T*W+1 = {B}*{T}*{world_size}+1 = {step + 1:,}; use a smaller batch or more data")
+        fits, b, t = train_fit(self.shards.sizes, B, T, world_size, shuffle)
+        if not fits:
+            raise GptrainError(self._too_small(b, t))
         self.epoch, self.cursor, self.shard = 0, 0, 0
         self._plan_epoch = None
         self._normalize()
+
+    def _too_small(self, b: int, t: int) -> str:
+        B, T, W = self.B, self.T, self.world_size
+        if self.shuffle:
+            held = (f"holds {int(self.shards.sizes.sum()):,} train tokens, {self.epoch_rows:,} rows of T+1 = {T + 1} "
+                    f"tokens, fewer than one batch of B*W = {B}*{W} rows")
+        else:
+            held = (f"holds {int(self.shards.sizes.max()):,} train tokens in its largest shard (sequential mode "
+                    f"reads shard by shard), fewer than one batch of B*T*W+1 = {B}*{T}*{W}+1 = {B * T * W + 1:,}")
+        fixes = [f"--micro-batch-size {b}"] * bool(b) + [f"--seq-len {t}"] * bool(t)
+        fix = " or ".join(fixes) + (", or prepare more text" if fixes else "prepare more text")
+        return (f"{self.manifest['data_dir']} {held} (B: --micro-batch-size, T: --seq-len, W: processes); use {fix}")
 
     # -- sizes --------------------------------------------------------------------------------------------------
     @property
@@ -339,7 +395,11 @@ class ValLoader:
     """The first `max_tokens` validation tokens (all of them if None), in file order, split across ranks the same
     way as training batches; `batches()` yields the same sequence every call."""
 
-    def __init__(self, data_dir, B: int, T: int, rank: int = 0, world_size: int = 1, max_tokens: int | None = None):
+    def __init__(self, data_dir, B: int, T: int, rank: int = 0, world_size: int = 1, max_tokens: int | None = None,
+                 *, batch_flag: str = "--micro-batch-size", skip_hint: str | None = "--eval-every 0 to train without "
+                 "validation"):
+        """batch_flag and skip_hint name, in the error for a split smaller than one batch, the caller's flag for B
+        and how to go on without validation (the defaults are `gptrain train`'s)."""
         _check_sizes(B, T, rank, world_size)
         self.manifest = load_manifest(data_dir)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
@@ -350,9 +410,25 @@ class ValLoader:
         self.steps = max(usable, 0) // step
         self.tokens, self.available = self.steps * step, total - 1  # evaluated per round; in the split (as targets)
         if self.steps == 0:
-            raise GptrainError(f"{data_dir} has {total:,} validation tokens (limit {max_tokens}), fewer than one batch "
-                               f"of B*T*W+1 = {step + 1:,}; prepare with a larger --val-tokens or use a smaller batch")
+            raise GptrainError((_unfinished(self.manifest, "validation shards") if not total else None) or
+                               self._too_small(total, max_tokens, batch_flag, skip_hint))
         self.offsets = np.concatenate([[0], np.cumsum(self.shards.sizes)])
+
+    def _too_small(self, total: int, max_tokens: int | None, batch_flag: str, skip_hint: str | None) -> str:
+        B, T, W = self.B, self.T, self.world_size
+        step, data_dir = B * T * W, self.manifest["data_dir"]
+        if max_tokens is not None and max_tokens < step <= total - 1:  # the budget, not the data, is too small
+            return (f"--val-tokens {max_tokens:,} (tokens per evaluation) is fewer than one batch of B*T*W = "
+                    f"{B}*{T}*{W} = {step:,}; pass --val-tokens {step:,} or more")
+        fixes = [f"pass {skip_hint}"] if skip_hint else []
+        b = _pow2_fits(B, lambda k: k * T * W <= total - 1)
+        fixes += [f"use {batch_flag} {b}"] if b else []
+        # Twice a batch: the split stops at a line end within --val-tokens, so it may hold a little less.
+        if self.manifest.get("totals", {}).get("tokens", 0) > 3 * step:  # and train still holds a batch
+            fixes.append(f"prepare the source again into a new --out with `gptrain prepare ... --val-tokens "
+                         f"{2 * step}`")
+        return (f"{data_dir} holds {total:,} validation tokens, fewer than one batch of B*T*W+1 = {B}*{T}*{W}+1 = "
+                f"{step + 1:,}; " + (", or ".join(fixes) or "prepare a larger validation split"))
 
     def __len__(self) -> int:
         return self.steps

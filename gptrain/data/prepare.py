@@ -1,14 +1,14 @@
 """`gptrain prepare SOURCE --out DIR`: tokenize a corpus into verified llm.c shards plus `DIR/manifest.json`.
 
-Layout of the output. Documents are read in source order; each is written as `<|endoftext|>` followed by its
-tokens. The first documents, until they hold at least `--val-tokens` tokens, form the validation split; every
-later document is train. A document that would take the split past twice its size (one long book, the usual
-first try) is cut instead, after the last line that fits: its start completes the validation split and the rest,
-as a document of its own, begins train. The rule depends only on the source order and the text, so a longer
-prepare of the same source keeps the same validation set, and the two splits never share text. For local files
-the default size is 10% of the corpus (estimated from its bytes), at most 10M tokens, so a small corpus is not
-swallowed by validation. Shards close at a document boundary: a shard holds whole documents up to
-`--shard-tokens`, and a document longer than that gets a shard of its own.
+Layout of the output. Documents are read in source order; each is written as `<|endoftext|>` followed by its tokens
+(a file or record without text is no document: it is skipped, and counted). The first documents, until they hold at
+least `--val-tokens` tokens, form the validation split; every later document is train. A document that would take
+the split past twice its size (one long book, the usual first try) is cut instead, after the last line that fits:
+its start completes the validation split and the rest, as a document of its own, begins train. The rule depends only
+on the source order and the text, so a longer prepare of the same source keeps the same validation set, and the two
+splits never share text. For local files the default size is 10% of the corpus (estimated from its bytes), at most
+10M tokens, so a small corpus is not swallowed by validation. Shards close at a document boundary: a shard holds
+whole documents up to `--shard-tokens`, and a document longer than that gets a shard of its own.
 
 Resume. A finished shard is written to a temp file, fsynced and renamed, then the manifest records it together
 with the number of source documents consumed so far (and where the cut document was cut). Re-running the same
@@ -113,17 +113,25 @@ def cut_point(tokens: np.ndarray, budget: int, line_ends: np.ndarray) -> int:
     return int(before[-1]) if len(before) else int(after[0]) if len(after) else k
 
 
+def has_text(text: str) -> bool:
+    """An empty or whitespace-only file or record is not a document: as one it would be an `<|endoftext|>` alone."""
+    return bool(text) and not text.isspace()
+
+
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Worker task: documents -> (flat uint16 tokens, each document `<|endoftext|>`-prefixed; per-document lengths).
+    A document without text gets no tokens at all (length 0), so prepare can skip it and still count it as read.
 
     `encode_to_numpy` with no special tokens allowed or checked is tiktoken's ordinary encoding, written into a
     buffer instead of a Python list (tests compare it with `encode_ordinary`)."""
     tok = get_tokenizer()
-    parts = [tok.enc.encode_to_numpy(t, disallowed_special=()) for t in texts]
-    lengths = np.fromiter((len(p) + 1 for p in parts), dtype=np.int64, count=len(parts))
+    parts = [tok.enc.encode_to_numpy(t, disallowed_special=()) if has_text(t) else None for t in texts]
+    lengths = np.fromiter((0 if p is None else len(p) + 1 for p in parts), dtype=np.int64, count=len(parts))
     flat = np.empty(int(lengths.sum()), dtype=np.uint16)
     pos = 0
     for p in parts:
+        if p is None:
+            continue
         flat[pos] = tok.eot
         flat[pos + 1:pos + 1 + len(p)] = p
         pos += len(p) + 1
@@ -176,8 +184,23 @@ class _Progress:
         eta = ""
         if self.expected and rate > 0:
             eta = f" | ETA {_fmt_time(max(self.expected - tokens, 0) / rate)}"
-        line = f"prepare: {tokens / 1e6:,.1f}M tokens, {shards} shards | {rate / 1e6:.2f}M tokens/s{eta}"
+        line = f"prepare: {_amount(tokens)} tokens, {_count(shards, 'shard')} | {_amount(rate)} tokens/s{eta}"
         print(("\r" + line) if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+
+
+def _amount(n: float) -> str:
+    """736, 12.3K, 4.5M, 10.0B: short, and exact while small."""
+    if round(n) < 1000:
+        return f"{n:.0f}"
+    for unit in "KMB":
+        n /= 1000
+        if round(n, 1) < 1000 or unit == "B":
+            return f"{n:,.1f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _fmt_time(s: float) -> str:
@@ -229,11 +252,11 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     check_output_dir(cfg.out, "--out")
     source = resolve_source(source_spec, split=cfg.split, text_field=cfg.text_field)
     val_target, val_rule = choose_val_tokens(source, cfg.val_tokens)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # created with the first shard: a source without text leaves nothing behind
     identity = _identity(source, cfg, val_target)
     manifest = _resume(out, identity) or {"format": FORMAT, **identity, "val_rule": val_rule, "spec": source_spec,
-                                          "documents_read": 0, "complete": False, "shards": []}
+                                          "documents_read": 0, "documents_skipped": 0, "complete": False,
+                                          "shards": []}
     manifest["totals"] = _totals(manifest["shards"])
     total = manifest["totals"]["tokens"]
     if manifest["complete"] or (cfg.max_tokens is not None and total >= cfg.max_tokens):
@@ -247,6 +270,7 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     counts = {s: manifest["totals"][s]["shards"] for s in ("train", "val")}
     val_tokens = manifest["totals"]["val"]["tokens"]
     docs_read = manifest["documents_read"]
+    skipped = manifest.get("documents_skipped", 0)  # read, but without text
     buf: list[np.ndarray] = []
     buf_tokens, buf_split = 0, None
     line_ends = None  # built when a document has to be cut
@@ -255,11 +279,12 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
         nonlocal buf, buf_tokens
         tokens = np.concatenate(buf)
         name = f"{buf_split}_{counts[buf_split]:06d}.bin"
+        out.mkdir(parents=True, exist_ok=True)
         sha = write_shard(out / name, tokens)
         manifest["shards"].append({"path": name, "split": buf_split, "tokens": len(tokens), "documents": len(buf),
                                    "sha256": sha})
         counts[buf_split] += 1
-        manifest["documents_read"] = docs_read
+        manifest["documents_read"], manifest["documents_skipped"] = docs_read, skipped
         manifest["totals"] = _totals(manifest["shards"])
         write_json_atomic(out / MANIFEST, manifest)
         buf, buf_tokens = [], 0
@@ -279,6 +304,10 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     for flat, lengths in _encoded(source.documents(skip=docs_read), workers, cfg.start_method):
         ends = np.cumsum(lengths)
         for end, n in zip(ends.tolist(), lengths.tolist()):
+            if n == 0:
+                docs_read += 1
+                skipped += 1
+                continue
             doc = flat[end - n:end]
             cut = manifest.get("val_cut")  # once a document was cut, validation is complete
             if cut is not None and cut["document"] == docs_read:  # resuming right after the cut: its start is val
@@ -301,24 +330,76 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
             break
     if buf:
         flush()
-    if docs_read == 0:
-        raise GptrainError(f"source {source_spec} has no documents; check the path, --split and --text-field")
+    if total == 0:  # nothing was written (the directory is created with the first shard)
+        raise GptrainError(_no_text(source, source_spec, docs_read))
     if manifest["totals"]["train"]["tokens"] == 0:  # before "complete" is written: this prepare failed
-        raise GptrainError(f"all {total:,} tokens of {source_spec} went to the validation split (--val-tokens "
-                           f"{val_target:,}); run again into a new --out directory with a smaller --val-tokens")
+        if stopped:
+            raise GptrainError(f"--max-tokens {cfg.max_tokens:,} ends inside the validation split ({val_target:,} "
+                               f"tokens); run again with a larger --max-tokens to continue into train")
+        size = (f"--val-tokens {val_target:,}" if manifest.get("val_rule") == "--val-tokens" else
+                f"its default size, {val_target:,} tokens")
+        raise GptrainError(f"all {total:,} tokens of {source_spec} went to the validation split ({size}); run again "
+                           "into a new --out directory with a smaller --val-tokens")
+    manifest["documents_read"], manifest["documents_skipped"] = docs_read, skipped
     manifest["complete"] = not stopped
     write_json_atomic(out / MANIFEST, manifest)
     if progress:
         bar.update(total, len(manifest["shards"]), final=True)
         t = manifest["totals"]
         cut = " (the last one cut at a line, the rest of it train)" if "val_cut" in manifest else ""
-        def n(count, noun):
-            return f"{count:,} {noun}{'' if count == 1 else 's'}"
-        print(f"prepare: {out}: train {t['train']['tokens']:,} tokens / {n(t['train']['documents'], 'document')} in "
-              f"{n(t['train']['shards'], 'shard')}, val {t['val']['tokens']:,} tokens / "
-              f"{n(t['val']['documents'], 'document')}{cut}; val size: {manifest.get('val_rule', '--val-tokens')}",
-              file=sys.stderr)
+        empty = f"; skipped {_count(skipped, 'document')} without text" if skipped else ""
+        print(f"prepare: {out}: train {t['train']['tokens']:,} tokens / {_count(t['train']['documents'], 'document')} "
+              f"in {_count(t['train']['shards'], 'shard')}, val {t['val']['tokens']:,} tokens / "
+              f"{_count(t['val']['documents'], 'document')}{cut}{empty}; val size: "
+              f"{manifest.get('val_rule', '--val-tokens')}", file=sys.stderr)
+        note = _small_data_note(out, manifest)
+        if note:
+            print(note, file=sys.stderr)
     return manifest
+
+
+def _no_text(source: Source, spec: list[str] | str, docs_read: int) -> str:
+    """Why a source gave no tokens: no documents, or only documents without text."""
+    if source.kind != "files":
+        if docs_read == 0:
+            return f"source {spec} has no documents; check the path, --split and --text-field"
+        return (f"source {spec} holds no text ({_count(docs_read, 'document')} read, each empty or whitespace); "
+                "check --split and --text-field")
+    files, specs = source.params["files"], [spec] if isinstance(spec, str) else list(spec)
+    name = specs[0] if len(specs) == len(files) == 1 else f"the {len(files)} source files"
+    size = source.text_bytes()
+    if size == 0:
+        detail = "0 bytes"
+    elif docs_read == 0:
+        detail = f"{size:,} bytes, no records"
+    elif docs_read == 1:
+        detail = f"{size:,} bytes; its one document is empty or whitespace"
+    else:
+        detail = f"{size:,} bytes; its {docs_read:,} documents are each empty or whitespace"
+    return f"{name} {'holds' if name == specs[0] else 'hold'} no text ({detail}); nothing to prepare"
+
+
+def _small_data_note(out: Path, manifest: dict) -> str | None:
+    """Which flags `gptrain train --preset tiny` (the smallest recipe) needs on data smaller than one of its batches,
+    so a small corpus trains on the first try. None when the preset fits as it is."""
+    from gptrain.data.loader import train_fit
+    from gptrain.train.config import TRAIN_PRESETS
+    B0, T0 = TRAIN_PRESETS["tiny"]["micro_batch_size"], TRAIN_PRESETS["tiny"]["seq_len"]
+    B, T = B0, T0
+    fits, b, t = train_fit([sh["tokens"] for sh in manifest["shards"] if sh["split"] == "train"], B, T)
+    flags = []
+    if not fits:
+        if not (b or t):
+            return f"prepare: note: {out} holds too little train text to train on; add text"
+        flags.append(f"--micro-batch-size {b}" if b else f"--seq-len {t}")
+        B, T = (b, T) if b else (B, t)
+    val = manifest["totals"]["val"]["tokens"]
+    if val - 1 < B * T:  # the validation loader's test
+        flags.append(f"--eval-every 0 (no validation loss: the val split's {val:,} tokens are less than a batch)")
+    if not flags:
+        return None
+    return (f"prepare: note: {out} is smaller than one batch of `gptrain train --preset tiny` ({B0}x{T0}+1 = "
+            f"{B0 * T0 + 1:,} tokens); train on it with " + " ".join(flags))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

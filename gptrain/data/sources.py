@@ -13,11 +13,14 @@ SOURCE forms:
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
 import json
 import os
+import shlex
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -129,8 +132,31 @@ def _uncompressed_size(path: str) -> int:
     return size
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _decode(data: bytes, path: str, offset: int, where: str | None = None) -> str:
+    """UTF-8 text of `data` (found at byte `offset` of the file), or a line saying how to convert the file."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = offset + e.start
+        if e.reason == "unexpected end of data":  # cut inside a character: most likely a partial copy
+            raise GptrainError(f"{where or path} ends inside a UTF-8 character (byte offset {at:,}): the file is "
+                               f"truncated or not UTF-8; check that it is complete, or convert it, e.g. "
+                               f"{_iconv_hint(path)}") from None
+        raise GptrainError(f"{where or path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {at:,}); "
+                           f"convert it first, e.g. {_iconv_hint(path)}") from None
+
+
+def _iconv_hint(path: str) -> str:
+    fmt = _local_format(path)
+    plain = path[:-3] if path.endswith(".gz") else path
+    target = shlex.quote(plain[:-len(fmt)] + ".utf8" + fmt)
+    if path.endswith(".gz"):
+        return f"gzip -dc {shlex.quote(path)} | iconv -f latin1 -t utf-8 > {target}"
+    return f"iconv -f latin1 -t utf-8 {shlex.quote(path)} > {target}"
 
 
 def _file_documents(files: list[str], text_field: str) -> Iterator[str]:
@@ -138,19 +164,32 @@ def _file_documents(files: list[str], text_field: str) -> Iterator[str]:
         fmt = _local_format(path)
         try:
             if fmt == ".txt":
-                with _open_text(path) as f:
-                    yield f.read()
+                with _open_bytes(path) as f:
+                    data = f.read()
+                bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # an editor's mark, not text
+                text = _decode(data[bom:], path, bom)
+                # Newlines as text mode reads them (universal newlines): CRLF and a lone CR become LF.
+                yield text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
             elif fmt == ".jsonl":
                 yield from _jsonl_documents(path, text_field)
             else:
                 yield from _parquet_documents(path, text_field)
-        except (OSError, UnicodeDecodeError, EOFError) as e:
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or damaged .gz (often a partial download)
             raise GptrainError(f"cannot read source file {path}: {e}; check that the file is complete") from None
+        except OSError as e:
+            raise GptrainError(f"cannot read source file {path}: {e.strerror or e}") from None
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    """One document per line. Read as bytes so that a decoding error can name the line and the file offset; a BOM
+    opening the file is dropped (json.loads refuses it), one inside a JSON string is the string's text."""
+    offset = 0
+    with _open_bytes(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            line = _decode(raw, path, start, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -162,6 +201,7 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
 
 def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     pq = require("pyarrow.parquet", "reading .parquet files")
+    arrow_error = require("pyarrow", "reading .parquet files").ArrowException
     raw = gzip.open(path, "rb") if path.endswith(".gz") else path
     try:
         pf = pq.ParquetFile(raw)
@@ -174,6 +214,9 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
                     raise GptrainError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text; "
                                        "pass --text-field NAME of a string column")
                 yield text
+    except arrow_error as e:  # e.g. "Parquet magic bytes not found in footer": not Parquet, or cut short
+        raise GptrainError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]}); check that the file "
+                           "is complete") from None
     finally:
         if isinstance(raw, io.IOBase):
             raw.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Mean next-token loss over the first --val-tokens validation tokens of a "
                        "prepared data directory, as the training loop measures it.")
     common(p, 8, "sequences per forward pass")
-    p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (manifest.json + shards)")
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (manifest.json + shards; default: the "
+                   "one a gptrain run trained on, as its config.json records)")
     p.add_argument("--seq-len", type=int, metavar="T", ge=1,
                    help="tokens per sequence (default: the run's --seq-len when SRC is a gptrain run, else the model's "
                         "context window)")
@@ -125,12 +127,14 @@ def run_lm_eval(args) -> int:
 def run_val(args) -> int:
     from gptrain.data.loader import ValLoader, check_tokenizer
     from gptrain.tokenizer import tokenizer_for_vocab
-    model, device = _load(args)
     run = recorded_train_config(args.model)
+    data = args.data or _recorded_data(args.model, run.get("data"))
+    model, device = _load(args)
     T = args.seq_len or run.get("seq_len") or model.config.block_size
     if not 0 < T <= model.config.block_size:
         raise GptrainError(f"--seq-len {T} must be between 1 and the model's context window {model.config.block_size}")
-    val = ValLoader(args.data, args.batch_size, T, max_tokens=args.val_tokens or run.get("val_tokens") or 10_485_760)
+    val = ValLoader(data, args.batch_size, T, max_tokens=args.val_tokens or run.get("val_tokens") or 10_485_760,
+                    batch_flag="--batch-size", skip_hint=None)
     check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
     total, count = 0.0, 0
     autocast = args.autocast or ("bfloat16" if run.get("dtype") == "bfloat16" else None)
@@ -142,10 +146,23 @@ def run_val(args) -> int:
         total += loss.item() * n
         count += n
     res = {"val_loss": total / count, "tokens": count}
-    print(f"validation loss over {count:,} tokens of {args.data} (T={T}{f', {autocast} autocast' if autocast else ''})")
+    print(f"validation loss over {count:,} tokens of {data} (T={T}{f', {autocast} autocast' if autocast else ''})")
     if baselines.val_loss_comparable(val.manifest.get("source")):
         print(baselines.table("FineWeb-EDU validation loss", {args.model: res, **baselines.VAL_LOSS}, ["val_loss"]))
     else:
         print(f"{args.model}: val_loss {res['val_loss']:.4f}")
     _write_json(args.json, res)
     return 0
+
+
+def _recorded_data(model: str, recorded: str | None) -> str:
+    """The data directory a gptrain run was trained on: `eval val`'s default --data, said on stderr."""
+    if not recorded:
+        raise GptrainError(f"eval val needs --data DIR (a prepared data directory): --model {model} records no "
+                           "training data (only a gptrain training run does)")
+    if not Path(recorded).is_dir():
+        raise GptrainError(f"eval val needs --data DIR: --model {model} was trained on --data {recorded}, which is "
+                           "not a prepared data directory here (moved, relative to another directory, or an sft "
+                           "run's conversations); pass the prepared directory")
+    print(f"eval val: --data {recorded} (the data --model {model} was trained on)", file=sys.stderr)
+    return recorded

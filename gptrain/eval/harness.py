@@ -10,6 +10,10 @@ training run or checkpoint works without export. Also usable from lm-eval itself
 
 from __future__ import annotations
 
+import os
+import subprocess
+from unittest import mock
+
 from gptrain.errors import GptrainError, require
 
 lm_eval = require("lm_eval", "gptrain eval lm-eval")
@@ -32,7 +36,7 @@ class GptrainLM(TemplateLM):
             if not pretrained:
                 raise GptrainError("the gptrain lm-eval model needs pretrained=SRC (a run, checkpoint or HF directory)")
             from gptrain.hf import load_model
-            model = load_model(str(pretrained))
+            model = load_model(str(pretrained), flag="pretrained=")
         if device:
             model = model.to(device)
         self.model = model.eval()
@@ -126,9 +130,21 @@ def evaluate(model, tasks: list[str], *, include_path: str | None = None, limit:
                            "see `lm_eval ls tasks` or add a task YAML under --include-path")
     lm = GptrainLM(model=model, batch_size=batch_size, device=device)
     try:
-        return evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                         batch_size=batch_size, log_samples=False)
+        with mock.patch.object(evaluator, "get_git_commit_hash", _git_commit_hash):
+            return evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                             batch_size=batch_size, log_samples=False)
     except OSError as e:  # datasets' ConnectionError (hub unreachable), missing local data_files, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GptrainError(f"lm-eval could not load the data of --tasks {','.join(tasks)} ({msg}); offline, use task "
                            "YAMLs that read local files (dataset_path: json + data_files) via --include-path") from None
+
+
+def _git_commit_hash() -> str | None:
+    """lm-eval's `get_git_commit_hash` (the working directory's commit, recorded in its results) without the
+    "fatal: not a git repository" that its `git describe` leaves on the terminal outside a repository."""
+    try:
+        return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):  # lm-eval's fallback: read ./.git itself
+        from lm_eval.loggers.utils import get_commit_from_path
+        return get_commit_from_path(os.getcwd())

@@ -1,7 +1,7 @@
 """The memory plan: what one training process holds, in bytes, before any of it is allocated.
 
-`gptrain train ... --plan` prints it; on CUDA (or with `--memory`) a run whose plan does not fit stops before its
-first step with one line naming the flag to change. Per process:
+`gptrain train ... --plan` prints it; on CUDA, on a Linux CPU (the RAM available when it starts) or with
+`--memory`, a run whose plan does not fit stops before its first step with one line naming the flag to change. Per process:
 
 - parameters: float32 master weights (DDP: all N; FSDP: N/S for S shards) plus what is gathered for compute
   (FSDP: the root unit and about three Blocks at a time, everything with --no-reshard-after-forward, and the
@@ -27,11 +27,14 @@ measured peaks.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from gptrain.devices import inference_dtype
 from gptrain.errors import GptrainError
 from gptrain.model import GPTConfig
 
@@ -179,7 +182,9 @@ def plan_for(model: GPTConfig, cfg, world_size: int, device_type: str, memory: i
     """The plan of a run with TrainConfig `cfg` on `world_size` processes of `device_type`."""
     from gptrain.train.trainer import grad_accum_steps
     accum = grad_accum_steps(cfg, world_size)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    # auto as the trainer chooses it (planning for a GPU from a machine without one: bf16)
+    auto = "bfloat16" if device_type == "cuda" else str(inference_dtype(device_type)).removeprefix("torch.")
+    dtype = cfg.dtype if cfg.dtype != "auto" else auto
     compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     fsdp = cfg.parallel == "fsdp"
     shards = (cfg.fsdp_shard_size or world_size) if fsdp else 1
@@ -194,11 +199,38 @@ def plan_for(model: GPTConfig, cfg, world_size: int, device_type: str, memory: i
 
 
 def detected_memory(device: str) -> tuple[int | None, str]:
-    """(bytes, description) of a CUDA device; (None, '') elsewhere."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
+    """(bytes, description) of what one process may use: a CUDA device's memory; on CPU the RAM available now
+    (Linux: /proc/meminfo's MemAvailable, or a cgroup's remaining limit if lower), shared by this node's processes;
+    (None, '') where it cannot be told."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None, ""
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return int(props.total_memory), f"{props.name}, detected"
+    if device != "cpu":
         return None, ""
-    props = torch.cuda.get_device_properties(torch.device(device))
-    return int(props.total_memory), f"{props.name}, detected"
+    available = _host_available()
+    if available is None:
+        return None, ""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    shared = f", shared by {local} processes" if local > 1 else ""
+    return available // local, f"RAM available now{shared}"
+
+
+def _host_available(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes of RAM this process can still take: MemAvailable, capped by a cgroup v2 limit (max − current)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines() if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path(cgroup, "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
 
 
 def describe(p: Plan) -> str:
@@ -220,7 +252,7 @@ def describe(p: Plan) -> str:
                      ("runtime allowance", lambda ck: p.runtime()), ("total", lambda ck: p.total(ck))):
         lines.append(f"  {name:<38}{gib(fn('none')):>20}{gib(fn('blocks')):>22}")
     if p.memory is None:
-        lines.append("memory: not given (pass --memory 80GB, or run on a GPU) — no micro-batch advice")
+        lines.append("memory: not known here (pass --memory 80GB) — no micro-batch advice")
     else:
         lines.append(f"memory: {gib(p.memory)} ({p.memory_source}); the plan may fill {USABLE:.0%} = {gib(p.usable)}")
         for ck in ("none", "blocks"):
@@ -250,12 +282,15 @@ def advice(p: Plan) -> str:
 
 
 def require_fit(model: GPTConfig, cfg, env) -> Plan | None:
-    """The run's plan when its memory is known (CUDA, or --memory); GptrainError, one line, when it does not fit."""
+    """The run's plan when its memory is known (CUDA, host RAM on Linux, or --memory); GptrainError, one line, when
+    it does not fit: stopping before the first step beats the kernel's OOM killer minutes later, without a word."""
     memory, source = (parse_bytes(cfg.memory), f"--memory {cfg.memory}") if cfg.memory else detected_memory(env.device)
     if memory is None:
         return None
     p = plan_for(model, cfg, env.world_size, env.device_type, memory, source)
     if not p.fits():
+        small = ("; for a model this CPU trains in minutes: --preset tiny"
+                 if env.device_type == "cpu" and p.n_params > 50e6 else "")
         raise GptrainError(f"the memory plan needs {gib(p.total())} per process, more than {USABLE:.0%} of the "
-                           f"{gib(memory)} available ({source}): {advice(p)}; `--plan` shows the figures")
+                           f"{gib(memory)} available ({source}): {advice(p)}; `--plan` shows the figures{small}")
     return p

@@ -277,7 +277,10 @@ class Trainer:
         finished = self.step >= cfg.max_steps and self.checkpoints and self.checkpoints.last_good is not None
         if finished and self.env.is_master:
             console(f"{cfg.out} finished at step {self.step}/{cfg.max_steps}: nothing to train (its final "
-                    "evaluation is in metrics.jsonl); to train longer, raise --max-steps and pass --resume auto")
+                    "evaluation is in metrics.jsonl); to train longer, raise --max-steps and pass --resume auto"
+                    if self.step == cfg.max_steps else
+                    f"{cfg.out} is at step {self.step}, past --max-steps {cfg.max_steps}: nothing to train (steps "
+                    "are not undone); for a shorter run use another --out, or --resume fresh")
         preempt = Preemption(rerun_hint(cfg.resume)).install()
         try:
             while not finished:
@@ -326,7 +329,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
         shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
         if shape:
             raise GptrainError(f"--init-from {cfg.init_from} fixes the model shape; drop the shape flags {shape}")
-        return load_model(cfg.init_from)
+        return load_model(cfg.init_from, flag="--init-from")
     try:
         mcfg = model_preset(cfg.model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                             vocab_size=vocab_size)
@@ -432,6 +435,10 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
         _announce(trainer)
         if note:
             console(note)
+        if cfg.warmup_steps >= cfg.max_steps > trainer.step:
+            console(f"note: --warmup-steps {cfg.warmup_steps} is not below the run's {cfg.max_steps} steps: the "
+                    f"learning rate rises all run and never reaches --lr {cfg.lr:g} (for a short run pass e.g. "
+                    f"--warmup-steps {max(1, cfg.max_steps // 10)})")
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         try:
             write_json_atomic(Path(cfg.out) / "config.json",
@@ -490,6 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = resolve(args.preset, overrides_from_args(args, TrainConfig))
-    train(cfg)
+    overrides = overrides_from_args(args, TrainConfig)
+    if overrides.get("epochs", 0) > 0 and "max_steps" in overrides:
+        raise GptrainError(f"--epochs {overrides['epochs']:g} and --max-steps {overrides['max_steps']}: pass one of "
+                           "them (--epochs sets the number of steps from the data's size)")
+    train(resolve(args.preset, overrides))
     return 0

@@ -322,8 +322,9 @@ class Checkpointer:
                 "ones, or --resume fresh (or another --out) to start a new run")
 
     def _records(self) -> list[Path]:
-        """What an earlier run left in the run directory: checkpoints, metrics (with cut-off parts), config, tb."""
-        names = [CHECKPOINTS, "metrics.jsonl", "config.json", "tb"]
+        """What an earlier run left in the run directory: checkpoints, metrics (with cut-off parts), config, tb,
+        the report drawn from them."""
+        names = [CHECKPOINTS, "metrics.jsonl", "config.json", "tb", "report"]
         found = [self.run_dir / n for n in names if (self.run_dir / n).exists()]
         found += sorted(self.run_dir.glob("metrics.jsonl.cut-*"))
         empty_log = self.run_dir / "metrics.jsonl"
@@ -395,7 +396,7 @@ class Checkpointer:
                      "processor); resume with the same ones to continue exactly")
             old_cfg = meta.get("config") or {}
             changed = [f"{k} {old_cfg[k]!r} -> {self.config[k]!r}" for k in sorted(set(old_cfg) & set(self.config))
-                       if k != "resume" and old_cfg[k] != self.config[k]]
+                       if k not in ("resume", "out") and old_cfg[k] != self.config[k]]
             if changed:
                 warn(f"settings changed since {ckpt.name}: {'; '.join(changed)}")
 
