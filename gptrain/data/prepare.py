@@ -192,11 +192,11 @@ def _amount(n: float) -> str:
     """736, 12.3K, 4.5M, 10.0B: short, and exact while small."""
     if round(n) < 1000:
         return f"{n:.0f}"
-    for unit in "KMB":
+    for unit in "KM":
         n /= 1000
-        if round(n, 1) < 1000 or unit == "B":
+        if round(n, 1) < 1000:
             return f"{n:,.1f}{unit}"
-    raise AssertionError("unreachable")
+    return f"{n / 1000:,.1f}B"
 
 
 def _count(count: int, noun: str) -> str:

@@ -183,8 +183,8 @@ def plan_for(model: GPTConfig, cfg, world_size: int, device_type: str, memory: i
     from gptrain.train.trainer import grad_accum_steps
     accum = grad_accum_steps(cfg, world_size)
     # auto as the trainer chooses it (planning for a GPU from a machine without one: bf16)
-    auto = "bfloat16" if device_type == "cuda" else str(inference_dtype(device_type)).removeprefix("torch.")
-    dtype = cfg.dtype if cfg.dtype != "auto" else auto
+    auto_bf16 = device_type == "cuda" or inference_dtype(device_type) == torch.bfloat16
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if auto_bf16 else "float32")
     compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     fsdp = cfg.parallel == "fsdp"
     shards = (cfg.fsdp_shard_size or world_size) if fsdp else 1
