@@ -79,9 +79,11 @@ def validate(obj) -> None:
             check_value(flag_name(f.name), getattr(obj, f.name), f.metadata)
 
 
-def runtime_fields(cls) -> frozenset[str]:
-    """The fields of `cls` marked `runtime=True`: how a run executes, not what it is."""
-    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
+def runtime_fields(cls, *, numerics: bool | None = None) -> frozenset[str]:
+    """The fields of `cls` marked `runtime=True`: how a run executes, not what it is. numerics=True/False: only those
+    that do / do not change floating-point results (marked `numerics=True`)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime")
+                     and (numerics is None or bool(f.metadata.get("numerics")) == numerics))
 
 
 def flag_name(field_name: str) -> str:
@@ -120,7 +122,8 @@ def _help(text: str, default, meta: typing.Mapping) -> str:
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (),
                        shown_defaults: dict | None = None) -> None:
-    """Add one flag per field of dataclass `cls` (defaults suppressed: see `overrides_from_args`).
+    """Add one flag per field of dataclass `cls` (defaults suppressed: see `overrides_from_args`); a field whose
+    metadata says `required` is a required flag (usage shows it so; the dataclass keeps a default for Python callers).
 
     `shown_defaults` replaces the field's default in the help text, for a command whose recipe differs."""
     hints = typing.get_type_hints(cls)
@@ -139,7 +142,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str,
             choices = f.metadata.get("choices")
             metavar = "{" + ",".join(str(c).lower() for c in choices) + "}" if choices else f.name.upper()
             action = parser.add_argument(flag, dest=f.name, type=_parser_for(tp, optional, flag, f.metadata),
-                                         default=argparse.SUPPRESS, metavar=metavar)
+                                         default=argparse.SUPPRESS, metavar=metavar,
+                                         required=bool(f.metadata.get("required")))
         action.field_help, action.field_meta = f.metadata.get("help", ""), f.metadata
         action.help = _help(action.field_help, default, f.metadata)
 

@@ -45,6 +45,8 @@ def complete(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tempera
 @dataclass
 class SampleConfig:
     num_samples: int = field(default=1, metadata={"help": "samples to generate, as one batch"})
+    echo: bool = field(default=False, metadata={"help": "print each sample as the prompt followed by its "
+                                                         "continuation (off: the continuation alone, for pipes)"})
     kv_cache: bool = field(default=True, metadata={"help": "use the KV cache (--no-kv-cache: full forward per token)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
@@ -98,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     prompt = engine.tokenizer.encode(text) or [engine.eot]
     params = fit_to_window(params, len(prompt), model.config.block_size, "max_new_tokens" in given)
     gen = engine.generate([prompt] * cfg.num_samples, params, use_cache=cfg.kv_cache)
-    _print_in_order(gen, cfg.num_samples)
+    _print_in_order(gen, cfg.num_samples, text if cfg.echo else "")
     print(f"gptrain sample: {cfg.num_samples} sample(s), prompt {len(prompt)} tokens, {gen.new_tokens} new "
           f"tokens in {gen.seconds:.2f}s ({gen.new_tokens / max(gen.seconds, 1e-9):.1f} tokens/s, "
           f"{'KV cache' if cfg.kv_cache else 'no cache'}{', compile time included' if cfg.compile else ''}, "
@@ -123,9 +125,10 @@ def fit_to_window(params: SamplingParams, prompt_len: int, block: int, explicit:
     return replace(params, max_new_tokens=room)
 
 
-def _print_in_order(gen: Generation, n: int) -> None:
-    """Stream sample 0 as it comes; later samples (generated in the same batch) follow in order."""
-    out, current, pending = sys.stdout, 0, [""] * n
+def _print_in_order(gen: Generation, n: int, prompt: str = "") -> None:
+    """Stream sample 0 as it comes; later samples (generated in the same batch) follow in order, each after
+    `prompt` (--echo's)."""
+    out, current, pending = sys.stdout, 0, [prompt] * n
     for step in gen:
         for b, piece in enumerate(step.text):
             pending[b] += piece

@@ -117,8 +117,9 @@ def plot(runs: list[Run], out: Path) -> Path:
         if shown:
             loss_ax.set_ylim(0.95 * min(shown), 1.05 * max(shown))
         if not any(run.series(run.evals, "hellaswag_acc_norm")[0] for run in runs):
-            hs_ax.text(0.5, 0.6, "no HellaSwag evaluations in this run\n(train with --hellaswag-data PATH to "
-                       "HellaSwag's\nval .jsonl[.gz], or auto to download it)",
+            hs_ax.text(0.5, 0.6, "no HellaSwag evaluations in this run\n(offline: gptrain eval hellaswag --model RUN "
+                       "--data FILE,\nFILE: HellaSwag's val .jsonl[.gz]; or train with\n--hellaswag-data FILE, or auto "
+                       "to download it)",
                        ha="center", va="center", transform=hs_ax.transAxes, color="0.4")
         hs_ax.axhline(baselines.GPT2_124M_HELLASWAG, color="r", ls="--",
                       label=f"OpenAI GPT-2 (124M) checkpoint ({baselines.GPT2_124M_HELLASWAG})")

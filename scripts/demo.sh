@@ -34,8 +34,8 @@ gptrain train --preset tiny --data "$data" --out "$run" --resume auto "$@"
 
 if [ -d "$run/checkpoints" ]; then
   echo
-  echo "== samples (gptrain sample --model $run --prompt 'ROMEO:') =="
-  gptrain sample --model "$run" --prompt "ROMEO:" --num-samples 2 --max-new-tokens 60 --seed 0
+  echo "== samples (gptrain sample --model $run --prompt 'ROMEO:' --echo): the prompt, then its continuation =="
+  gptrain sample --model "$run" --prompt "ROMEO:" --echo --num-samples 2 --max-new-tokens 60 --seed 0
 fi
 gptrain report "$run" >/dev/null 2>&1 && echo "report: $run/report/report.png" || true
 cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')"
@@ -51,5 +51,5 @@ if [ "$chat" = 1 ]; then
   echo
   echo "chat demo finished in $((SECONDS - start)) s after set-up; talk to it: gptrain chat --model $run-chat"
 else
-  echo "next: gptrain sample --model $run --prompt 'JULIET:' --max-new-tokens 60   |   gptrain report $run   |   bash scripts/demo.sh --chat"
+  echo "next: gptrain sample --model $run --prompt 'JULIET:' --echo --max-new-tokens 60   |   gptrain report $run   |   bash scripts/demo.sh --chat"
 fi

@@ -104,6 +104,16 @@ def typing(monkeypatch, out: io.StringIO, lines: list[str]) -> None:
     monkeypatch.setattr("builtins.input", fake_input)
 
 
+def test_a_reply_starts_one_space_after_its_prompt():
+    """A reply's first token usually starts with a space (GPT-2's tokens do); after `bot> ` it is not shown twice."""
+    class Spaced:
+        def reply(self, text):
+            return iter([" ", " Hi", " there", "."])
+    out = io.StringIO()
+    run(Spaced(), io.StringIO("hello\nagain\n"), out)
+    assert out.getvalue() == f"{USER_PROMPT}hello\n{BOT_PROMPT}Hi there.\n{USER_PROMPT}again\n{BOT_PROMPT}Hi there.\n"
+
+
 def test_on_a_terminal_an_empty_line_is_skipped_and_the_end_of_input_ends(monkeypatch):
     s, out = session(), io.StringIO()
     typing(monkeypatch, out, ["hi", "", "what now?"])

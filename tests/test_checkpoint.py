@@ -352,9 +352,9 @@ def test_default_resume_refuses_a_changed_identity_and_allows_runtime_changes(tm
     Checkpointer(tmp_path, model=model, optimizer=opt, loader=loader, config={"lr": 1e-2, "seed": 0, "threads": 1},
                  runtime={"threads"}).save(2, tokens_seen=64)
 
-    def again(**config):
+    def again(quiet=frozenset(), **config):
         model, opt, loader, _, _ = make_run(tmp_path)
-        return Checkpointer(tmp_path, model=model, optimizer=opt, loader=loader, runtime={"threads"},
+        return Checkpointer(tmp_path, model=model, optimizer=opt, loader=loader, runtime={"threads"}, quiet=quiet,
                             config={"lr": 1e-2, "seed": 0, "threads": 1, **config})
 
     with pytest.raises(GptrainError, match=r"settings differ from these: --lr 0\.01 -> 0\.02\. .*--resume auto") as e:
@@ -362,6 +362,8 @@ def test_default_resume_refuses_a_changed_identity_and_allows_runtime_changes(tm
     assert "\n" not in str(e.value)
     assert again(threads=2).resume(None).step == 2  # runtime: the same run
     assert "threads 1 -> 2" in capsys.readouterr().err
+    assert again(quiet={"threads"}, threads=2).resume(None).step == 2  # a change that leaves the arithmetic alone
+    assert "settings changed" not in capsys.readouterr().err  # is not listed
     assert again(lr=2e-2).resume("auto").step == 2  # explicit auto continues whatever changed, with a warning
     assert "lr 0.01 -> 0.02" in capsys.readouterr().err
 

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptrain.cli import build_parser, main
+from gptrain.config import runtime_fields
 from gptrain.data.shards import write_shard
+from gptrain.train.config import TrainConfig
 
 
 def run(argv):
@@ -210,12 +212,41 @@ def test_rerunning_a_finished_run_changes_nothing(data, tmp_path):
     code, out, err = run(args)
     assert code == 0, err
     assert "finished at step 2/2: nothing to train" in out + err
+    assert "2 steps, lr" not in out and "device cpu" not in out  # no header announcing steps it will not run
     assert (run_dir / "metrics.jsonl").read_bytes() == before
     assert not list(run_dir.glob("metrics.jsonl.cut-*"))
     code, out, err = run(args[:-2] + ["--eval-every", "1", "--max-steps", "3", "--resume", "auto"])  # longer: trains on
     assert code == 0, err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [0, 1, 2]
+
+
+def test_a_run_of_many_epochs_says_so_before_training(tmp_path):
+    """2 steps of 8 micro-batches on data with one micro-batch an epoch: 16 epochs, noted once with the hint; a run
+    that asked for its epochs, or reads its data at most 10 times, gets no note."""
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "t_train_000.bin", np.array([50256, *rng.integers(0, 500, 40)]))
+    write_shard(tmp_path / "t_val_000.bin", np.array([50256, *rng.integers(0, 500, 40)]))
+    args = ["train", "--data", str(tmp_path), *TRAIN, "--total-batch-size", "256", "--warmup-steps", "0"]
+    code, out, err = run([*args, "--out", str(tmp_path / "r")])
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "epochs (passes" in line]
+    assert notes == [f"note: 2 steps of 256 tokens make 16 epochs (passes over the 32 train tokens an epoch of "
+                     f"{tmp_path} reads): text read that often is mostly memorised; for fewer passes prepare more "
+                     "text, or pass --max-steps N or --epochs N"]
+    assert out.index(notes[0]) < out.index("step      1/2")  # before training
+    at = args.index("--max-steps")
+    for i, argv in enumerate([[*args, "--total-batch-size", "160"], [*args[:at], *args[at + 2:], "--epochs", "20"]]):
+        code, out, err = run([*argv, "--out", str(tmp_path / f"s{i}")])  # 10 epochs; 20 asked for
+        assert code == 0 and "epochs (passes" not in out, err
+
+
+def test_a_required_flag_shows_as_required():
+    """prepare's --out: usage shows it without brackets, and leaving it out is argparse's one error."""
+    code, out, _ = run(["prepare", "--help"])
+    assert code == 0 and out.startswith("usage: gptrain prepare [-h] --out OUT ")
+    code, _, err = run(["prepare", "shakespeare"])
+    assert code == 2 and err.endswith("gptrain prepare: error: the following arguments are required: --out\n")
 
 
 def test_epochs_and_max_steps_together_are_refused(data, tmp_path):
@@ -242,10 +273,13 @@ def test_a_run_past_a_lowered_max_steps_says_so_and_settings_name_no_paths(data,
     assert args.count("--max-steps") == 0
     code, _, err = run(args + ["--max-steps", "3"])
     assert code == 0, err
-    code, out, err = run(args + ["--max-steps", "2", "--resume", "auto"])
+    code, out, err = run(args + ["--max-steps", "2", "--resume", "auto", "--eval-every", "5", "--threads", "0"])
     assert code == 0, err
     assert "is at step 3, past --max-steps 2: nothing to train" in out + err and "3/2" not in out + err
-    assert "settings changed since step_00000003: max_steps 3 -> 2" in err
+    # runtime settings that leave the arithmetic alone are not listed; a thread count is the machine's warning's,
+    # by the count used (threads 1 -> torch's default)
+    assert "gptrain: warning: settings changed since step_00000003: max_steps 3 -> 2\n" in err
+    assert runtime_fields(TrainConfig, numerics=True) == {"device", "compile", "parallel", "fsdp_shard_size"}
     other = tmp_path / "elsewhere"
     code, out, err = run(args[:4] + [str(other)] + args[5:] + ["--max-steps", "4", "--resume",
                                                                str(tmp_path / "r" / "checkpoints" / "step_00000003")])

@@ -368,6 +368,30 @@ def test_a_batch_too_large_for_the_data_names_sizes_that_fit(data, shuffle):
             TrainLoader(data_dir, B, T, world_size=2, shuffle=shuffle)
 
 
+@pytest.mark.parametrize("val_docs, val_tokens, needs", [(4, 10_000, "--eval-every 0"), (200, 100, "--val-tokens"),
+                                                        (200, 10_000, None), (4, 0, None)])
+def test_a_batch_too_large_for_the_data_names_what_validation_then_needs_too(tmp_path, val_docs, val_tokens, needs):
+    """Each size the error names comes with the flag validation needs at that size (`gptrain train`'s loaders
+    with val_tokens > 0), so one retry with either set of flags builds both loaders."""
+    make_dir(tmp_path, [30, 12, 25, 1, 18], val_docs=val_docs)
+    with pytest.raises(GptrainError) as e:
+        TrainLoader(tmp_path, 64, 128, world_size=2, val_tokens=val_tokens)
+    msg = str(e.value)
+    fixes = re.search(r"; use (.*?)(?: \(--eval-every 0: the [\d,]+ validation tokens are fewer than one such "
+                      r"batch\))?, or prepare more text$", msg).group(1).split(" or ")
+    assert len(fixes) == 2
+    for fix in fixes:
+        flags = dict(re.findall(r"(--[a-z-]+) (\d+)", fix))
+        assert (needs is None) == (len(flags) == 1) and (needs or "") in fix, msg
+        B, T = int(flags.get("--micro-batch-size", 64)), int(flags.get("--seq-len", 128))
+        TrainLoader(tmp_path, B, T, world_size=2, val_tokens=val_tokens)
+        if val_tokens and "--eval-every" not in flags:
+            ValLoader(tmp_path, B, T, world_size=2, max_tokens=int(flags.get("--val-tokens", val_tokens)))
+        elif val_tokens:
+            with pytest.raises(GptrainError, match="fewer than one batch"):
+                ValLoader(tmp_path, B, T, world_size=2, max_tokens=val_tokens)
+
+
 def test_a_validation_split_smaller_than_a_batch(data):
     data_dir, _ = data
     total = load_manifest(data_dir)["totals"]["val"]["tokens"]

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,8 +403,8 @@ def test_a_source_that_is_not_utf8_says_how_to_convert_it(tmp_path, capsys):
 
 
 def test_a_small_file_trains_on_the_first_try(tmp_path, capsys):
-    """A 2.6 KB file: prepare's progress line reads plainly, its note names the flags `--preset tiny` needs, and
-    they work; without them train's one-line error names the same sizes."""
+    """A 2.6 KB file: prepare's progress line reads plainly, its note names the splits that are small and the flags
+    `--preset tiny` needs, and they work; without them train's one-line error names every flag a retry needs."""
     small = tmp_path / "small.txt"
     small.write_text(shakespeare_documents()[0][:2600])
     out = tmp_path / "data"
@@ -411,13 +412,32 @@ def test_a_small_file_trains_on_the_first_try(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"^prepare: \d{3} tokens, 2 shards \| [\d.]+K? tokens/s$", err, re.M)
     note = next(line for line in err.splitlines() if line.startswith("prepare: note:"))
-    assert note.startswith(f"prepare: note: {out} is smaller than one batch of `gptrain train --preset tiny` "
-                           "(8x128+1 = 1,025 tokens); train on it with --micro-batch-size 4 --eval-every 0")
+    assert re.match(rf"prepare: note: {re.escape(str(out))}'s train split \(\d{{3}} tokens\) and validation split "
+                    r"\(\d{2} tokens\) are smaller than one batch of `gptrain train --preset tiny` \(8x128\+1 = 1,025 "
+                    r"tokens\); train on it with --micro-batch-size 4 --eval-every 0 \(no validation loss\)$", note)
     run = ["train", "--preset", "tiny", "--data", str(out), "--sample-every", "0", "--max-steps", "1"]
     assert cli_main(run + ["--out", str(tmp_path / "r1")]) == 2
     line = capsys.readouterr().err
-    assert line.count("\n") == 1 and "use --micro-batch-size 4 or --seq-len 64, or prepare more text" in line
-    assert cli_main(run + ["--out", str(tmp_path / "r2"), "--micro-batch-size", "4", "--eval-every", "0"]) == 0
+    assert line.count("\n") == 1 and ("use --micro-batch-size 4 --eval-every 0 or --seq-len 64 --eval-every 0 "
+                                      "(--eval-every 0: the ") in line and line.endswith(", or prepare more text\n")
+    retry = re.search(r"; use (--micro-batch-size \d+ --eval-every 0) or", line).group(1).split()
+    assert cli_main(run + ["--out", str(tmp_path / "r2"), *retry]) == 0  # one retry with the flags named
+
+
+def test_the_small_data_note_names_what_is_small():
+    """Only the validation split small: the note says so, not that the corpus is; the flags follow the batch
+    that train fits."""
+    def note(train, val):
+        shards = [{"split": "train", "tokens": n} for n in train] + [{"split": "val", "tokens": val}]
+        manifest = {"shards": shards, "totals": {"train": {"tokens": sum(train)}, "val": {"tokens": val}}}
+        return prepare_mod._small_data_note(Path("d"), manifest)
+    tiny = "smaller than one batch of `gptrain train --preset tiny` (8x128+1 = 1,025 tokens); train on it with"
+    assert note([5445], 493) == (f"prepare: note: d's validation split (493 tokens) is {tiny} --eval-every 0 (no "
+                                 "validation loss)")
+    assert note([846], 600) == f"prepare: note: d's train split (846 tokens) is {tiny} --micro-batch-size 4"
+    assert note([846], 64) == (f"prepare: note: d's train split (846 tokens) and validation split (64 tokens) are "
+                               f"{tiny} --micro-batch-size 4 --eval-every 0 (no validation loss)")
+    assert note([5445], 2000) is None
 
 
 def test_progress_amounts_read_well():

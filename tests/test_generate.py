@@ -190,6 +190,9 @@ def test_sample_command_prints_only_the_generated_text(tmp_path, capsys):
     assert "tokens/s" in proc.stderr
     assert main(args + ["--no-kv-cache"]) == 0
     assert capsys.readouterr().out == proc.stdout
+    # --echo (the demo's): each sample is the prompt followed by its continuation
+    assert main(args + ["--echo"]) == 0
+    assert capsys.readouterr().out == SAMPLE_SEPARATOR.join(prompt + tok.decode(ids) for ids in expected) + "\n"
 
     # Defaults fit the model: the default 128 new tokens are capped to what the 64-token window leaves (a tiny
     # model's 128-token window is the same case), said on stderr; a --max-new-tokens that does not fit is an error.

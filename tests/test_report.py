@@ -98,3 +98,5 @@ def test_a_hellaswag_panel_without_points_spans_the_runs_steps_and_tokens(tmp_pa
     loss_s, hs_s, loss_t, hs_t = figs[0].axes
     assert hs_s.get_xlim() == loss_s.get_xlim() and hs_s.get_xlim()[1] >= 299  # steps, not matplotlib's 0-1
     assert hs_t.get_xlim() == loss_t.get_xlim() and hs_t.get_xlim()[1] >= 299 * 2048
+    hint = " ".join(t.get_text() for t in hs_s.texts).replace("\n", " ")  # how to get points, offline too
+    assert "gptrain eval hellaswag --model RUN --data FILE" in hint and "--hellaswag-data FILE" in hint

@@ -1,5 +1,6 @@
 import gzip
 import json
+import re
 import shutil
 from importlib import resources
 
@@ -224,18 +225,21 @@ def test_bad_sources_are_one_line_errors(pretrained, tmp_path, capsys):
 
 
 def test_sft_summary_counts_records_without_a_reply(pretrained, tmp_path, capsys):
+    """...and writes every count with thousands separators."""
     data = tmp_path / "hh.jsonl"
-    chosen = [f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(4)]
+    chosen = [f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(1200)]
     chosen[1] = "\n\nHuman: anyone there?\n\nAssistant:"  # an empty final reply: nothing to learn
     data.write_text("".join(json.dumps({"chosen": c, "rejected": ""}) + "\n" for c in chosen))
     run = tmp_path / "sft"
     assert cli(["sft", "--model", str(pretrained), "--data", str(data), "--out", str(run), "--max-steps", "1",
                 "--eval-every", "0", "--save-every", "0", "--sample-every", "0", "--micro-batch-size", "1",
                 "--threads", "1", "--log-every", "0"]) == 0
-    out = capsys.readouterr().out
-    assert f"sft: 3 conversations from 4 records of {data} (1 without an assistant reply, skipped):" in out
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sft: "))
+    assert summary.startswith(f"sft: 1,199 conversations from 1,200 records of {data} (1 without an assistant "
+                              "reply, skipped): 1,1")
+    assert not re.search(r"(?<![\d.,])\d{4}", summary.replace(str(data), ""))  # "2,309" beside "2194" was the mix
     recorded = json.loads((run / "config.json").read_text())["data"]
-    assert (recorded["conversations"], recorded["records"], recorded["skipped_records"]) == (3, 4, 1)
+    assert (recorded["conversations"], recorded["records"], recorded["skipped_records"]) == (1199, 1200, 1)
 
 
 def test_sft_works_offline_on_the_shipped_set_with_its_defaults(pretrained, tmp_path):

@@ -312,9 +312,9 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
         learned = sum(int(m[1:].sum()) for _, m in train_ex)
         skipped = f" ({source.skipped:,} without an assistant reply, skipped)" if source.skipped else ""
         note = (f"sft: {len(convs):,} conversations from {source.records:,} records of {cfg.data}{skipped}: "
-                f"{len(train_convs)} train ({rows} rows of {cfg.seq_len}, {learned:,} assistant tokens; {cut} cut "
-                f"into pieces, {dropped} with no assistant token dropped), {len(val_convs)} held out; "
-                f"model {cfg.init_from}, lr {cfg.lr:g}, {trainer.cfg.max_steps} steps")
+                f"{len(train_convs):,} train ({rows:,} rows of {cfg.seq_len:,}, {learned:,} assistant tokens; {cut:,} "
+                f"cut into pieces, {dropped:,} with no assistant token dropped), {len(val_convs):,} held out; "
+                f"model {cfg.init_from}, lr {cfg.lr:g}, {trainer.cfg.max_steps:,} steps")
         record = {"sft": opts, "data": {"source": cfg.data, "conversations": len(convs), "records": source.records,
                                         "skipped_records": source.skipped, "train": len(train_convs),
                                         "val": len(val_convs), "cut": cut, "dropped": dropped,

@@ -100,8 +100,11 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
             print(f"gptrain: {e}", file=sys.stderr)
             continue
         stdout.write(BOT_PROMPT)
+        shown = False  # the prompt ends with a space and a reply's first token usually starts with one: shown once
         try:
             for piece in pieces:
+                piece = piece if shown else piece.lstrip()
+                shown = shown or bool(piece)
                 stdout.write(piece)
                 stdout.flush()
         except KeyboardInterrupt:

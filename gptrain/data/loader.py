@@ -239,7 +239,9 @@ class TrainLoader:
     """Micro-batches (x, y) of B x T for rank `rank` of `world_size`: shuffled per epoch, or the lecture's order."""
 
     def __init__(self, data_dir, B: int, T: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, *, val_tokens: int = 0):
+        """val_tokens: the budget of `gptrain train`'s validation at the same B and T (0: none), so that data too
+        small for a batch names, with each size that fits, what validation then needs too: one retry works."""
         _check_sizes(B, T, rank, world_size)
         self.manifest = load_manifest(data_dir)
         self.B, self.T, self.rank, self.world_size, self.seed, self.shuffle = B, T, rank, world_size, seed, shuffle
@@ -252,12 +254,12 @@ class TrainLoader:
         self.epoch_rows = int(self.rows.sum())
         fits, b, t = train_fit(self.shards.sizes, B, T, world_size, shuffle)
         if not fits:
-            raise GptrainError(self._too_small(b, t))
+            raise GptrainError(self._too_small(b, t, val_tokens))
         self.epoch, self.cursor, self.shard = 0, 0, 0
         self._plan_epoch = None
         self._normalize()
 
-    def _too_small(self, b: int, t: int) -> str:
+    def _too_small(self, b: int, t: int, val_tokens: int) -> str:
         B, T, W = self.B, self.T, self.world_size
         if self.shuffle:
             held = (f"holds {int(self.shards.sizes.sum()):,} train tokens, {self.epoch_rows:,} rows of T+1 = {T + 1} "
@@ -265,8 +267,18 @@ class TrainLoader:
         else:
             held = (f"holds {int(self.shards.sizes.max()):,} train tokens in its largest shard (sequential mode "
                     f"reads shard by shard), fewer than one batch of B*T*W+1 = {B}*{T}*{W}+1 = {B * T * W + 1:,}")
-        fixes = [f"--micro-batch-size {b}"] * bool(b) + [f"--seq-len {t}"] * bool(t)
-        fix = " or ".join(fixes) + (", or prepare more text" if fixes else "prepare more text")
+        val_held = sum(int(sh["tokens"]) for sh in self.manifest["shards"] if sh["split"] == "val")
+        fixes, why = [], ""
+        for flag, value, b_fix, t_fix in (("--micro-batch-size", b, b, T), ("--seq-len", t, B, t)):
+            if not value:
+                continue
+            step = b_fix * t_fix * W  # what validation reads per round at that size (ValLoader's test)
+            val_flag = (None if not val_tokens or step <= min(val_held - 1, val_tokens) else
+                        "--eval-every 0" if val_held - 1 < step else f"--val-tokens {step}")
+            fixes.append(f"{flag} {value}" + (f" {val_flag}" if val_flag else ""))
+            if val_flag == "--eval-every 0":
+                why = f" (--eval-every 0: the {val_held:,} validation tokens are fewer than one such batch)"
+        fix = " or ".join(fixes) + (why + ", or prepare more text" if fixes else "prepare more text")
         return (f"{self.manifest['data_dir']} {held} (B: --micro-batch-size, T: --seq-len, W: processes); use {fix}")
 
     # -- sizes --------------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ KNOWN_TOKENS = {"sample-10BT": 10_000_000_000, "sample-100BT": 100_000_000_000, 
 
 @dataclass
 class PrepareConfig:
-    out: str = field(default="", metadata={"help": "output directory for shards and manifest.json (required)"})
+    out: str = field(default="", metadata={"help": "output directory for shards and manifest.json (required)",
+                                           "required": True})
     split: str = field(default="train", metadata={"help": "dataset split to read (hub sources)"})
     text_field: str = field(default="text", metadata={"help": "field/column holding the text (hub, .jsonl, .parquet)"})
     shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard (shards close at a document boundary)",
@@ -387,19 +388,22 @@ def _small_data_note(out: Path, manifest: dict) -> str | None:
     B0, T0 = TRAIN_PRESETS["tiny"]["micro_batch_size"], TRAIN_PRESETS["tiny"]["seq_len"]
     B, T = B0, T0
     fits, b, t = train_fit([sh["tokens"] for sh in manifest["shards"] if sh["split"] == "train"], B, T)
-    flags = []
+    flags, small = [], []  # the flags, and which splits need them
     if not fits:
         if not (b or t):
             return f"prepare: note: {out} holds too little train text to train on; add text"
         flags.append(f"--micro-batch-size {b}" if b else f"--seq-len {t}")
+        small.append(f"train split ({manifest['totals']['train']['tokens']:,} tokens)")
         B, T = (b, T) if b else (B, t)
     val = manifest["totals"]["val"]["tokens"]
-    if val - 1 < B * T:  # the validation loader's test
-        flags.append(f"--eval-every 0 (no validation loss: the val split's {val:,} tokens are less than a batch)")
+    if val - 1 < B * T:  # the validation loader's test, at the batch that train fits
+        flags.append("--eval-every 0 (no validation loss)")
+        small.append(f"validation split ({val:,} tokens)")
     if not flags:
         return None
-    return (f"prepare: note: {out} is smaller than one batch of `gptrain train --preset tiny` ({B0}x{T0}+1 = "
-            f"{B0 * T0 + 1:,} tokens); train on it with " + " ".join(flags))
+    return (f"prepare: note: {out}'s {' and '.join(small)} {'is' if len(small) == 1 else 'are'} smaller than one "
+            f"batch of `gptrain train --preset tiny` ({B0}x{T0}+1 = {B0 * T0 + 1:,} tokens); train on it with "
+            + " ".join(flags))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

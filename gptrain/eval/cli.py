@@ -12,17 +12,18 @@ import torch
 
 from gptrain.errors import GptrainError
 from gptrain.eval import baselines
-from gptrain.train.config import recorded_train_config
+from gptrain.train.config import recorded_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
 
-    def common(p: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:
+    def common(p: argparse.ArgumentParser, batch_size: int | None, batch_help: str) -> None:
+        """batch_size None: the command states its own default in batch_help."""
         p.add_argument("--model", required=True, metavar="SRC",
                        help="gptrain run or checkpoint directory, HF GPT-2 directory, or hub name in the local HF cache")
         p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", ge=1, le=1 << 16,
-                       help=f"{batch_help} (default: {batch_size})")
+                       help=f"{batch_help} (default: {batch_size})" if batch_size else batch_help)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
         p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
 
@@ -49,15 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("val", help="validation loss on prepared shards (gptrain prepare)",
                        description="Mean next-token loss over the first --val-tokens validation tokens of a "
                        "prepared data directory, as the training loop measures it.")
-    common(p, 8, "sequences per forward pass")
+    common(p, None, "sequences per forward pass (default: the run's --micro-batch-size when SRC is a gptrain run, so "
+                    "the batches are its in-loop evaluation's; else 8)")
     p.add_argument("--data", metavar="DIR", help="prepared data directory (manifest.json + shards; default: the "
                    "one a gptrain run trained on, as its config.json records)")
     p.add_argument("--seq-len", type=int, metavar="T", ge=1,
                    help="tokens per sequence (default: the run's --seq-len when SRC is a gptrain run, else the model's "
                         "context window)")
     p.add_argument("--val-tokens", type=int, metavar="N", ge=1,
-                   help="validation tokens to use (default: the run's --val-tokens when SRC is a gptrain run, so the "
-                        "number matches its in-loop val_loss; else 10485760, the lecture's 20 x 64 x 1024 x 8)")
+                   help="validation tokens to use (default: those the run's in-loop evaluation read, its --val-tokens "
+                        "in whole batches of all its processes, when SRC is a gptrain run; else 10485760, the "
+                        "lecture's 20 x 64 x 1024 x 8)")
     p.add_argument("--autocast", choices=("bfloat16", "float16"),
                    help="run the forward pass under autocast in this dtype, as training with --dtype bfloat16 "
                         "evaluates (default: bfloat16 for a gptrain run trained with --dtype bfloat16, so the number "
@@ -125,28 +128,41 @@ def run_lm_eval(args) -> int:
 
 @torch.no_grad()
 def run_val(args) -> int:
-    from gptrain.data.loader import ValLoader, check_tokenizer
+    from gptrain.data.loader import ValLoader, check_tokenizer, load_manifest
+    from gptrain.devices import attention_kernels
     from gptrain.tokenizer import tokenizer_for_vocab
-    run = recorded_train_config(args.model)
+    record = recorded_run(args.model)
+    run = record.get("train", {})
     data = args.data or _recorded_data(args.model, run.get("data"))
+    if run.get("threads"):  # the loop's thread count: CPU sums may depend on it
+        torch.set_num_threads(run["threads"])
     model, device = _load(args)
+    if run and device.type == "cuda":  # the trainer's matmul precision
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     T = args.seq_len or run.get("seq_len") or model.config.block_size
     if not 0 < T <= model.config.block_size:
         raise GptrainError(f"--seq-len {T} must be between 1 and the model's context window {model.config.block_size}")
-    val = ValLoader(data, args.batch_size, T, max_tokens=args.val_tokens or run.get("val_tokens") or 10_485_760,
-                    batch_flag="--batch-size", skip_hint=None)
+    B = args.batch_size or run.get("micro_batch_size") or 8
+    budget = args.val_tokens or run.get("val_tokens") or 10_485_760
+    if not args.val_tokens and run.get("val_tokens"):  # the loop's: whole rounds of every process's micro-batch
+        per_round = run["micro_batch_size"] * T * record.get("world_size", 1)
+        held = sum(sh["tokens"] for sh in load_manifest(data)["shards"] if sh["split"] == "val") - 1
+        budget = min(held, budget) // per_round * per_round or budget  # none whole: ValLoader says why
+    val = ValLoader(data, B, T, max_tokens=budget, batch_flag="--batch-size", skip_hint=None)
     check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
     total, count = 0.0, 0
     autocast = args.autocast or ("bfloat16" if run.get("dtype") == "bfloat16" else None)
     dtype = getattr(torch, autocast or "bfloat16")
-    for x, y in val.batches():
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
-            _, loss = model(x.to(device), y.to(device))
-        n = int((y != -1).sum())
-        total += loss.item() * n
-        count += n
+    with attention_kernels(device.type, T):  # the kernel the loop's eager evaluation takes
+        for x, y in val.batches():
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
+                _, loss = model(x.to(device), y.to(device))
+            n = int((y != -1).sum())
+            total += loss.item() * n
+            count += n
     res = {"val_loss": total / count, "tokens": count}
-    print(f"validation loss over {count:,} tokens of {data} (T={T}{f', {autocast} autocast' if autocast else ''})")
+    print(f"validation loss over {count:,} tokens of {data} (B={B}, T={T}"
+          f"{f', {autocast} autocast' if autocast else ''})")
     if baselines.val_loss_comparable(val.manifest.get("source")):
         print(baselines.table("FineWeb-EDU validation loss", {args.model: res, **baselines.VAL_LOSS}, ["val_loss"]))
     else:

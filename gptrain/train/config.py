@@ -5,6 +5,7 @@ Flags are generated from the fields (gptrain.config.add_dataclass_args), so `--m
 resolved result (model shape included) is written to RUN/config.json. Each number carries its range (`ge`/`gt`/
 `le`/`lt`, checked when the flag is parsed and by `validate`); `runtime=True` marks what may change when the same
 run continues (how it executes, not what it trains); re-running a command with any other field changed is refused.
+`numerics=True` marks the runtime fields that change floating-point results (a resume names their changes).
 """
 
 from __future__ import annotations
@@ -51,22 +52,25 @@ class TrainConfig:
     embedding_lr_scale: float = _f(1.0, "the token embedding's (tied LM head's) learning rate as a multiple of the "
                                         "schedule's (1: the lecture's single rate)", gt=0)
     # --- numerics and speed
-    device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"), runtime=True)
+    device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"), runtime=True,
+                     numerics=True)
     dtype: str = _f("auto", "autocast dtype: auto (the run's own when --out holds one; else bfloat16 on CUDA and "
                             "on CPUs with native bf16, float32 elsewhere)",
                     choices=("auto", "float32", "bfloat16"))
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)", runtime=True)
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)", runtime=True,
+                              numerics=True)
+    # numerics too, but 0 is "torch's default": the checkpoint's machine record compares the count actually used
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", ge=0, le=4096, runtime=True)
     # --- parallelism and memory (how a run executes, not what it trains: a resumed run may change them)
     parallel: str = _f("ddp", "data parallelism under torchrun: ddp (every process holds the whole model) or fsdp "
                               "(parameters, gradients and optimizer state sharded across processes)",
-                       choices=("ddp", "fsdp"), runtime=True)
+                       choices=("ddp", "fsdp"), runtime=True, numerics=True)
     reshard_after_forward: bool = _f(True, "fsdp: free each Block's gathered parameters after its forward and gather "
                                            "them again for backward (--no-reshard-after-forward: keep them, less "
                                            "communication, more memory)", runtime=True)
     fsdp_shard_size: int = _f(0, "fsdp: shard inside groups of this many processes and replicate across groups "
                                  "(hybrid sharding, e.g. the GPUs of one node); 0: shard over all processes",
-                              ge=0, runtime=True)
+                              ge=0, runtime=True, numerics=True)
     activation_checkpointing: str = _f("none", "recompute activations in backward instead of keeping them: none or "
                                                "blocks (each transformer Block)",
                                        choices=("none", "blocks"), runtime=True)
@@ -160,16 +164,21 @@ def resolve(preset: str | None, overrides: dict) -> TrainConfig:
     return replace(base, **{k: v for k, v in overrides.items() if k in known})
 
 
-def recorded_train_config(src: str) -> dict:
-    """The training settings recorded in a gptrain run directory's config.json (for a run, one of its checkpoints or
-    the checkpoints directory); {} for anything else (an HF directory, a hub name). Commands that use a trained
-    model default to them: `eval val` to the run's seq_len, val_tokens and dtype, `sft` to its learning rate."""
+def recorded_run(src: str) -> dict:
+    """A gptrain run directory's config.json (for a run, one of its checkpoints or the checkpoints directory):
+    {"train": settings, "world_size", ...}; {} for anything else (an HF directory, a hub name)."""
     path = Path(src)
     for cfg in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
         try:
-            train = json.loads(cfg.read_text()).get("train")
-        except (OSError, ValueError, AttributeError):
+            record = json.loads(cfg.read_text())
+        except (OSError, ValueError):
             continue
-        if isinstance(train, dict):
-            return train
+        if isinstance(record, dict) and isinstance(record.get("train"), dict):
+            return record
     return {}
+
+
+def recorded_train_config(src: str) -> dict:
+    """The training settings of `recorded_run(src)`, {} when none: `sft` defaults to the run's learning rate (and
+    `eval val`, through the whole record, to its batch shape, tokens and dtype)."""
+    return recorded_run(src).get("train", {})

@@ -137,7 +137,8 @@ class Trainer:
             return None, None
         tok = {"name": self.tokenizer.name, "sha256": self.tokenizer.sha256} if self.tokenizer else None
         ckpt = Checkpointer(cfg.out, model=self.model, optimizer=self.optimizer, loader=self.train_loader,
-                            config=self.cfg, runtime=runtime_fields(TrainConfig), tokenizer=tok, guard=self.guard,
+                            config=self.cfg, runtime=runtime_fields(TrainConfig),
+                            quiet=runtime_fields(TrainConfig, numerics=False), tokenizer=tok, guard=self.guard,
                             keep_last=cfg.keep_last, keep_every=cfg.keep_every,
                             metrics_path=Path(cfg.out) / "metrics.jsonl")
         resumed = ckpt.resume(cfg.resume)
@@ -271,10 +272,16 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and (self.step % every == 0 or self.step == self.cfg.max_steps)
 
+    @property
+    def finished(self) -> bool:
+        """A rerun of a finished run: its final evaluation and samples are logged already, nothing is done again
+        (and nothing announced but that)."""
+        saved = self.checkpoints is not None and self.checkpoints.last_good is not None
+        return saved and self.step >= self.cfg.max_steps
+
     def run(self) -> dict:
         cfg, clock = self.cfg, Clock()
-        # a rerun of a finished run: its final evaluation and samples are logged already, nothing is done again
-        finished = self.step >= cfg.max_steps and self.checkpoints and self.checkpoints.last_good is not None
+        finished = self.finished
         if finished and self.env.is_master:
             console(f"{cfg.out} finished at step {self.step}/{cfg.max_steps}: nothing to train (its final "
                     "evaluation is in metrics.jsonl); to train longer, raise --max-steps and pass --resume auto"
@@ -373,6 +380,20 @@ def _resolve_steps(cfg: TrainConfig, train_tokens: int | None) -> TrainConfig:
     return cfg
 
 
+MANY_EPOCHS = 10  # more passes than this over the train tokens get a note: the model mostly memorises them
+
+
+def _epochs_note(cfg: TrainConfig, tokens_per_epoch: int) -> str | None:
+    """A run that reads its data many times over (a small corpus at a preset's steps) learns it by heart: say so
+    before training, unless --epochs asked for those passes."""
+    epochs = cfg.max_steps * cfg.total_batch_size / tokens_per_epoch
+    if cfg.epochs > 0 or epochs <= MANY_EPOCHS:
+        return None
+    return (f"note: {cfg.max_steps:,} steps of {cfg.total_batch_size:,} tokens make {epochs:,.0f} epochs (passes over "
+            f"the {tokens_per_epoch:,} train tokens an epoch of {cfg.data} reads): text read that often is mostly "
+            "memorised; for fewer passes prepare more text, or pass --max-steps N or --epochs N")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run `gptrain train` with a resolved config (the CLI's entry point; also callable from Python)."""
     if cfg.plan:
@@ -394,7 +415,8 @@ def train(cfg: TrainConfig) -> dict:
         check_seq_len(cfg, model)
         grad_accum_steps(cfg, env.world_size)
         train_loader = TrainLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
-                                   world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle)
+                                   world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                                   val_tokens=cfg.val_tokens if cfg.eval_every > 0 else 0)
         cfg = _resolve_steps(cfg, train_loader.tokens_per_epoch)
         val = None
         if cfg.eval_every > 0 and cfg.val_tokens > 0:
@@ -406,7 +428,8 @@ def train(cfg: TrainConfig) -> dict:
                       file=sys.stderr)
         hellaswag = _load_hellaswag(cfg) if cfg.eval_every > 0 else None
         trainer = Trainer(cfg, model, train_loader, val, env=env, hellaswag=hellaswag, tokenizer=tokenizer)
-        return run_and_record(trainer, {"data_source": manifest.get("source")})
+        return run_and_record(trainer, {"data_source": manifest.get("source")},
+                              _epochs_note(cfg, train_loader.tokens_per_epoch))
     finally:
         distributed.teardown()
 
@@ -432,9 +455,10 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
     Shared by `train` and `sft`, so every run directory records the same things."""
     cfg, env, tok = trainer.cfg, trainer.env, trainer.tokenizer
     if env.is_master:
-        _announce(trainer)
-        if note:
-            console(note)
+        if not trainer.finished:  # a finished run says only that (Trainer.run)
+            _announce(trainer)
+            if note:
+                console(note)
         if cfg.warmup_steps >= cfg.max_steps > trainer.step:
             console(f"note: --warmup-steps {cfg.warmup_steps} is not below the run's {cfg.max_steps} steps: the "
                     f"learning rate rises all run and never reaches --lr {cfg.lr:g} (for a short run pass e.g. "

@@ -87,18 +87,21 @@ class Checkpointer:
     points (they exchange small state); only rank 0 touches the disk when saving.
 
     `config` is the resolved run configuration (JSON-able); `runtime` names its keys that may change when a run
-    continues (how it executes, not what it trains); `tokenizer` is {"name", "sha256"}; `guard` any object with
-    state_dict/load_state_dict (the divergence guard); `metrics_path` the log that resuming cuts back.
+    continues (how it executes, not what it trains), `quiet` those of them whose change leaves the arithmetic as it
+    was (a resume does not list them among the changed settings); `tokenizer` is {"name", "sha256"}; `guard` any
+    object with state_dict/load_state_dict (the divergence guard); `metrics_path` the log that resuming cuts back.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, model, optimizer, loader, config: dict,
-                 runtime: frozenset[str] = frozenset(), tokenizer: dict | None = None, guard=None,
+                 runtime: frozenset[str] = frozenset(), quiet: frozenset[str] = frozenset(),
+                 tokenizer: dict | None = None, guard=None,
                  keep_last: int = 0, keep_every: int = 0, metrics_path: str | os.PathLike | None = None):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS
         self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
         self.config = to_jsonable(config)
         self.runtime = frozenset(runtime) | {"resume"}
+        self.quiet = frozenset(quiet) | {"resume", "out"}
         self.tokenizer = tokenizer
         self.keep_last, self.keep_every = keep_last, keep_every
         self.metrics_path = Path(metrics_path) if metrics_path else None
@@ -395,8 +398,8 @@ class Checkpointer:
                      "uninterrupted run (floating-point results depend on the thread count, torch version and "
                      "processor); resume with the same ones to continue exactly")
             old_cfg = meta.get("config") or {}
-            changed = [f"{k} {old_cfg[k]!r} -> {self.config[k]!r}" for k in sorted(set(old_cfg) & set(self.config))
-                       if k not in ("resume", "out") and old_cfg[k] != self.config[k]]
+            changed = [f"{k} {old_cfg[k]!r} -> {self.config[k]!r}"
+                       for k in sorted(set(old_cfg) & set(self.config) - self.quiet) if old_cfg[k] != self.config[k]]
             if changed:
                 warn(f"settings changed since {ckpt.name}: {'; '.join(changed)}")
 
