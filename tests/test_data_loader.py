@@ -436,3 +436,16 @@ def test_an_unfinished_prepare_is_named_as_one(tmp_path, data):
     with pytest.raises(GptrainError, match="has no train shards; prepare the source again into a new --out with a "
                                            "smaller --val-tokens$"):
         TrainLoader(data_dir, 2, 8)
+
+
+def test_a_smaller_batch_for_small_data_keeps_the_runs_accumulation(tmp_path):
+    """Under `gptrain train` (accum given) each size that fits comes with the --total-batch-size that keeps the
+    configured accumulation: a smaller micro-batch under the old total would run many more micro-steps a step."""
+    make_dir(tmp_path, [30, 12, 25, 1, 18])
+    with pytest.raises(GptrainError) as e:
+        TrainLoader(tmp_path, 64, 128, world_size=2, accum=3)
+    fixes = re.search(r"; use (.*), or prepare more text$", str(e.value)).group(1).split(" or ")
+    for fix in fixes:
+        flags = {k: int(v) for k, v in re.findall(r"(--[a-z-]+) (\d+)", fix)}
+        B, T = flags.get("--micro-batch-size", 64), flags.get("--seq-len", 128)
+        assert flags["--total-batch-size"] == B * T * 2 * 3

@@ -414,14 +414,18 @@ def test_a_small_file_trains_on_the_first_try(tmp_path, capsys):
     note = next(line for line in err.splitlines() if line.startswith("prepare: note:"))
     assert re.match(rf"prepare: note: {re.escape(str(out))}'s train split \(\d{{3}} tokens\) and validation split "
                     r"\(\d{2} tokens\) are smaller than one batch of `gptrain train --preset tiny` \(8x128\+1 = 1,025 "
-                    r"tokens\); train on it with --micro-batch-size 4 --eval-every 0 \(no validation loss\)$", note)
+                    r"tokens\); train on it with --micro-batch-size 4 --total-batch-size 512 --eval-every 0 \(no validation "
+                    r"loss\)$", note)
     run = ["train", "--preset", "tiny", "--data", str(out), "--sample-every", "0", "--max-steps", "1"]
     assert cli_main(run + ["--out", str(tmp_path / "r1")]) == 2
     line = capsys.readouterr().err
-    assert line.count("\n") == 1 and ("use --micro-batch-size 4 --eval-every 0 or --seq-len 64 --eval-every 0 "
-                                      "(--eval-every 0: the ") in line and line.endswith(", or prepare more text\n")
-    retry = re.search(r"; use (--micro-batch-size \d+ --eval-every 0) or", line).group(1).split()
+    assert line.count("\n") == 1 and ("use --micro-batch-size 4 --total-batch-size 512 --eval-every 0 or --seq-len 64 "
+                                      "--total-batch-size 512 --eval-every 0 (--eval-every 0: the ") in line
+    assert line.endswith(", or prepare more text\n")
+    retry = re.search(r"; use (--micro-batch-size \d+ --total-batch-size \d+ --eval-every 0) or", line).group(1).split()
+    capsys.readouterr()
     assert cli_main(run + ["--out", str(tmp_path / "r2"), *retry]) == 0  # one retry with the flags named
+    assert "= 4×128 × 1 accum × 1 proc" in capsys.readouterr().out  # a step is still one micro-batch
 
 
 def test_the_small_data_note_names_what_is_small():
@@ -434,9 +438,9 @@ def test_the_small_data_note_names_what_is_small():
     tiny = "smaller than one batch of `gptrain train --preset tiny` (8x128+1 = 1,025 tokens); train on it with"
     assert note([5445], 493) == (f"prepare: note: d's validation split (493 tokens) is {tiny} --eval-every 0 (no "
                                  "validation loss)")
-    assert note([846], 600) == f"prepare: note: d's train split (846 tokens) is {tiny} --micro-batch-size 4"
+    assert note([846], 600) == f"prepare: note: d's train split (846 tokens) is {tiny} --micro-batch-size 4 --total-batch-size 512"
     assert note([846], 64) == (f"prepare: note: d's train split (846 tokens) and validation split (64 tokens) are "
-                               f"{tiny} --micro-batch-size 4 --eval-every 0 (no validation loss)")
+                               f"{tiny} --micro-batch-size 4 --total-batch-size 512 --eval-every 0 (no validation loss)")
     assert note([5445], 2000) is None
 
 

@@ -239,9 +239,11 @@ class TrainLoader:
     """Micro-batches (x, y) of B x T for rank `rank` of `world_size`: shuffled per epoch, or the lecture's order."""
 
     def __init__(self, data_dir, B: int, T: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, *, val_tokens: int = 0):
-        """val_tokens: the budget of `gptrain train`'s validation at the same B and T (0: none), so that data too
-        small for a batch names, with each size that fits, what validation then needs too: one retry works."""
+                 shuffle: bool = True, *, val_tokens: int = 0, accum: int = 0):
+        """val_tokens: the budget of `gptrain train`'s validation at the same B and T (0: none), and accum its
+        gradient accumulation (0: not training), so that data too small for a batch names, with each size that
+        fits, what validation then needs and the --total-batch-size that keeps the accumulation: one retry works
+        (a smaller micro-batch under the same total would run many more micro-steps a step)."""
         _check_sizes(B, T, rank, world_size)
         self.manifest = load_manifest(data_dir)
         self.B, self.T, self.rank, self.world_size, self.seed, self.shuffle = B, T, rank, world_size, seed, shuffle
@@ -254,12 +256,12 @@ class TrainLoader:
         self.epoch_rows = int(self.rows.sum())
         fits, b, t = train_fit(self.shards.sizes, B, T, world_size, shuffle)
         if not fits:
-            raise GptrainError(self._too_small(b, t, val_tokens))
+            raise GptrainError(self._too_small(b, t, val_tokens, accum))
         self.epoch, self.cursor, self.shard = 0, 0, 0
         self._plan_epoch = None
         self._normalize()
 
-    def _too_small(self, b: int, t: int, val_tokens: int) -> str:
+    def _too_small(self, b: int, t: int, val_tokens: int, accum: int) -> str:
         B, T, W = self.B, self.T, self.world_size
         if self.shuffle:
             held = (f"holds {int(self.shards.sizes.sum()):,} train tokens, {self.epoch_rows:,} rows of T+1 = {T + 1} "
@@ -275,7 +277,8 @@ class TrainLoader:
             step = b_fix * t_fix * W  # what validation reads per round at that size (ValLoader's test)
             val_flag = (None if not val_tokens or step <= min(val_held - 1, val_tokens) else
                         "--eval-every 0" if val_held - 1 < step else f"--val-tokens {step}")
-            fixes.append(f"{flag} {value}" + (f" {val_flag}" if val_flag else ""))
+            total = f" --total-batch-size {step * accum}" if accum else ""
+            fixes.append(f"{flag} {value}{total}" + (f" {val_flag}" if val_flag else ""))
             if val_flag == "--eval-every 0":
                 why = f" (--eval-every 0: the {val_held:,} validation tokens are fewer than one such batch)"
         fix = " or ".join(fixes) + (why + ", or prepare more text" if fixes else "prepare more text")

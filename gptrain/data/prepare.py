@@ -392,9 +392,10 @@ def _small_data_note(out: Path, manifest: dict) -> str | None:
     if not fits:
         if not (b or t):
             return f"prepare: note: {out} holds too little train text to train on; add text"
-        flags.append(f"--micro-batch-size {b}" if b else f"--seq-len {t}")
-        small.append(f"train split ({manifest['totals']['train']['tokens']:,} tokens)")
         B, T = (b, T) if b else (B, t)
+        # the preset's steps are one micro-batch: the smaller batch keeps that (no accumulation)
+        flags.append(f"{f'--micro-batch-size {b}' if b else f'--seq-len {t}'} --total-batch-size {B * T}")
+        small.append(f"train split ({manifest['totals']['train']['tokens']:,} tokens)")
     val = manifest["totals"]["val"]["tokens"]
     if val - 1 < B * T:  # the validation loader's test, at the batch that train fits
         flags.append("--eval-every 0 (no validation loss)")

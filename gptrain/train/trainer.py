@@ -413,10 +413,10 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer = tokenizer_for_vocab(model.config.vocab_size)
         check_tokenizer(manifest, tokenizer)
         check_seq_len(cfg, model)
-        grad_accum_steps(cfg, env.world_size)
+        accum = grad_accum_steps(cfg, env.world_size)
         train_loader = TrainLoader(cfg.data, cfg.micro_batch_size, cfg.seq_len, rank=env.rank,
                                    world_size=env.world_size, seed=cfg.seed, shuffle=cfg.shuffle,
-                                   val_tokens=cfg.val_tokens if cfg.eval_every > 0 else 0)
+                                   val_tokens=cfg.val_tokens if cfg.eval_every > 0 else 0, accum=accum)
         cfg = _resolve_steps(cfg, train_loader.tokens_per_epoch)
         val = None
         if cfg.eval_every > 0 and cfg.val_tokens > 0:
