@@ -269,7 +269,7 @@ class TrainLoader:
         else:
             held = (f"holds {int(self.shards.sizes.max()):,} train tokens in its largest shard (sequential mode "
                     f"reads shard by shard), fewer than one batch of B*T*W+1 = {B}*{T}*{W}+1 = {B * T * W + 1:,}")
-        val_held = sum(int(sh["tokens"]) for sh in self.manifest["shards"] if sh["split"] == "val")
+        val_held = int(self.manifest["totals"]["val"]["tokens"])
         fixes, why = [], ""
         for flag, value, b_fix, t_fix in (("--micro-batch-size", b, b, T), ("--seq-len", t, B, t)):
             if not value:

@@ -146,7 +146,7 @@ def run_val(args) -> int:
     budget = args.val_tokens or run.get("val_tokens") or 10_485_760
     if not args.val_tokens and run.get("val_tokens"):  # the loop's: whole rounds of every process's micro-batch
         per_round = run["micro_batch_size"] * T * record.get("world_size", 1)
-        held = sum(sh["tokens"] for sh in load_manifest(data)["shards"] if sh["split"] == "val") - 1
+        held = load_manifest(data)["totals"]["val"]["tokens"] - 1
         budget = min(held, budget) // per_round * per_round or budget  # none whole: ValLoader says why
     val = ValLoader(data, B, T, max_tokens=budget, batch_flag="--batch-size", skip_hint=None)
     check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
