@@ -17,11 +17,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from gptrain import llmc
 from gptrain.chat.format import HF_CHAT_TEMPLATE
 from gptrain.config import check_output_dir, fsync_dir
 from gptrain.errors import GptrainError, disk_full, is_disk_full, require
@@ -32,7 +34,8 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old HF checkpoints, not weights
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which gptrain uses
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-EXPORT_FILES = frozenset(("config.json", "generation_config.json", "model.safetensors") + TOKENIZER_FILES)
+LLMC_FILES = ("model.bin", "tokenizer.bin", "README.txt")  # gptrain/llmc.py's export
+EXPORT_FILES = frozenset(("config.json", "generation_config.json", "model.safetensors") + TOKENIZER_FILES + LLMC_FILES)
 # OpenAI's GPT-2 repos moved from bare names to the openai-community organisation; a cache may hold either.
 HUB_ORG = "openai-community"
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -187,8 +190,8 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- load_model
 
 def load_model(src: str, device=None, flag: str = "--model") -> GPT:
-    """The model named by `--model SRC`: a HF GPT-2 directory, a gptrain run or checkpoint directory, or a hub
-    name (gpt2, gpt2-medium, openai-community/gpt2, ...) already in the local Hugging Face cache. `flag` is how the
+    """The model named by `--model SRC`: a HF GPT-2 directory, a gptrain run or checkpoint directory, an llm.c
+    model file (`.bin`, gptrain/llmc.py), or a hub name (gpt2, gpt2-medium, openai-community/gpt2, ...) already in the local Hugging Face cache. `flag` is how the
     caller's user spelled the source (`--init-from`, or `pretrained=` in lm-eval's model_args), so that errors
     name what they typed."""
     given = f"{flag}{src}" if flag.endswith("=") else f"{flag} {src}"
@@ -197,12 +200,15 @@ def load_model(src: str, device=None, flag: str = "--model") -> GPT:
         model = _load_gptrain(path, given)
     elif path.is_dir() and (path / "config.json").is_file():
         model = _load_hf_dir(path)
+    elif llmc.is_model_file(path):
+        model = llmc.read_model(path)
     elif path.exists():
-        raise GptrainError(f"{given}: not a Hugging Face GPT-2 directory (config.json + model.safetensors) "
-                           "nor a gptrain run or checkpoint directory (checkpoints/ or MANIFEST.json)")
+        raise GptrainError(f"{given}: not a Hugging Face GPT-2 directory (config.json + model.safetensors), "
+                           "a gptrain run or checkpoint directory (checkpoints/ or MANIFEST.json) nor an llm.c "
+                           "model file (.bin)")
     elif path.parent.is_dir() and path.parent != Path("."):  # runs/typo: a local path, not a hub name
         near = sorted(p.name for p in path.parent.iterdir() if _is_gptrain_dir(p) or (p / "config.json").is_file())
-        raise GptrainError(f"{given}: no such directory here ({path.absolute()})"
+        raise GptrainError(f"{given}: no such {'file' if path.suffix == '.bin' else 'directory'} here ({path.absolute()})"
                            + (f"; models in {path.parent}/: {', '.join(near[:8])}" if near else ""))
     elif HUB_NAME.match(src):
         if importlib.util.find_spec("huggingface_hub") is None:  # most likely a mistyped path, not a hub name
@@ -331,17 +337,8 @@ def _is_export(names: set[str]) -> bool:
 
 def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False) -> list[Path]:
     """Write a transformers directory (config, weights with the vocabulary cut to the tokenizer's, generation
-    config, tokenizer files) atomically: built beside `out_dir`, then renamed into place. An existing non-empty
-    directory is replaced only if it holds nothing but a previous export's files, or with `force`."""
+    config, tokenizer files) atomically (`write_export_dir`)."""
     from safetensors.torch import save_file
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise GptrainError(f"--out {out} is a file, not a directory")
-    if _is_gptrain_dir(out):
-        raise GptrainError(f"--out {out} holds gptrain checkpoints; export into another directory")
-    if out.is_dir() and not force and not _is_export(_entries(out)):
-        raise GptrainError(f"--out {out} is a non-empty directory that is not a gptrain export; "
-                           "pick another directory or pass --force to replace it")
     config = model.config
     tok = tokenizer_for_vocab(config.vocab_size)
     weights = state_dict_to_hf(model)
@@ -352,16 +349,36 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False)
              "generation_config.json": json.dumps(generation, indent=2) + "\n",
              **tokenizer_files(config.vocab_size, config.block_size)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
         # safetensors creates its file owner-only; give it the mode the user's umask gives the others
         os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
+
+    needed = sum(t.numel() * t.element_size() for t in weights.values()) + sum(map(len, texts.values()))
+    return write_export_dir(out_dir, write, needed, force)
+
+
+def write_export_dir(out_dir: str | os.PathLike, write: Callable[[Path], None], needed: int,
+                     force: bool = False) -> list[Path]:
+    """Fill a directory atomically: `write(tmp)` fills a temp directory beside `out_dir`, which is fsynced and
+    renamed into place. An existing non-empty directory is replaced only if it holds nothing but a previous
+    export's files (either format), or with `force`; the old one is kept until the new one is in place."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise GptrainError(f"--out {out} is a file, not a directory")
+    if _is_gptrain_dir(out):
+        raise GptrainError(f"--out {out} holds gptrain checkpoints; export into another directory")
+    if out.is_dir() and not force and not _is_export(_entries(out)):
+        raise GptrainError(f"--out {out} is a non-empty directory that is not a gptrain export; "
+                           "pick another directory or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -375,7 +392,6 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False)
             os.rename(tmp, out)
         fsync_dir(out.parent)
     except Exception as e:  # safetensors wraps a full disk in its own exception type
-        needed = sum(t.numel() * t.element_size() for t in weights.values()) + sum(map(len, texts.values()))
         if is_disk_full(e, out.parent, needed):
             raise disk_full(out.parent, needed, f"the export {out.name}",
                             "nothing was replaced (an earlier export there is intact); free space there (or choose "
@@ -390,23 +406,38 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, force: bool = False)
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="SRC",
-                        help="HF GPT-2 directory, gptrain run or checkpoint directory, or hub name in the local HF cache")
+                        help="HF GPT-2 directory, gptrain run or checkpoint directory, llm.c model .bin, or hub name "
+                             "in the local HF cache")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (created atomically)")
+    parser.add_argument("--format", choices=("hf", "llmc"), default="hf",
+                        help="hf: a transformers directory; llmc: llm.c's model.bin + tokenizer.bin (default: hf)")
+    parser.add_argument("--dtype", choices=tuple(llmc.VERSION_OF),
+                        help="llm.c model file precision: float32 (version 3) or bfloat16 (version 5, what "
+                             "train_gpt2cu reads) (default: float32; --format llmc only)")
     parser.add_argument("--force", action="store_true", help="replace DIR even if it holds files other than an export")
 
 
 def main(args) -> int:
     check_output_dir(args.out, "--out")
+    if args.dtype and args.format != "llmc":
+        raise GptrainError(f"--dtype {args.dtype} applies to --format llmc; a Hugging Face export keeps the "
+                           "model's float32 weights")
     model = load_model(args.model)
     out = Path(args.out).expanduser()
     previous = _entries(out)  # what the export replaces, said below
-    files = save_pretrained(model, out, force=args.force)
+    if args.format == "llmc":
+        files = llmc.export(model, out, args.dtype or "float32", force=args.force)
+    else:
+        files = save_pretrained(model, out, force=args.force)
     replaced = ("" if not previous else ", replacing the previous export there" if _is_export(previous)
                 else ", replacing what it held before (--force)")
     print(f"exported {args.model} ({model.num_params(padded=False):,} parameters, vocabulary "
           f"{model.config.vocab_size}) to {Path(args.out)}{replaced}:")
     for p in files:
         print(f"  {p.name:<24} {p.stat().st_size:>14,} bytes")
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}) "
-          "and AutoTokenizer.from_pretrained(...)")
+    if args.format == "llmc":
+        print(f"llm.c reads it: {Path(args.out) / 'README.txt'} says which programs, with which flags")
+    else:
+        print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}) "
+              "and AutoTokenizer.from_pretrained(...)")
     return 0

@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptrain import llmc
 from gptrain.errors import GptrainError, require
 from gptrain.eval import baselines
 
@@ -46,8 +48,13 @@ class Run:
         return [s for s, _ in pts], [v for _, v in pts]
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, tokens_per_step: int | None = None) -> Run:
+    """A gptrain run directory, or an llm.c log (`tokens_per_step`: its total batch size, which it does not record)."""
     path = Path(path)
+    if (log := llmc.log_file(path)) is not None:
+        train, evals = llmc.read_log(log)
+        config = {"train": {"total_batch_size": tokens_per_step}} if tokens_per_step else {}
+        return Run(f"llm.c {log.parent.resolve().name}/{log.name}", log, config, train, evals)
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise GptrainError(f"{path} has no metrics.jsonl; pass a run directory written by `gptrain train --out RUN`")
@@ -200,12 +207,22 @@ def summarize(run: Run) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Path]:
-    runs = [load_run(p) for p in run_dirs]
+def report(run_dirs: list[str], out: str | None = None, compare: list[str] = (),
+           compare_tokens_per_step: int | None = None) -> tuple[Path, Path]:
+    """`compare` runs are overlaid on the same panels (an llm.c log among them or among `run_dirs` is a step per
+    `compare_tokens_per_step` tokens, which llm.c's log does not record)."""
+    runs = [load_run(p, compare_tokens_per_step) for p in [*run_dirs, *compare]]
     if not any(r.train or r.evals for r in runs):
         raise GptrainError(f"{', '.join(run_dirs)}: metrics.jsonl has no step or evaluation records yet; "
                            "run the report again once training has logged a step")
-    out_dir = Path(out) if out else (Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report"))
+    if any(r.tokens_per_step for r in runs) and not all(r.tokens_per_step for r in runs):
+        unknown = ", ".join(str(r.path) for r in runs if not r.tokens_per_step)
+        print(f"note: {unknown} does not say how many tokens a step is, so the runs are drawn against steps only; "
+              "--compare-tokens-per-step N (llm.c's -d, its total batch size) draws them against tokens too",
+              file=sys.stderr)
+    first = Path(run_dirs[0])
+    out_dir = Path(out) if out else ((first.parent if first.is_file() else first) / "report" if len(run_dirs) == 1
+                                     else Path("report"))
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot(runs, out_dir)
     md = out_dir / "report.md"
@@ -217,8 +234,15 @@ def report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (gptrain train --out RUN); "
-                        "several are overlaid")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (gptrain train --out RUN) or llm.c "
+                        "logs (main.log, the directory of llm.c's -o, or train_gpt2's printed output); several are "
+                        "overlaid")
+    parser.add_argument("--compare", action="append", default=[], metavar="LOG",
+                        help="overlay another run: llm.c's main.log (or its -o directory) or a gptrain run directory "
+                             "(repeatable)")
+    parser.add_argument("--compare-tokens-per-step", type=int, ge=1, metavar="N",
+                        help="tokens per optimizer step of the llm.c logs (llm.c's -d), which their log does not "
+                             "record; with it the runs are also drawn against tokens")
     parser.add_argument("--out", metavar="DIR", help="where to write report.png and report.md "
                         "(default: RUN/report for one run, ./report for several)")
 
@@ -227,6 +251,6 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         from gptrain.config import check_output_dir
         check_output_dir(args.out, "--out")
-    png, md = report(args.runs, args.out)
+    png, md = report(args.runs, args.out, args.compare, args.compare_tokens_per_step)
     print(f"wrote {png} and {md}")
     return 0
