@@ -191,9 +191,9 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(src: str, device=None, flag: str = "--model") -> GPT:
     """The model named by `--model SRC`: a HF GPT-2 directory, a gptrain run or checkpoint directory, an llm.c
-    model file (`.bin`, gptrain/llmc.py), or a hub name (gpt2, gpt2-medium, openai-community/gpt2, ...) already in the local Hugging Face cache. `flag` is how the
-    caller's user spelled the source (`--init-from`, or `pretrained=` in lm-eval's model_args), so that errors
-    name what they typed."""
+    model file (`.bin`, gptrain/llmc.py), or a hub name (gpt2, gpt2-medium, openai-community/gpt2, ...) already
+    in the local Hugging Face cache. `flag` is how the caller's user spelled the source (`--init-from`, or
+    `pretrained=` in lm-eval's model_args), so that errors name what they typed."""
     given = f"{flag}{src}" if flag.endswith("=") else f"{flag} {src}"
     path = Path(src).expanduser()
     if _is_gptrain_dir(path):
@@ -208,7 +208,8 @@ def load_model(src: str, device=None, flag: str = "--model") -> GPT:
                            "model file (.bin)")
     elif path.parent.is_dir() and path.parent != Path("."):  # runs/typo: a local path, not a hub name
         near = sorted(p.name for p in path.parent.iterdir() if _is_gptrain_dir(p) or (p / "config.json").is_file())
-        raise GptrainError(f"{given}: no such {'file' if path.suffix == '.bin' else 'directory'} here ({path.absolute()})"
+        kind = "file" if path.suffix == ".bin" else "directory"
+        raise GptrainError(f"{given}: no such {kind} here ({path.absolute()})"
                            + (f"; models in {path.parent}/: {', '.join(near[:8])}" if near else ""))
     elif HUB_NAME.match(src):
         if importlib.util.find_spec("huggingface_hub") is None:  # most likely a mistyped path, not a hub name

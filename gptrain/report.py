@@ -5,6 +5,9 @@ and against training tokens when the run's config gives tokens per step; several
 (per run: config, throughput, best val loss, latest HellaSwag, latest samples). The reference lines are the ones
 the lecture's notebook draws: OpenAI GPT-2 124M's validation loss and HellaSwag, and GPT-3 Small's HellaSwag.
 
+A RUN (or a `--compare LOG`) may also be an llm.c run: its main.log or printed output (gptrain/llmc.py reads it),
+drawn on the same panels so the two trainers compare on one plot.
+
 It reads RUN/metrics.jsonl and RUN/config.json as the trainer writes them, and works while a run is still going:
 a line that does not parse (the partial last line of a run being written, or one cut by a crash before a resume)
 is skipped and counted. After a resume the later record of a step replaces the earlier one.
