@@ -74,7 +74,8 @@ def resolve_device(name: str) -> torch.device:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gptrain.config import add_dataclass_args
     parser.add_argument("--model", required=True, metavar="SRC",
-                        help="HF GPT-2 directory or hub name (local cache), gptrain run dir or checkpoint")
+                        help="HF GPT-2 directory or hub name (local cache), gptrain run dir or checkpoint, llm.c "
+                             "model .bin")
     parser.add_argument("--prompt", default="", help="text to continue ('' = unconditional; '-' = read stdin)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop a sample at this string (repeatable)")

@@ -326,7 +326,8 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", dest="source", required=True, metavar="SRC",
-                        help="model to fine-tune: HF GPT-2 directory or hub name (local cache), gptrain run or checkpoint")
+                        help="model to fine-tune: HF GPT-2 directory or hub name (local cache), gptrain run or "
+                             "checkpoint, llm.c model .bin")
     parser.add_argument("--data", default="oasst-100", metavar="SOURCE",
                         help="conversations: oasst-100 (shipped: 100 OpenAssistant trees, Apache-2.0; the default), "
                              ".jsonl/.jsonl.gz/.json/.parquet (OpenAI messages, OpenAssistant trees, Human/Assistant "

@@ -123,7 +123,8 @@ class ChatConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gptrain.config import add_dataclass_args
     parser.add_argument("--model", required=True, metavar="SRC",
-                        help="a chat model: gptrain sft run dir or checkpoint, or its exported HF directory")
+                        help="a chat model: gptrain sft run dir or checkpoint, or its exported HF directory or "
+                             "llm.c .bin")
     add_dataclass_args(parser, SamplingParams, exclude=("stop", "stop_ids", "context"))
     add_dataclass_args(parser, ChatConfig)
 

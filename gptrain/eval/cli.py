@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser, batch_size: int | None, batch_help: str) -> None:
         """batch_size None: the command states its own default in batch_help."""
         p.add_argument("--model", required=True, metavar="SRC",
-                       help="gptrain run or checkpoint directory, HF GPT-2 directory, or hub name in the local HF cache")
+                       help="gptrain run or checkpoint directory, HF GPT-2 directory, llm.c model .bin, or hub name in "
+                            "the local HF cache")
         p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", ge=1, le=1 << 16,
                        help=f"{batch_help} (default: {batch_size})" if batch_size else batch_help)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")

@@ -14,8 +14,8 @@ from gptrain.serve.config import LOOPBACK, ServeConfig
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="SRC",
-                        help="a gptrain run or checkpoint, or a HF directory: any model answers /v1/completions, "
-                             "chat models (gptrain sft) also /v1/chat/completions and the chat page")
+                        help="a gptrain run or checkpoint, HF directory or llm.c .bin: any model answers "
+                             "/v1/completions, chat models (gptrain sft) also /v1/chat/completions and the chat page")
     parser.add_argument("--name", default=None, help="model name reported by the API (default: SRC's last component)")
     add_dataclass_args(parser, ServeConfig)
 

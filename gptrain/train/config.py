@@ -24,7 +24,8 @@ class TrainConfig:
     # --- what to train on and where to write
     data: str | None = _f(None, "prepared data directory (gptrain prepare ... --out DIR)")
     out: str | None = _f(None, "run directory: config.json, metrics.jsonl, checkpoints", runtime=True)
-    init_from: str | None = _f(None, "start from these weights: HF directory, hub name, gptrain run or checkpoint")
+    init_from: str | None = _f(None, "start from these weights: HF directory, hub name, gptrain run or checkpoint, "
+                               "llm.c model .bin")
     # --- model shape (None: the model preset's value)
     model: str | None = _f("gpt2", "model shape preset (gptrain.model.PRESETS); recorded as null with --init-from, "
                                    "whose model fixes the shape")
