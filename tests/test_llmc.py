@@ -295,3 +295,16 @@ def test_prepared_shards_follow_llmc_data_loader_conventions(tmp_path):
             tokens = np.frombuffer(raw[1024:], dtype="<u2")
             assert tokens[0] == 50256 or split == "train"
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["totals"]["val"]["tokens"] > 0
+
+
+def test_train_init_from_an_llmc_file(tmp_path, small_shards):
+    model = random_model()
+    reference_file(model, tmp_path / "init.bin")
+    rc = cli.main(["train", "--init-from", str(tmp_path / "init.bin"), "--data", str(small_shards),
+                   "--out", str(tmp_path / "run"), "--micro-batch-size", "2", "--seq-len", "16",
+                   "--total-batch-size", "32", "--max-steps", "1", "--eval-every", "0", "--sample-every", "0",
+                   "--hellaswag-data", "none", "--threads", "1", "--dtype", "float32", "--no-compile"])
+    assert rc == 0
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run["train"]["init_from"] == str(tmp_path / "init.bin")
+    assert run["model"]["n_embd"] == 32 and run["model"]["vocab_size"] == 50257
