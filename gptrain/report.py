@@ -60,7 +60,8 @@ def load_run(path: str | Path, tokens_per_step: int | None = None) -> Run:
         return Run(f"llm.c {log.parent.resolve().name}/{log.name}", log, config, train, evals)
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
-        raise GptrainError(f"{path} has no metrics.jsonl; pass a run directory written by `gptrain train --out RUN`")
+        raise GptrainError(f"{path} has no metrics.jsonl; pass a run directory written by `gptrain train --out RUN` "
+                           "or an llm.c log (main.log, or its printed output saved to a file)")
     config = {}
     if (path / "config.json").is_file():
         try:

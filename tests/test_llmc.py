@@ -269,6 +269,9 @@ def test_report_compare_overlays_an_llmc_log_against_tokens(tmp_path, capsys):
     assert (run / "report" / "report.png").stat().st_size > 10_000
     assert cli.main(["report", str(logdir / "main.log")]) == 0  # an llm.c log alone
     assert (logdir / "report" / "report.png").is_file()
+    other = write_run(tmp_path / "other", steps=30, evals_every=10, tokens_per_step=4096)
+    assert cli.main(["report", str(run), "--compare", str(other), "--out", str(tmp_path / "two")]) == 0
+    assert "## other" in (tmp_path / "two" / "report.md").read_text()  # a gptrain run as LOG
 
 
 # ---------------------------------------------------------------- data
