@@ -23,8 +23,9 @@ COMMANDS = {  # name -> (module, one-line description)
     "sft": ("gptrain.chat.sft", "fine-tune a model on conversations into the user/assistant chat format"),
     "chat": ("gptrain.chat.terminal", "talk to a chat model in the terminal"),
     "serve": ("gptrain.serve.cli", "an OpenAI-compatible API (continuous batching) and a web chat page, on loopback"),
-    "export": ("gptrain.hf", "write a Hugging Face transformers directory (model + tokenizer)"),
-    "report": ("gptrain.report", "plot a run's losses and HellaSwag against the GPT-2/GPT-3 baselines"),
+    "export": ("gptrain.hf", "write a Hugging Face transformers directory, or llm.c's model and tokenizer files"),
+    "report": ("gptrain.report", "plot a run's losses and HellaSwag against the GPT-2/GPT-3 baselines "
+                                 "(and llm.c logs)"),
 }
 
 
