@@ -79,14 +79,14 @@ def test_lr_schedule_values():
         assert lr_at(step, **kw) == lecture_lr(step, 6e-4, 6e-5, 715, 19073), step
     assert lr_at(0, **kw) == pytest.approx(6e-4 / 715)
     assert lr_at(715, **kw) == 6e-4 and lr_at(19073, **kw) == pytest.approx(6e-5)
-    # wsd: same warm-up, flat at max until the last 20%, then linear down to min
+    # wsd: same warm-up, flat at max until the last 20% of the updates, then linear down to exactly min at the last
     w = dict(kw, schedule="wsd", decay_frac=0.2)
-    start = 19073 - round(0.2 * 19073)
+    start = 19072 - round(0.2 * 19073)  # the last update at max_lr; 19072 is the run's last update
     assert lr_at(100, **w) == lr_at(100, **kw)
-    assert lr_at(715, **w) == lr_at(start - 1, **w) == 6e-4
-    assert lr_at(19073, **w) == pytest.approx(6e-5)
-    mid = (start + 19073) // 2
-    assert lr_at(mid, **w) == pytest.approx(6e-4 + (mid - start) / (19073 - start) * (6e-5 - 6e-4))
+    assert lr_at(715, **w) == lr_at(start, **w) == 6e-4 > lr_at(start + 1, **w)
+    assert lr_at(19072, **w) == lr_at(19073, **w) == 6e-5
+    mid = (start + 19072) // 2
+    assert lr_at(mid, **w) == pytest.approx(6e-4 + (mid - start) / (19072 - start) * (6e-5 - 6e-4))
 
 
 def assert_same_updates(a, opt, b, ref, steps=3):

@@ -42,12 +42,26 @@ class TrainConfig:
     lr: float = _f(6e-4, "maximum learning rate", gt=0, le=1)
     min_lr_ratio: float = _f(0.1, "minimum learning rate as a fraction of --lr", ge=0, le=1)
     warmup_steps: int = _f(715, "linear warm-up steps", ge=0)
-    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd"))
+    schedule: str = _f("cosine", "learning-rate schedule after the warm-up: cosine (the lecture's, to --min-lr-ratio "
+                                 "at the end), linear (straight down to --min-lr-ratio at the last step), wsd "
+                                 "(constant, then linear down over the last --decay-frac)",
+                       choices=("cosine", "linear", "wsd"))
     decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end", ge=0, le=1)
     weight_decay: float = _f(0.1, "AdamW weight decay (applied to 2-D weights only)", ge=0)
     beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = _f(0.95, "AdamW beta2", ge=0, lt=1)
     eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    optimizer: str = _f("adamw", "adamw (every parameter), or muon: Muon on the blocks' weight matrices and AdamW "
+                                 "(the flags above) on embeddings, LayerNorms and biases", choices=("adamw", "muon"))
+    muon_lr: float = _f(0.02, "muon: peak learning rate of the Muon matrices (follows --schedule like --lr)", gt=0,
+                        le=10)
+    muon_weight_decay: float = _f(0.0, "muon: decoupled weight decay of the Muon matrices (per step: lr × this)",
+                                  ge=0)
+    muon_momentum: float = _f(0.95, "muon: momentum (Nesterov)", ge=0, lt=1)
+    muon_adjust_lr: str = _f("original", "muon: update scale by matrix shape: original (sqrt(max(1, rows/cols)), "
+                                         "Keller Jordan's) or match_rms_adamw (0.2·sqrt(max(rows, cols)), Moonshot's: "
+                                         "AdamW's LR and weight decay carry over)",
+                             choices=("original", "match_rms_adamw"))
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)", ge=0)
     embedding_lr_scale: float = _f(1.0, "the token embedding's (tied LM head's) learning rate as a multiple of the "
                                         "schedule's (1: the lecture's single rate)", gt=0)
