@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -202,6 +203,20 @@ def test_presets_carry_the_lecture_values():
     assert resolve("tiny", {"lr": 1e-2}).lr == 1e-2
     assert set(TRAIN_PRESETS) >= {"gpt2-124m", "gpt2-124m-40b", "gpt3-124m", "gpt2-124m-3xlr", "gpt2-350m",
                                   "gpt2-774m", "gpt2-1558m", "tiny"}
+
+
+def test_fast_recipes_change_only_the_optimizer_schedule_and_steps():
+    """tiny-fast and gpt2-124m-fast are their recipes with Muon, linear decay to zero and half the steps; every
+    other recipe keeps the lecture's AdamW and cosine."""
+    changed = {"optimizer", "muon_lr", "muon_weight_decay", "muon_adjust_lr", "schedule", "min_lr_ratio",
+               "max_steps"}
+    for fast, base in (("tiny-fast", "tiny"), ("gpt2-124m-fast", "gpt2-124m")):
+        f, b = asdict(resolve(fast, {})), asdict(resolve(base, {}))
+        assert {k for k in f if f[k] != b[k]} <= changed and f["max_steps"] == b["max_steps"] // 2
+        assert (f["optimizer"], f["schedule"], f["min_lr_ratio"]) == ("muon", "linear", 0.0)
+    for name in set(TRAIN_PRESETS) - {"tiny-fast", "gpt2-124m-fast"}:
+        c = resolve(name, {})
+        assert (c.optimizer, c.schedule) == ("adamw", "cosine"), name
 
 
 def _hf_dir(tmp_path):
