@@ -10,6 +10,7 @@ import torch
 from gptrain.model import GPT
 from gptrain.train.optim import MuonAdamW, hidden_matrices, lr_at, make_optimizer
 
+needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+")
 A, B, C = 3.4445, -4.7750, 2.0315  # torch.optim.Muon's (Keller Jordan's) quintic Newton-Schulz coefficients
 
 
@@ -34,6 +35,7 @@ def documented_step(w, grads, lr, wd, mu, adjust):
     return w
 
 
+@needs_torch_muon
 @pytest.mark.parametrize("shape,adjust", [((48, 16), "original"), ((16, 64), "match_rms_adamw")])
 def test_one_matrix_follows_the_documented_update_and_torch_muon(shape, adjust):
     torch.manual_seed(0)
@@ -60,6 +62,7 @@ def test_one_matrix_follows_the_documented_update_and_torch_muon(shape, adjust):
     assert moved > 0.02  # three steps of ~lr each moved it
 
 
+@needs_torch_muon
 def test_muon_takes_the_block_matrices_and_adamw_the_rest_as_torch_would(tiny_config):
     torch.manual_seed(0)
     a, b = GPT(tiny_config), GPT(tiny_config)

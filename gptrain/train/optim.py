@@ -11,7 +11,7 @@ group of its own. Small models learn their token statistics mostly through that 
 faster rate there (the CPU demo uses 5x: val loss 5.02 against 5.14 after 1,000 steps).
 
 `--optimizer muon` updates the blocks' hidden weight matrices (attention QKV and projection, MLP in and out) with
-Muon, the momentum orthogonalized by Newton-Schulz (torch.optim.Muon's math, its own helpers), and everything else
+Muon, the momentum orthogonalized by Newton-Schulz (torch.optim.Muon's algorithm, tested equal to it), and everything else
 (embeddings and the tied head, LayerNorms, biases) with the AdamW above. Both live in ONE `MuonAdamW` optimizer:
 one param_groups list, one state keyed per parameter, torch's state_dict/load_state_dict, so checkpoints,
 resuming and the schedule (each group's lr = schedule × lr_scale) treat it exactly as they treat AdamW. Under
@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim._muon import _adjust_lr
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale: float = 1.0,
@@ -90,6 +89,14 @@ def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: 
     return x.T if tall else x
 
 
+def adjusted_lr(lr: float, adjust: str, shape) -> float:
+    """Muon's step size for a (rows, cols) matrix, as torch.optim.Muon scales it: "original" (Keller Jordan's)
+    lr·sqrt(max(1, rows/cols)); "match_rms_adamw" (Moonshot's) lr·0.2·sqrt(max(rows, cols)), an update of AdamW's
+    RMS, so AdamW's LR and weight decay carry over."""
+    rows, cols = shape[:2]
+    return lr * (math.sqrt(max(1, rows / cols)) if adjust == "original" else 0.2 * math.sqrt(max(rows, cols)))
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on the groups marked "muon", AdamW on the rest, as one torch Optimizer (see the module docstring).
 
@@ -113,7 +120,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        assert closure is None, "MuonAdamW takes no closure"
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
         if self._adamw is not None:
             self._adamw.param_groups = [g for g in self.param_groups if not g.get("muon")]
             self._adamw.state = self.state
@@ -138,7 +146,7 @@ class MuonAdamW(torch.optim.Optimizer):
             from torch.distributed.tensor import distribute_tensor
             ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)  # this rank's rows
         p.mul_(1 - lr * group["weight_decay"])
-        p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        p.add_(ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
 
 
 def lr_at(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
