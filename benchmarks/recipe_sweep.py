@@ -59,6 +59,8 @@ PLAN = [
     ("tiny", "dialogue", 600, ["base", FAST], (1337,)),
     ("6x256", "shakespeare", 300, ["base", FAST], (1337,)),
     ("6x256", "dialogue", 300, ["base", FAST], (1337,)),
+    ("6x256", "shakespeare", 300, ["muon.02-cosine"], (1337,)),  # the 6L x 256 cells' short fall: try cosine
+    ("6x256", "dialogue", 300, ["muon.02-cosine"], (1337,)),
     ("tiny", "dialogue", 600, ["base", FAST], (42,)),
     ("6x256", "shakespeare", 300, ["base", FAST], (42,)),
     ("6x256", "dialogue", 300, ["base", FAST], (42,)),
