@@ -194,8 +194,9 @@ def summarize(run: Run) -> str:
     if s:
         best = min(range(len(v)), key=v.__getitem__)
         reference = f"; OpenAI GPT-2 124M: {baselines.GPT2_124M_VAL_LOSS}" if run.on_fineweb_edu else ""
+        bpb = run.evals[s[-1]].get("val_bpb")
         lines.append(f"- best val loss: {v[best]:.4f} at step {s[best]} (latest {v[-1]:.4f} at step {s[-1]}"
-                     f"{reference})")
+                     f"{reference}); latest bits per byte: {_fmt(bpb)}")
     s, v = run.series(run.evals, "hellaswag_acc_norm")
     if s:
         acc = run.evals[s[-1]].get("hellaswag_acc")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 
+import numpy as np
 import tiktoken
 
 from gptrain.errors import GptrainError
@@ -85,6 +86,16 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids])
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes behind each token id (int64; 0 for special tokens such as <|endoftext|>, which stand for
+        no text). GPT-2's BPE works on bytes, so the bytes of the text behind any tokens are the sum of theirs:
+        bits per byte (gptrain/loss.py) and prepare's byte counts need no decoding."""
+        out = np.zeros(self.n_vocab, dtype=np.int64)
+        ranks = gpt2_ranks()
+        out[np.fromiter(ranks.values(), dtype=np.int64)] = np.fromiter(map(len, ranks), dtype=np.int64)
+        return out
 
     def token_id(self, token: str) -> int:
         if token not in self.special_tokens:

@@ -65,7 +65,7 @@ TRAIN = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "16", "--n-head", "2"
     (["--num-samples", "0"], "--num-samples 0 is out of range: it must be >= 1"),  # were checked after a step
     (["--sample-tokens", "-5"], "--sample-tokens -5 is out of range: it must be >= 1"),
     (["--hellaswag-data", "MISSING"], "--hellaswag-data MISSING: no such file"),  # was reported under --data
-    (["--schedule", "linear"], "--schedule 'linear' is not one of the choices: cosine, wsd"),
+    (["--schedule", "step"], "--schedule 'step' is not one of the choices: cosine, linear, wsd"),
     (["--max-steps", "1.5"], "--max-steps expects a whole number, got '1.5'"),
 ])
 def test_bad_train_flags_stop_before_any_work(data, tmp_path, flags, needle):

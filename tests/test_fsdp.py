@@ -1,6 +1,7 @@
 """FSDP2 against DDP on 2 CPU processes (gloo, float32): same seed, same data, the same loss and gradient norm at
-each of 20 steps, with and without accumulation, without resharding after forward, on a 2-D (hybrid) mesh; and
-activation checkpointing changes no loss."""
+each of 20 steps, with and without accumulation, without resharding after forward, on a 2-D (hybrid) mesh, with
+Muon (each sharded matrix gathered whole) as with AdamW, and Muon under both equal to one process accumulating
+the same two micro-batches; and activation checkpointing changes no loss."""
 
 import os
 
@@ -14,6 +15,7 @@ from gptrain.train.trainer import Trainer
 from test_train import SeqLoader, _free_port, small_cfg, tokens
 
 STEPS, B, T, VOCAB = 20, 2, 16, 1024
+MUON = dict(optimizer="muon", muon_lr=0.02, muon_weight_decay=0.1)
 # name -> (TrainConfig overrides); every run starts from the same weights and reads the same batches
 RUNS = {
     "ddp": dict(parallel="ddp"),
@@ -24,7 +26,25 @@ RUNS = {
     "hsdp accum": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, fsdp_shard_size=1),
     "fsdp accum ac": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, activation_checkpointing="blocks"),
     "ddp accum ac": dict(parallel="ddp", total_batch_size=2 * B * T * 2, activation_checkpointing="blocks"),
+    "ddp muon": dict(parallel="ddp", **MUON),
+    "fsdp muon": dict(parallel="fsdp", **MUON),
+    "ddp accum muon": dict(parallel="ddp", total_batch_size=2 * B * T * 2, **MUON),
+    "fsdp accum muon": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, **MUON),
 }
+
+
+def _run(init, name, over, loader, env=None):
+    model = GPT(GPTConfig(**init["config"]))
+    model.load_state_dict(init["weights"])
+    cfg = small_cfg(**{"micro_batch_size": B, "seq_len": T, "total_batch_size": 2 * B * T, "max_steps": STEPS,
+                       "lr": 1e-2, **over})
+    trainer = Trainer(cfg, model, loader, env=env)
+    steps = [trainer.train_step() for _ in range(STEPS)]
+    result = {"loss": [m["train_loss"] for m in steps], "norm": [m["grad_norm"] for m in steps]}
+    with trainer.wrapped.gathered() as full:  # the trained weights, gathered (every rank enters)
+        result["wte"] = full.transformer.wte.weight.detach().clone()
+        result["c_fc"] = full.transformer.h[0].mlp.c_fc.weight.detach().clone()  # a Muon matrix
+    return result
 
 
 def _worker(rank, world, port, init, out_path):
@@ -35,16 +55,8 @@ def _worker(rank, world, port, init, out_path):
     data, results = tokens(vocab=VOCAB), {}
     try:
         for name, over in RUNS.items():
-            model = GPT(GPTConfig(**init["config"]))
-            model.load_state_dict(init["weights"])
-            cfg = small_cfg(**{"micro_batch_size": B, "seq_len": T, "total_batch_size": 2 * B * T, "max_steps": STEPS,
-                               "lr": 1e-2, **over})
-            trainer = Trainer(cfg, model, SeqLoader(data, B, T, rank, world), env=env)
-            steps = [trainer.train_step() for _ in range(STEPS)]
-            results[name] = {"loss": [m["train_loss"] for m in steps], "norm": [m["grad_norm"] for m in steps]}
-            with trainer.wrapped.gathered() as full:  # the trained weights, gathered (every rank enters)
-                results[name]["wte"] = full.transformer.wte.weight.detach().clone()
-            del trainer  # DDP's reducer goes before the process group does
+            results[name] = _run(init, name, over, SeqLoader(data, B, T, rank, world), env=env)
+            # (each Trainer is gone here: DDP's reducer goes before the process group does)
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -59,11 +71,16 @@ def results(tmp_path_factory):
     init = {"config": config.to_dict(), "weights": {k: v.clone() for k, v in model.state_dict().items()}}
     out = tmp_path_factory.mktemp("fsdp") / "results.pt"
     mp.start_processes(_worker, args=(2, _free_port(), init, str(out)), nprocs=2, join=True, start_method="spawn")
-    return torch.load(out, weights_only=True)
+    results = torch.load(out, weights_only=True)
+    # one process reading both ranks' micro-batches in turn: 2 accumulation steps = the 2-process step
+    results["single accum muon"] = _run(init, "single", dict(MUON), SeqLoader(tokens(vocab=VOCAB), B, T))
+    return results
 
 
 @pytest.mark.parametrize("run,ref", [("fsdp", "ddp"), ("fsdp accum", "ddp accum"), ("fsdp accum no-reshard", "ddp accum"),
-                                     ("hsdp accum", "ddp accum")])
+                                     ("hsdp accum", "ddp accum"), ("fsdp muon", "ddp muon"),
+                                     ("fsdp accum muon", "ddp accum muon"), ("single accum muon", "ddp muon"),
+                                     ("single accum muon", "fsdp muon")])
 def test_fsdp_equals_ddp_at_every_step(results, run, ref):
     got, want = results[run], results[ref]
     assert want["loss"][-1] < want["loss"][0] - 0.5  # it learns, so equality means something
@@ -71,6 +88,11 @@ def test_fsdp_equals_ddp_at_every_step(results, run, ref):
         assert abs(got["loss"][step] - want["loss"][step]) < 1e-5, (step, got["loss"][step], want["loss"][step])
         assert abs(got["norm"][step] - want["norm"][step]) < 1e-5, (step, got["norm"][step], want["norm"][step])
     assert torch.allclose(got["wte"], want["wte"], atol=1e-5)  # the tied embedding/head trained the same
+    assert torch.allclose(got["c_fc"], want["c_fc"], atol=1e-5)
+
+
+def test_muon_trains_differently_from_adamw(results):
+    assert results["ddp muon"]["loss"][5] != results["ddp"]["loss"][5]
 
 
 def test_accumulation_differs_from_no_accumulation(results):

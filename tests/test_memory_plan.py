@@ -67,6 +67,17 @@ def test_sharded_state_shrinks_as_one_over_world_size():
     assert kept.params() - resharded.params() > 2 * n  # without resharding every Block stays gathered
 
 
+def test_muon_keeps_one_buffer_for_the_block_matrices_and_two_for_the_rest(capsys):
+    n = memory.param_count(preset("gpt2-medium"))
+    matrices = 12 * 1024 * 1024 * 24  # QKV 3C², projection C², MLP 8C² in each of 24 blocks
+    assert _plan(1, parallel="ddp", optimizer="muon").optimizer() == 4 * matrices + 8 * (n - matrices)
+    fsdp = _plan(4, parallel="fsdp", optimizer="muon")  # plus one gathered 4C x C matrix and its update
+    assert fsdp.optimizer() == int((4 * matrices + 8 * (n - matrices)) / 4) + 2 * 4 * 4 * 1024 * 1024
+    assert cli(["train", "--preset", "gpt2-124m", "--optimizer", "muon", "--plan", "--plan-world-size", "8",
+                "--device", "cuda", "--memory", "80GB"]) == 0
+    assert "optimizer state (Muon + AdamW)" in capsys.readouterr().out
+
+
 def test_activation_checkpointing_keeps_only_block_inputs():
     p = _plan(1)
     none, blocks = p.activations("none"), p.activations("blocks")

@@ -184,3 +184,21 @@ def test_ddp_two_processes_kill_and_resume_is_bit_exact(data, tmp_path):
     meta = json.loads((find_checkpoint(run) / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert len(torch.load(find_checkpoint(run) / "state.pt", weights_only=True)["ranks"]) == 2
+
+
+MUON = ["--optimizer", "muon", "--muon-weight-decay", "0.1", "--schedule", "linear", "--min-lr-ratio", "0"]
+
+
+def test_muon_killed_mid_save_resumes_bit_exact(data, tmp_path):
+    """Muon's momentum buffers travel in the checkpoint: killed while writing step 6, resumed from step 4, the run
+    equals the uninterrupted one (linear decay to zero: its LR resumes exactly too)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_train(data, ref, *MUON)
+    p = run_train(data, run, *MUON, env=_env(GPTRAIN_TEST_SAVE_HOOK="kill:6"), check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert find_checkpoint(run).name == "step_00000004"
+    saved = torch.load(find_checkpoint(run) / "optimizer.pt", weights_only=True)
+    assert sum("momentum_buffer" in s for s in saved["state"].values()) == 8  # 4 matrices in each of 2 blocks
+    run_train(data, run, *MUON, "--resume", "auto")
+    assert_same_run(run, ref)
+    assert [e["lr"] for e in events(ref) if "lr" in e][-1] == 0.0

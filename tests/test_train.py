@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -79,14 +80,14 @@ def test_lr_schedule_values():
         assert lr_at(step, **kw) == lecture_lr(step, 6e-4, 6e-5, 715, 19073), step
     assert lr_at(0, **kw) == pytest.approx(6e-4 / 715)
     assert lr_at(715, **kw) == 6e-4 and lr_at(19073, **kw) == pytest.approx(6e-5)
-    # wsd: same warm-up, flat at max until the last 20%, then linear down to min
+    # wsd: same warm-up, flat at max until the last 20% of the updates, then linear down to exactly min at the last
     w = dict(kw, schedule="wsd", decay_frac=0.2)
-    start = 19073 - round(0.2 * 19073)
+    start = 19072 - round(0.2 * 19073)  # the last update at max_lr; 19072 is the run's last update
     assert lr_at(100, **w) == lr_at(100, **kw)
-    assert lr_at(715, **w) == lr_at(start - 1, **w) == 6e-4
-    assert lr_at(19073, **w) == pytest.approx(6e-5)
-    mid = (start + 19073) // 2
-    assert lr_at(mid, **w) == pytest.approx(6e-4 + (mid - start) / (19073 - start) * (6e-5 - 6e-4))
+    assert lr_at(715, **w) == lr_at(start, **w) == 6e-4 > lr_at(start + 1, **w)
+    assert lr_at(19072, **w) == lr_at(19073, **w) == 6e-5
+    mid = (start + 19072) // 2
+    assert lr_at(mid, **w) == pytest.approx(6e-4 + (mid - start) / (19072 - start) * (6e-5 - 6e-4))
 
 
 def assert_same_updates(a, opt, b, ref, steps=3):
@@ -202,6 +203,20 @@ def test_presets_carry_the_lecture_values():
     assert resolve("tiny", {"lr": 1e-2}).lr == 1e-2
     assert set(TRAIN_PRESETS) >= {"gpt2-124m", "gpt2-124m-40b", "gpt3-124m", "gpt2-124m-3xlr", "gpt2-350m",
                                   "gpt2-774m", "gpt2-1558m", "tiny"}
+
+
+def test_fast_recipes_change_only_the_optimizer_schedule_and_steps():
+    """tiny-fast and gpt2-124m-fast are their recipes with Muon, linear decay to zero and half the steps; every
+    other recipe keeps the lecture's AdamW and cosine."""
+    changed = {"optimizer", "muon_lr", "muon_weight_decay", "muon_adjust_lr", "schedule", "min_lr_ratio",
+               "max_steps"}
+    for fast, base in (("tiny-fast", "tiny"), ("gpt2-124m-fast", "gpt2-124m")):
+        f, b = asdict(resolve(fast, {})), asdict(resolve(base, {}))
+        assert {k for k in f if f[k] != b[k]} <= changed and f["max_steps"] == b["max_steps"] // 2
+        assert (f["optimizer"], f["schedule"], f["min_lr_ratio"]) == ("muon", "linear", 0.0)
+    for name in set(TRAIN_PRESETS) - {"tiny-fast", "gpt2-124m-fast"}:
+        c = resolve(name, {})
+        assert (c.optimizer, c.schedule) == ("adamw", "cosine"), name
 
 
 def _hf_dir(tmp_path):

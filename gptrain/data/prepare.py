@@ -217,7 +217,13 @@ def _identity(source: Source, cfg: PrepareConfig, val_tokens: int) -> dict:  # w
 
 
 def _totals(shards: list[dict]) -> dict:
+    """Shards, tokens, documents and (when every shard records it: not in data prepared before bits per byte)
+    the UTF-8 bytes of the text, per split and in all."""
     totals = {s: {"shards": 0, "tokens": 0, "documents": 0} for s in ("train", "val")}
+    for split, t in totals.items():
+        mine = [sh for sh in shards if sh["split"] == split]
+        if all("bytes" in sh for sh in mine):
+            t["bytes"] = sum(sh["bytes"] for sh in mine)
     for sh in shards:
         t = totals[sh["split"]]
         t["shards"] += 1
@@ -275,6 +281,7 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
     buf: list[np.ndarray] = []
     buf_tokens, buf_split = 0, None
     line_ends = None  # built when a document has to be cut
+    text_bytes = get_tokenizer().token_bytes  # UTF-8 bytes of the text behind each token (bits per byte)
 
     def flush():
         nonlocal buf, buf_tokens
@@ -283,7 +290,7 @@ def prepare(source_spec: list[str] | str, cfg: PrepareConfig, progress: bool = T
         out.mkdir(parents=True, exist_ok=True)
         sha = write_shard(out / name, tokens)
         manifest["shards"].append({"path": name, "split": buf_split, "tokens": len(tokens), "documents": len(buf),
-                                   "sha256": sha})
+                                   "bytes": int(text_bytes[tokens].sum()), "sha256": sha})
         counts[buf_split] += 1
         manifest["documents_read"], manifest["documents_skipped"] = docs_read, skipped
         manifest["totals"] = _totals(manifest["shards"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from gptrain.bits_per_byte import ByteCounter, bits_per_byte
 from gptrain.errors import GptrainError
 from gptrain.eval import baselines
 from gptrain.train.config import recorded_run
@@ -150,8 +151,10 @@ def run_val(args) -> int:
         held = load_manifest(data)["totals"]["val"]["tokens"] - 1
         budget = min(held, budget) // per_round * per_round or budget  # none whole: ValLoader says why
     val = ValLoader(data, B, T, max_tokens=budget, batch_flag="--batch-size", skip_hint=None)
-    check_tokenizer(val.manifest, tokenizer_for_vocab(model.config.vocab_size))
-    total, count = 0.0, 0
+    tok = tokenizer_for_vocab(model.config.vocab_size)
+    check_tokenizer(val.manifest, tok)
+    text_bytes = ByteCounter(tok.token_bytes)
+    total, count, nbytes = 0.0, 0, 0
     autocast = args.autocast or ("bfloat16" if run.get("dtype") == "bfloat16" else None)
     dtype = getattr(torch, autocast or "bfloat16")
     with attention_kernels(device.type, T):  # the kernel the loop's eager evaluation takes
@@ -161,13 +164,14 @@ def run_val(args) -> int:
             n = int((y != -1).sum())
             total += loss.item() * n
             count += n
-    res = {"val_loss": total / count, "tokens": count}
+            nbytes += int(text_bytes(y))
+    res = {"val_loss": total / count, "val_bpb": bits_per_byte(total, nbytes), "tokens": count, "bytes": nbytes}
     print(f"validation loss over {count:,} tokens of {data} (B={B}, T={T}"
           f"{f', {autocast} autocast' if autocast else ''})")
     if baselines.val_loss_comparable(val.manifest.get("source")):
         print(baselines.table("FineWeb-EDU validation loss", {args.model: res, **baselines.VAL_LOSS}, ["val_loss"]))
-    else:
-        print(f"{args.model}: val_loss {res['val_loss']:.4f}")
+    bpb = "n/a (the targets stand for no text)" if res["val_bpb"] is None else f"{res['val_bpb']:.4f}"
+    print(f"{args.model}: val_loss {res['val_loss']:.4f}, bits per byte {bpb} ({nbytes:,} bytes of text)")
     _write_json(args.json, res)
     return 0
 

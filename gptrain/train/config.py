@@ -43,12 +43,26 @@ class TrainConfig:
     lr: float = _f(6e-4, "maximum learning rate", gt=0, le=1)
     min_lr_ratio: float = _f(0.1, "minimum learning rate as a fraction of --lr", ge=0, le=1)
     warmup_steps: int = _f(715, "linear warm-up steps", ge=0)
-    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd"))
+    schedule: str = _f("cosine", "learning-rate schedule after the warm-up: cosine (the lecture's, to --min-lr-ratio "
+                                 "at the end), linear (straight down to --min-lr-ratio at the last step), wsd "
+                                 "(constant, then linear down over the last --decay-frac)",
+                       choices=("cosine", "linear", "wsd"))
     decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end", ge=0, le=1)
     weight_decay: float = _f(0.1, "AdamW weight decay (applied to 2-D weights only)", ge=0)
     beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = _f(0.95, "AdamW beta2", ge=0, lt=1)
     eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    optimizer: str = _f("adamw", "adamw (every parameter), or muon: Muon on the blocks' weight matrices and AdamW "
+                                 "(the flags above) on embeddings, LayerNorms and biases", choices=("adamw", "muon"))
+    muon_lr: float = _f(0.02, "muon: peak learning rate of the Muon matrices (follows --schedule like --lr)", gt=0,
+                        le=10)
+    muon_weight_decay: float = _f(0.0, "muon: decoupled weight decay of the Muon matrices (per step: lr × this)",
+                                  ge=0)
+    muon_momentum: float = _f(0.95, "muon: momentum (Nesterov)", ge=0, lt=1)
+    muon_adjust_lr: str = _f("original", "muon: update scale by matrix shape: original (sqrt(max(1, rows/cols)), "
+                                         "Keller Jordan's) or match_rms_adamw (0.2·sqrt(max(rows, cols)), Moonshot's: "
+                                         "AdamW's LR and weight decay carry over)",
+                             choices=("original", "match_rms_adamw"))
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)", ge=0)
     embedding_lr_scale: float = _f(1.0, "the token embedding's (tied LM head's) learning rate as a multiple of the "
                                         "schedule's (1: the lecture's single rate)", gt=0)
@@ -151,6 +165,17 @@ TRAIN_PRESETS: dict[str, dict] = {
                  eval_every=500, val_tokens=65536, sample_every=1000, sample_tokens=48, num_samples=2,
                  save_every=500, hellaswag_data=None),
 }
+# Fewer tokens for the same model (benchmarks/recipe_sweep.py, README "Which recipe"): Muon on the blocks' weight
+# matrices (lr 0.02, Keller Jordan's shape scaling, no weight decay), AdamW as before on the rest, and a linear
+# decay to zero, for half the steps. Measured on CPUs at the tiny and 6L x 256 scales (tiny-fast reaches the tiny
+# recipe's val loss of twice the steps); gpt2-124m-fast carries the same choices to 124M unmeasured (a GPU run,
+# benchmarks/gpu_check.sh, says whether its 5B tokens reach gpt2-124m's 10B): Muon's orthogonalized update has the
+# same spectral norm at every width, so its 'original'-scaled LR transfers (0.02 here = 0.0036 with
+# --muon-adjust-lr match_rms_adamw at width 768); its 'original' LR at 124M in the NanoGPT speedrun was 0.02-0.05.
+_FAST = dict(optimizer="muon", muon_lr=0.02, muon_weight_decay=0.0, muon_adjust_lr="original", schedule="linear",
+             min_lr_ratio=0.0)
+TRAIN_PRESETS["tiny-fast"] = dict(TRAIN_PRESETS["tiny"], **_FAST, max_steps=1000)
+TRAIN_PRESETS["gpt2-124m-fast"] = dict(_GPT2_124M, **_FAST, max_steps=19073 // 2)
 
 
 def resolve(preset: str | None, overrides: dict) -> TrainConfig:

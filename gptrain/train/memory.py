@@ -9,7 +9,8 @@
   (DDP, or FSDP without a bf16 MixedPrecisionPolicy);
 - gradients: float32 (DDP: N; FSDP: N/S, plus the largest unit's unsharded gradient and its reduce-scatter copy,
   or a full unsharded float32 copy of all of them while micro-steps accumulate without a reduce-scatter);
-- optimizer state: AdamW's two float32 moments (8 bytes a parameter, divided by S under FSDP);
+- optimizer state: AdamW's two float32 moments (8 bytes a parameter, divided by S under FSDP); with --optimizer
+  muon one float32 momentum (4 bytes) for the block matrices, plus under FSDP the one matrix gathered at a time;
 - activations for one micro-batch: what each Block keeps for backward, counted tensor by tensor for gptrain's
   Block (17 values of width C per token: LayerNorm inputs, the fused QKV, attention output, MLP hidden before and
   after GELU, ...; attention itself keeps only a log-sum-exp per head, as SDPA's fused kernels do), the loss's
@@ -88,6 +89,7 @@ class Plan:
     device_type: str
     memory: int | None
     memory_source: str
+    optimizer_name: str = "adamw"  # or "muon": one float32 momentum buffer for each block matrix
 
     # --- the parts
     @property
@@ -127,7 +129,15 @@ class Plan:
         return max(self.n_params - c.n_layer * block_params(c), block_params(c))
 
     def optimizer(self) -> int:
-        return int(8 * self.n_params / self.shards)
+        """AdamW: two float32 moments a parameter. Muon: one float32 momentum buffer for each block matrix (12C² a
+        layer), AdamW's two for the rest; under FSDP plus the largest matrix (4C²) gathered whole, in float32, and
+        its orthogonalized copy, one matrix at a time."""
+        if self.optimizer_name != "muon":
+            return int(8 * self.n_params / self.shards)
+        c = self.model
+        matrices = 12 * c.n_embd * c.n_embd * c.n_layer
+        gathered = 2 * 4 * 4 * c.n_embd * c.n_embd if self.parallel == "fsdp" else 0
+        return int((4 * matrices + 8 * (self.n_params - matrices)) / self.shards + gathered)
 
     def runtime(self) -> int:
         return int(RUNTIME.get(self.device_type, RUNTIME["cpu"]))
@@ -195,7 +205,7 @@ def plan_for(model: GPTConfig, cfg, world_size: int, device_type: str, memory: i
                 checkpointing=cfg.activation_checkpointing, compute_bytes=2 if dtype == "bfloat16" else 4,
                 mixed_precision=fsdp and device_type == "cuda" and dtype == "bfloat16", compile=compile,
                 reshard_after_forward=cfg.reshard_after_forward, device_type=device_type, memory=memory,
-                memory_source=memory_source)
+                memory_source=memory_source, optimizer_name=getattr(cfg, "optimizer", "adamw"))
 
 
 def detected_memory(device: str) -> tuple[int | None, str]:
@@ -247,7 +257,8 @@ def describe(p: Plan) -> str:
              f"{p.accumulation} accumulation per process",
              f"{'per process':<40}{'checkpointing none':>20}{'checkpointing blocks':>22}"]
     for name, fn in (("parameters", lambda ck: p.params()), ("gradients", lambda ck: p.grads()),
-                     ("optimizer state (AdamW)", lambda ck: p.optimizer()),
+                     (f"optimizer state ({'Muon + AdamW' if p.optimizer_name == 'muon' else 'AdamW'})",
+                      lambda ck: p.optimizer()),
                      (f"activations (micro-batch {p.micro_batch})", lambda ck: p.activations(ck)),
                      ("runtime allowance", lambda ck: p.runtime()), ("total", lambda ck: p.total(ck))):
         lines.append(f"  {name:<38}{gib(fn('none')):>20}{gib(fn('blocks')):>22}")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptrain.bits_per_byte import ByteCounter, bits_per_byte
 from gptrain.config import (add_dataclass_args, check_output_dir, overrides_from_args, runtime_fields, to_jsonable,
                             validate, write_json_atomic)
 from gptrain.devices import attention_kernels, inference_dtype
@@ -86,7 +87,10 @@ class Trainer:
             param_dtype=self.amp_dtype if fsdp and self.env.device_type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                        embedding_lr_scale=cfg.embedding_lr_scale, device_type=self.env.device_type)
+                                        embedding_lr_scale=cfg.embedding_lr_scale, device_type=self.env.device_type,
+                                        optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
+                                        muon_weight_decay=cfg.muon_weight_decay, muon_momentum=cfg.muon_momentum,
+                                        muon_adjust_lr=cfg.muon_adjust_lr, muon_ns_dtype=dtype)
         self.train_loader, self.val_source = train_loader, val_source
         self.hellaswag, self.tokenizer = hellaswag, tokenizer
         self.step = 0  # optimizer steps completed
@@ -223,11 +227,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (token-weighted over the fixed val budget, averaged over ranks) and HellaSwag."""
+        """Validation loss (token-weighted over the fixed val budget, averaged over ranks), as bits per byte too
+        (gptrain/bits_per_byte.py), and HellaSwag."""
         out = {"step": self.step}
         if self.val_source is not None:
             total = torch.zeros((), device=self.device, dtype=torch.float64)
             count = torch.zeros((), device=self.device, dtype=torch.float64)
+            nbytes = torch.zeros((), device=self.device, dtype=torch.float64)
+            text_bytes = ByteCounter(self.tokenizer.token_bytes) if self.tokenizer is not None else None
             with self.wrapped.gathered(eager=False):  # FSDP: weights gathered once for all batches
                 for x, y in self.val_source.batches():
                     x, y = x.to(self.device), y.to(self.device)
@@ -236,10 +243,15 @@ class Trainer:
                     n = (y != -1).sum()
                     total += loss.double() * n
                     count += n
-            distributed.all_reduce_sum(total, self.env)
-            distributed.all_reduce_sum(count, self.env)
+                    if text_bytes is not None:
+                        nbytes += text_bytes(y)
+            for t in (total, count, nbytes):
+                distributed.all_reduce_sum(t, self.env)
             if count.item() > 0:
                 out["val_loss"] = (total / count).item()
+                bpb = bits_per_byte(total.item(), nbytes.item())
+                if bpb is not None:
+                    out["val_bpb"] = bpb
         if self.hellaswag is not None:
             from gptrain.eval.hellaswag import evaluate as hellaswag_evaluate
             with self.wrapped.gathered() as model:  # ranks score different examples: no collectives inside
@@ -508,7 +520,8 @@ def _announce(t: Trainer) -> None:
     console(f"model {t.model.config.n_layer}L/{t.model.config.n_head}H/{t.model.config.n_embd}C, "
             f"{t.model.num_params(padded=False) / 1e6:.1f}M params; batch {c.total_batch_size:,} tokens = "
             f"{c.micro_batch_size}×{c.seq_len} × {t.grad_accum} accum × {t.env.world_size} proc; "
-            f"{c.max_steps} steps, lr {c.lr:g} ({c.schedule})")
+            f"{c.max_steps} steps, lr {c.lr:g} ({c.schedule})"
+            + (f", muon lr {c.muon_lr:g} on the block matrices" if c.optimizer == "muon" else ""))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
