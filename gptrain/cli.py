@@ -14,7 +14,7 @@ from gptrain import __version__
 from gptrain.allocator import keep_freed_memory
 from gptrain.config import CommandParser
 from gptrain.errors import GptrainError, disk_full, is_disk_full
-from gptrain.output import best_effort_output
+from gptrain.output import best_effort_output, let_local_rank0_speak, says_configuration_errors
 
 COMMANDS = {  # name -> (module, one-line description)
     "prepare": ("gptrain.data.prepare", "tokenize a corpus (FineWeb-EDU, hub datasets, local files, shakespeare) into shards"),
@@ -68,7 +68,10 @@ def _main(argv: list[str]) -> int:
         keep_freed_memory()  # every command runs torch; on CPU this makes training steps ~1.8x faster
         return int(args._main(args) or 0)
     except GptrainError as e:
-        print(f"gptrain: error: {e}", file=sys.stderr)
+        if says_configuration_errors():
+            print(f"gptrain: error: {e}", file=sys.stderr)
+        else:
+            let_local_rank0_speak()
         return 2
     except OSError as e:  # a full disk met where no caller knew more to say
         if not is_disk_full(e):

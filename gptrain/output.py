@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import sys
+import time
 
 
 class BestEffortStream:
@@ -69,3 +70,23 @@ def best_effort_output():
             if isinstance(current, BestEffortStream) and current not in saved:
                 current.flush()
         sys.stdout, sys.stderr = saved
+
+
+def says_configuration_errors() -> bool:
+    """Whether this process prints an error found before any work (flags, ranges, files): under torchrun every
+    rank finds the same one, so only each node's first process (LOCAL_RANK 0) says it; once the process group
+    exists, errors may differ between ranks and every rank says its own."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        return True
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+QUIET_EXIT_DELAY_S = 10.0
+
+
+def let_local_rank0_speak() -> None:
+    """Called by a process that keeps a configuration error to itself, before it exits: torchrun stops the other
+    workers as soon as one exits, so exiting at once could end local rank 0 before it printed the error. Waiting
+    lets rank 0 exit first (torchrun then names it as the failure and ends this one); the wait is bounded."""
+    time.sleep(QUIET_EXIT_DELAY_S)
