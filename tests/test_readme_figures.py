@@ -41,3 +41,13 @@ def test_a_recipe_row_shows_what_plan_prints(row, capsys):
     none, blocks = re.search(r"^  total\s+([\d.]+) GiB\s+([\d.]+) GiB$", printed, re.M).groups()
     total = none if f.config(flags).activation_checkpointing == "none" else blocks
     assert f"| {total} GiB of " in line
+
+
+def test_the_quick_starts_model_is_the_tiny_preset():
+    """README: "a 4-layer, 128-wide GPT-2 (7.2M parameters, 50,257-token vocabulary)", as `gptrain train` prints it."""
+    from gptrain.model import GPT, preset
+    model = GPT(preset("tiny"))
+    c = model.config
+    quoted = (f"a {c.n_layer}-layer, {c.n_embd}-wide GPT-2 ({model.num_params(padded=False) / 1e6:.1f}M parameters, "
+              f"{c.vocab_size:,}-token vocabulary)")
+    assert quoted in " ".join(README.read_text().split())
