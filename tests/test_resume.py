@@ -109,7 +109,7 @@ def test_sigkill_mid_save_and_a_corrupted_checkpoint_then_resume_auto_is_bit_exa
     assert_same_run(run, reference)
     names = {c.name for c in (run / "checkpoints").iterdir()}
     broken = {n for n in names if n.startswith("step_00000006.broken-")}  # kept for inspection, not deleted
-    assert len(broken) == 1 and names - broken == {"step_00000006", "step_00000008"}
+    assert len(broken) == 1 and names - broken == {"step_00000006", "step_00000008", "best"}  # best: lowest val
 
 
 def test_sigkill_at_a_random_moment_then_resume_auto_is_bit_exact(data, reference, tmp_path):
