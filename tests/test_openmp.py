@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def libgomp_settings(**env) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     p = subprocess.run([sys.executable, "-m", "gptrain", "--version"], cwd=ROOT, capture_output=True, text=True,
-                       env={**clean, "PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE", **env}, timeout=120)
+                       env={**clean, "PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE", **env}, timeout=600)
     assert p.returncode == 0, p.stderr
     if "GOMP_SPINCOUNT" not in p.stderr:
         pytest.skip("torch here does not run on GNU OpenMP")
