@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from gptrain import openmp  # noqa: E402,F401  first: OpenMP's wait policy must be set before torch loads
+
 from gptrain.model import GPT, GPTConfig, PRESETS  # noqa: E402
 from gptrain.tokenizer import get_tokenizer  # noqa: E402
 

@@ -14,6 +14,7 @@ from gptrain import __version__
 from gptrain.allocator import keep_freed_memory
 from gptrain.config import CommandParser
 from gptrain.errors import GptrainError, disk_full, is_disk_full
+from gptrain.output import best_effort_output, let_local_rank0_speak, says_configuration_errors
 
 COMMANDS = {  # name -> (module, one-line description)
     "prepare": ("gptrain.data.prepare", "tokenize a corpus (FineWeb-EDU, hub datasets, local files, shakespeare) into shards"),
@@ -49,8 +50,13 @@ def build_parser(command: str | None = None) -> CommandParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse (every value checked against its field's range before any work), run, and turn a GptrainError, a
-    full disk or Ctrl-C into one line on stderr: exit 2, 2 and 130."""
-    argv = sys.argv[1:] if argv is None else argv
+    full disk or Ctrl-C into one line on stderr: exit 2, 2 and 130. Console output is best-effort throughout
+    (gptrain/output.py): a reader of stdout that went away never stops the command."""
+    with best_effort_output():
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command if command in COMMANDS else None)
@@ -63,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # every command runs torch; on CPU this makes training steps ~1.8x faster
         return int(args._main(args) or 0)
     except GptrainError as e:
-        print(f"gptrain: error: {e}", file=sys.stderr)
+        if says_configuration_errors():
+            print(f"gptrain: error: {e}", file=sys.stderr)
+        else:
+            let_local_rank0_speak()
         return 2
     except OSError as e:  # a full disk met where no caller knew more to say
         if not is_disk_full(e):

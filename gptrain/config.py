@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 
 from gptrain.errors import RETRY_AFTER_FREEING, GptrainError, disk_full, is_disk_full
+from gptrain.output import let_local_rank0_speak, says_configuration_errors
 
 BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
 RANGE_KEYS = ("ge", "gt", "le", "lt", "allow_inf")
@@ -177,6 +178,7 @@ class CommandParser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error(): a typo beside a missing flag
         if self.presets is not None and args is not None:
             flag, table = self.presets
             for i, a in enumerate(args):
@@ -205,19 +207,32 @@ class CommandParser(argparse.ArgumentParser):
                 parts.append(f"{a.option_strings[-1]} {a.metavar or a.dest.upper()}")
         return f"usage: {self.prog} {' '.join(parts + ['[OPTIONS]'])}   ({self.prog} --help lists them)\n"
 
+    def _did_you_mean(self, args: list[str]) -> str:
+        """' (did you mean --out?)' for the arguments in `args` that look like a mistyped flag of this parser."""
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        hints = []
+        for arg in args:
+            name = arg.split("=", 1)[0]
+            guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if arg.startswith("--") else []
+            hints += [(arg, guess[0])] if guess and name not in known else []
+        if len(hints) == 1:
+            return f" (did you mean {hints[0][1]}?)"
+        return " (did you mean " + ", ".join(f"{g} for {a}" for a, g in hints) + "?)" if hints else ""
+
     def error(self, message: str):
         if message.startswith("unrecognized arguments: "):
-            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
             args = message.split(": ", 1)[1].split()
-            hints = []
-            for arg in args:
-                guess = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6) if arg.startswith("--") else []
-                hints += [(arg, guess[0])] if guess else []
-            message = "unrecognized arguments: " + " ".join(args)
-            if len(hints) == 1:
-                message += f" (did you mean {hints[0][1]}?)"
-            elif hints:
-                message += " (did you mean " + ", ".join(f"{g} for {a}" for a, g in hints) + "?)"
+            message = "unrecognized arguments: " + " ".join(args) + self._did_you_mean(args)
+        elif message.startswith("the following arguments are required"):
+            # argparse stops at the missing flag before it reports unknown ones: `prepare x --ot data/x` would
+            # only say --out is required, not that --ot is the typo that left it out
+            known = {s for a in self._actions for s in a.option_strings}
+            unknown = [a for a in getattr(self, "_argv", []) if a.startswith("--") and a.split("=", 1)[0] not in known]
+            if hint := self._did_you_mean(unknown):
+                message = f"unrecognized arguments: {' '.join(unknown)}{hint}; {message}"
+        if not says_configuration_errors():  # under torchrun: every rank finds it, local rank 0 says it
+            let_local_rank0_speak()
+            self.exit(2)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 

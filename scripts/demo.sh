@@ -50,7 +50,14 @@ if [ "$chat" = 1 ]; then
   echo "== chat (gptrain chat --model $run-chat) =="
   printf 'What is the capital of France?\n' | gptrain chat --model "$run-chat" --seed 0
   echo
-  echo "chat demo finished in $((SECONDS - start)) s after set-up; talk to it: gptrain chat --model $run-chat"
+  echo "chat demo finished in $((SECONDS - start)) s after set-up"
+  echo "talk to it (gptrain lives in .venv: a new shell first needs the first line):"
+  echo "  cd $root && . .venv/bin/activate"
+  echo "  gptrain chat --model $run-chat"
 else
-  echo "next: gptrain sample --model $run --prompt 'JULIET:' --echo --max-new-tokens 60   |   gptrain report $run   |   bash scripts/demo.sh --chat"
+  echo "next (gptrain lives in .venv: a new shell first needs the first line):"
+  echo "  cd $root && . .venv/bin/activate"
+  echo "  gptrain sample --model $run --prompt 'JULIET:' --echo --max-new-tokens 60"
+  echo "  gptrain report $run"
+  echo "  bash scripts/demo.sh --chat"
 fi

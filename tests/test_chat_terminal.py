@@ -44,7 +44,7 @@ def test_chat_command_turns_reset_and_quit(tmp_path):
     lines = "hello there\nhow are you?\n/reset\nhello there\n/quit\nnever read\n"
     proc = subprocess.run([sys.executable, "-m", "gptrain", "chat", "--model", str(tmp_path / "m"), "--temperature",
                            "0", "--max-new-tokens", "8", "--system", "Be brief."], input=lines, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     turns = proc.stdout.split(USER_PROMPT)
     # one prompt per line read up to /quit, each piped line echoed: 2 replies, /reset (no reply), 1 reply, /quit

@@ -136,6 +136,13 @@ def test_mistyped_and_abbreviated_flags_get_the_commands_usage_and_a_suggestion(
     assert code == 2 and "usage: gptrain eval val --model SRC [OPTIONS]" in err and "did you mean --batch-size?" in err
 
 
+def test_a_typo_that_leaves_a_required_flag_missing_is_named_too():
+    code, _, err = run(["prepare", "x", "--ot", "data/x"])
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "gptrain prepare: error: unrecognized arguments: --ot (did you mean --out?); the following arguments are "
+        "required: --out")
+
+
 # ---------------------------------------------------------------- the fuzz
 
 ENDS_FAST = {  # arguments that make every valid value end quickly with a one-line error (nothing to read)
@@ -286,3 +293,17 @@ def test_a_run_past_a_lowered_max_steps_says_so_and_settings_name_no_paths(data,
     assert code == 0, err
     changed = next(line for line in err.splitlines() if "settings changed" in line)
     assert "max_steps 3 -> 4" in changed and "out " not in changed
+
+
+def test_under_torchrun_a_configuration_error_is_said_once_per_node(monkeypatch, tmp_path):
+    """Every rank finds the same bad flag or file before any work: local rank 0 says it, the others only exit 2
+    (after a pause that lets rank 0 print first: torchrun ends the other workers when one exits)."""
+    import gptrain.output
+    monkeypatch.setattr(gptrain.output, "QUIET_EXIT_DELAY_S", 0.0)
+    for argv in (["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
+                 ["train", "--max-stesp", "3"]):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert run(argv) == (2, "", "")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        code, _, err = run(argv)
+        assert code == 2 and ("gptrain train: error: " in err or "gptrain: error: " in err)

@@ -56,6 +56,15 @@ def shakespeare_dir(tmp_path_factory):
     return out
 
 
+def test_the_readme_quick_start_quotes_what_prepare_makes(shakespeare_dir):
+    """README: "42 Shakespeare works (1.44M training tokens, 129k held out)" is what prepare writes now."""
+    totals = json.loads((shakespeare_dir / "manifest.json").read_text())["totals"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = (f"{totals['documents']} Shakespeare works ({totals['train']['tokens'] / 1e6:.2f}M training tokens, "
+              f"{totals['val']['tokens'] / 1e3:.0f}k held out)")
+    assert quoted in " ".join(readme.split())
+
+
 def test_shakespeare_shards_decode_to_every_work(shakespeare_dir):
     works = shakespeare_documents()
     assert len(works) == 42 and works[0].startswith("ALL'S WELL THAT ENDS WELL")

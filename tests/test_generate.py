@@ -182,7 +182,7 @@ def test_sample_command_prints_only_the_generated_text(tmp_path, capsys):
     prompt = "Hello, I'm a language model,"
     args = ["sample", "--model", str(tmp_path / "m"), "--prompt", prompt, "--num-samples", "2",
             "--max-new-tokens", "12", "--temperature", "0"]
-    proc = subprocess.run([sys.executable, "-m", "gptrain", *args], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "gptrain", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     expected = complete(model, [tok.encode(prompt)] * 2, max_new_tokens=12, temperature=0)

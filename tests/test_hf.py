@@ -212,7 +212,7 @@ def test_export_command_resolves_hub_name_from_local_cache(tmp_path):
            "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_CACHE", None)
     run = subprocess.run([sys.executable, "-m", "gptrain", "export", "--model", "gpt2", "--out", str(tmp_path / "out")],
-                         env=env, capture_output=True, text=True, timeout=120)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "exported gpt2" in run.stdout and "model.safetensors" in run.stdout
     assert logits_diff(load_model(str(tmp_path / "out")), hf, 50257) <= 1e-4
@@ -267,7 +267,7 @@ def test_gptrain_run_and_checkpoint_load_and_export(tmp_path, capsys):
 
 
 def test_cli_help():
-    run = subprocess.run([sys.executable, "-m", "gptrain", "--help"], capture_output=True, text=True, timeout=60,
+    run = subprocess.run([sys.executable, "-m", "gptrain", "--help"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0 and "export" in run.stdout and "train" in run.stdout
     with pytest.raises(SystemExit) as e:

@@ -69,6 +69,19 @@ def test_second_signal_exits_at_once(monkeypatch):
     assert exits == [128 + signal.SIGINT]
 
 
+def test_a_hangup_never_exits_without_saving(monkeypatch):
+    """The kernel and the shell each send SIGHUP when a terminal closes, seconds apart or not: never 'twice'."""
+    exits = []
+    monkeypatch.setattr(resilience.os, "_exit", exits.append)
+    monkeypatch.setattr(Preemption, "DUPLICATE_WINDOW_S", 0.0)
+    with Preemption() as p:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert p.should_stop() and p.received == signal.SIGHUP
+        os.kill(os.getpid(), signal.SIGTERM)  # a deliberate second request still exits at once
+    assert exits == [128 + signal.SIGTERM]
+
+
 def test_nan_injection_hook(monkeypatch):
     monkeypatch.setattr(resilience, "_NAN_STEPS", resilience._parse_steps("3,5-6"))
     assert resilience._NAN_STEPS == {3, 5, 6}

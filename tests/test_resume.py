@@ -40,7 +40,7 @@ def train_cmd(data, run, *more):
 
 def run_train(data, run, *more, env=None, check=True):
     p = subprocess.run(train_cmd(data, run, *more), cwd=ROOT, env=env or _env(), capture_output=True, text=True,
-                       timeout=120)
+                       timeout=900)  # seconds when the machine is idle; generous for a busy one
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -109,7 +109,7 @@ def test_sigkill_mid_save_and_a_corrupted_checkpoint_then_resume_auto_is_bit_exa
     assert_same_run(run, reference)
     names = {c.name for c in (run / "checkpoints").iterdir()}
     broken = {n for n in names if n.startswith("step_00000006.broken-")}  # kept for inspection, not deleted
-    assert len(broken) == 1 and names - broken == {"step_00000006", "step_00000008"}
+    assert len(broken) == 1 and names - broken == {"step_00000006", "step_00000008", "best"}  # best: lowest val
 
 
 def test_sigkill_at_a_random_moment_then_resume_auto_is_bit_exact(data, reference, tmp_path):
@@ -119,7 +119,7 @@ def test_sigkill_at_a_random_moment_then_resume_auto_is_bit_exact(data, referenc
     # Every save sleeps 0.4 s halfway through, so the kill often lands while a checkpoint is being written.
     proc = subprocess.Popen(train_cmd(data, run), cwd=ROOT, env=_env(GPTRAIN_TEST_SAVE_HOOK="sleep:0.4"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # ends as soon as the checkpoint appears; long only on a busy machine
     while not (run / "checkpoints" / "step_00000002").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(delay)
@@ -135,11 +135,11 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(data, reference, tmp_path)
     proc = subprocess.Popen(train_cmd(data, run) + ["--resume", "fresh"], cwd=ROOT,  # a fresh start, so the hint
                             env=_env(GPTRAIN_TEST_SAVE_HOOK="sleep:0.4"),       # must not say "same command"
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # ends as soon as the checkpoint appears; long only on a busy machine
     while not (run / "checkpoints" / "step_00000002").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM received" in err
     assert "run the same command without --resume fresh to continue" in out + err

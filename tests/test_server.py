@@ -251,7 +251,7 @@ def test_concurrent_greedy_requests_equal_each_alone(base):
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # generous: a busy machine must not fail it
     while base.service.scheduler.stats()["queue_depth"] + base.service.scheduler.stats()["running"] < 4 \
             and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -368,12 +368,12 @@ def test_a_client_that_disconnects_cancels_its_row(chat):
         with raw_socket(chat) as s:
             s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # generous: a busy machine must not fail it
             while chat.service.scheduler.stats()["running"] + chat.service.scheduler.stats()["queue_depth"] == 0:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
         GATE.set()  # the client is gone; the row must leave the batch at the next step
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: a busy machine must not fail it
         while chat.service.scheduler.stats()["running"] or chat.service.scheduler.stats()["queue_depth"]:
             assert time.monotonic() < deadline, chat.service.scheduler.stats()
             time.sleep(0.01)

@@ -118,6 +118,11 @@ class TrainConfig:
     keep_last: int = _f(3, "keep the newest K checkpoints (0: keep all)", ge=0, runtime=True)
     keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of M permanently; 0: none", ge=0,
                         runtime=True)
+    keep_best: str = _f("saved", "RUN/checkpoints/best, a copy of the checkpoint with the lowest val loss, kept whatever "
+                                 "--keep-last says: saved (among the checkpoints saved anyway: free, exact when "
+                                 "--save-every is a multiple of --eval-every), eval (also save at an evaluation that "
+                                 "improves on it: exact, a save each time) or off",
+                         choices=("saved", "eval", "off"), runtime=True)
     resume: str | None = _f(None, "none (default): continue the run in --out when it holds checkpoints of the same "
                                   "settings, refusing (naming them) when a setting that defines the run changed; "
                                   "'auto': continue from its newest valid checkpoint whatever changed; 'fresh': start "

@@ -1,9 +1,11 @@
 """Surviving preemption and divergence.
 
-- `Preemption`: SIGTERM or SIGINT asks the run to stop; every rank finishes the step it is in, the ranks agree
-  through an all-reduce at the step's end, a checkpoint is saved and the process exits 0. A second signal exits
-  at once (a copy of the same signal within a second is ignored: torchrun forwards the terminal's Ctrl-C to
-  workers that already received it).
+- `Preemption`: SIGTERM, SIGINT or SIGHUP (a closed terminal or ssh session) asks the run to stop; every rank
+  finishes the step it is in, the ranks agree through an all-reduce at the step's end, a checkpoint is saved and
+  the process exits 0, whatever became of its console (gptrain/output.py). A second SIGINT or SIGTERM exits at
+  once (a copy of the same signal within a second is ignored: torchrun forwards the terminal's Ctrl-C to workers
+  that already received it); a repeated SIGHUP never does, as a hung-up terminal cannot ask twice (the kernel and
+  the shell each send one).
 - `DivergenceGuard`: an update whose loss or gradient norm is non-finite is skipped (no optimizer step), and so,
   optionally, is one whose loss or grad norm is an outlier (z-score against a running window of accepted steps).
   Too many consecutive skips stop the run, naming the step and the last good checkpoint. Its state is
@@ -29,12 +31,15 @@ from gptrain.errors import GptrainError
 TEST_NAN_STEPS = "GPTRAIN_TEST_NAN_STEPS"
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
 class Preemption:
     """Install around the training loop (or use as a context manager); call `should_stop()` at each step's end."""
 
     DUPLICATE_WINDOW_S = 1.0
 
-    def __init__(self, rerun: str = "run the same command again", signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, rerun: str = "run the same command again", signals=STOP_SIGNALS):
         self.rerun, self.signals = rerun, signals
         self.received: int | None = None
         self._at = 0.0
@@ -65,7 +70,8 @@ class Preemption:
             print(f"gptrain: {name} received: finishing this step, saving a checkpoint, then exiting "
                   "(send it again to exit at once without saving)", file=sys.stderr, flush=True)
             return
-        if signum == self.received and time.monotonic() - self._at < self.DUPLICATE_WINDOW_S:
+        if signum == getattr(signal, "SIGHUP", None) or (
+                signum == self.received and time.monotonic() - self._at < self.DUPLICATE_WINDOW_S):
             return
         print(f"gptrain: second {name}: exiting now without saving; {self.rerun} to continue from the last "
               "checkpoint", file=sys.stderr, flush=True)

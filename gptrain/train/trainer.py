@@ -31,6 +31,7 @@ from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, GPTConfig, preset as model_preset
 from gptrain.train import distributed, memory
 from gptrain.train.checkpoint import Checkpointer, checkpoint_step, rerun_hint
+from gptrain.train.checkpoint.best import BestCheckpoint
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
 from gptrain.train.optim import lr_at, make_optimizer
@@ -100,6 +101,7 @@ class Trainer:
         self.last_samples: list[str] = []
         self.peak = peak_flops(self.device)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
+        self.best: BestCheckpoint | None = None
         try:
             self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
             self.log = MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
@@ -148,6 +150,7 @@ class Trainer:
         resumed = ckpt.resume(cfg.resume)
         if resumed is not None:
             self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
+        self.best = BestCheckpoint(cfg.out, cfg.keep_best, self.env.is_master)  # after resume: fresh moves it aside
         return ckpt, resumed
 
     def how_to_continue(self) -> str:
@@ -158,6 +161,21 @@ class Trainer:
             return f"no checkpoint of this run was written yet; free space there and {rerun}"
         return (f"the last good checkpoint {last} (step {checkpoint_step(last)}) is intact; free space there and "
                 f"{rerun} to continue from it")
+
+    def _keep_best(self, ev: dict) -> str | None:
+        """After an evaluation: RUN/checkpoints/best, and the val-loss trend's note to print (checkpoint/best.py).
+        Runs before the evaluation is logged, so that a checkpoint saved here, like a regular one, resumes into
+        evaluating this step again (its metrics offset precedes the line)."""
+        if self.best is None or "val_loss" not in ev:
+            return None
+        if self.best.improves(self.step, ev["val_loss"]):
+            last = self.checkpoints.last_good
+            ckpt = last if last is not None and checkpoint_step(last) == self.step else None
+            if ckpt is None and self.cfg.keep_best == "eval":
+                ckpt = self.checkpoints.save(self.step, self.tokens_seen)
+            if ckpt is not None:
+                self.best.keep(ckpt, self.step, ev["val_loss"])
+        return self.best.observe(self.step, ev["val_loss"], self.train_losses)
 
     def _log(self, event: dict) -> None:
         try:
@@ -305,10 +323,13 @@ class Trainer:
             while not finished:
                 if self._due(cfg.eval_every) and (self.val_source is not None or self.hellaswag is not None):
                     ev = self.evaluate()
+                    note = self._keep_best(ev)
                     self._log(ev)
                     if self.env.is_master:
                         console(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in ev.items()))
+                        if note:
+                            console(note)
                 if self._due(cfg.sample_every) and self.step > 0:
                     samples = self.sample()  # every rank: FSDP gathers the weights for it
                     if samples:
