@@ -35,7 +35,7 @@ import torch
 
 from gptrain.errors import GptrainError
 from gptrain.model import GPT, KVCache
-from gptrain.sampling import SamplingParams, Sequence
+from gptrain.sampling import SamplingParams, Sequence, sample_rows
 
 SPAN_STEP = 64  # the eager decode step attends over a multiple of this many slots
 
@@ -176,7 +176,7 @@ class SlotPool:
         if not ready:
             return []
         logits = self._decode(ready)
-        tokens = torch.cat([self.rows[s].pick(logits[i:i + 1]) for i, s in enumerate(ready)]).tolist()
+        tokens = sample_rows([self.rows[s] for s in ready], logits)
         out = []
         for row, token in zip([self.rows[s] for s in ready], tokens):
             out.append((row, token, row.accept(token)))
