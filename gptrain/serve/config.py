@@ -19,7 +19,8 @@ class ServeConfig:
     dtype: str = _f("auto", "weights and compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, "
                     "else float32", choices=("auto", "float32", "bfloat16"))
     compile: bool = _f(False, "torch.compile the batched decode step (compiled once, at start-up cost)")
-    max_batch: int = _f(8, "requests decoded together in the running batch", ge=1)
+    max_batch: int | None = _f(None, "requests decoded together in the running batch (none: as many as a quarter "
+                                     "of the memory available holds in KV cache, at most 32)", ge=1)
     max_queue: int = _f(64, "requests that may wait for a slot in the batch; more get 429 with Retry-After", ge=0)
     prefill_chunk: int = _f(256, "prompt tokens prefilled per step, so a long prompt does not stall the others",
                             ge=1)

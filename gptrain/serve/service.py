@@ -8,9 +8,11 @@ import math
 import secrets
 import threading
 import time
+from dataclasses import replace
 
 from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
 from gptrain.errors import GptrainError
+from gptrain.engine import auto_batch
 from gptrain.generate import QueueFull, SamplingParams, Scheduler
 from gptrain.serve.config import ServeConfig
 from gptrain.serve.metrics import Metrics
@@ -42,8 +44,11 @@ class Service:
     """One model behind one Scheduler, with the server's limits. `start()`/`close()` run the scheduler's thread."""
 
     def __init__(self, model, name: str, cfg: ServeConfig | None = None):
-        self.cfg = cfg = cfg or ServeConfig()
+        cfg = cfg or ServeConfig()
         self.model, self.name = model.eval(), name
+        if cfg.max_batch is None:
+            cfg = replace(cfg, max_batch=auto_batch(model.config, next(model.parameters())))
+        self.cfg = cfg
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
         try:
