@@ -91,7 +91,9 @@ def spawned(cmd: list[str], log: Path, port: int, *, env: dict | None = None, ti
         deadline = time.monotonic() + timeout
         while not answers(url):
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                text = log.read_text(errors="replace")
+                errors = "\n".join(line for line in text.splitlines() if "Error" in line)[-3000:]
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{text[-2000:]}\nits errors:\n{errors}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
@@ -120,11 +122,13 @@ def spawned_server(model_dir: Path, log: Path, *args: str, threads: int | None =
 
 
 @contextlib.contextmanager
-def spawned_vllm(python: str, model_dir: Path, log: Path, *args: str, timeout: float = 1200):
+def spawned_vllm(python: str, model_dir: Path, log: Path, *args: str, timeout: float = 1200, kv_gib: int = 4):
     """vLLM's OpenAI server (`python` is the interpreter of the venv it is installed in) on `model_dir`, served as
-    "model"; yields once /health answers (after vLLM's own compilation and warm-up)."""
+    "model", with `kv_gib` GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); yields once /health answers (after vLLM's own
+    compilation and warm-up)."""
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
            "--served-model-name", "model", *args]
-    with spawned(cmd, log, port, env={"HF_HUB_OFFLINE": "1"}, timeout=timeout, what="vLLM") as srv:
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    with spawned(cmd, log, port, env=env, timeout=timeout, what="vLLM", cwd=Path(python).parent) as srv:
         yield srv

@@ -76,7 +76,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.eot = tokenizer.eot if tokenizer else 50256
         self.compiled = compile
-        self.decode = torch.compile(_last_logits, fullgraph=True) if compile else _last_logits
+        # On CUDA the compiled step is also captured in a CUDA graph (one launch per token): its shapes are
+        # static and its KV cache stays at fixed addresses (SlotPool marks them), as graphs require.
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.decode = torch.compile(_last_logits, fullgraph=True, mode=mode) if compile else _last_logits
 
     def check(self, prompt: list[int], params: SamplingParams, which: str = "the prompt") -> None:
         """GptrainError unless `prompt` with `params` can be generated from (params.validate() included)."""
@@ -149,6 +152,10 @@ class SlotPool:
         self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
         self.cache = KVCache(engine.model.config, max_batch, self.max_len, device=engine.device,
                              dtype=engine.cache_dtype()) if use_cache else None
+        if engine.compiled and use_cache and engine.device.type == "cuda":  # a CUDA graph's inputs that the step
+            # mutates in place must stay at fixed addresses
+            for t in self.cache.k + self.cache.v + [self.cache.lens, self.cache.pad]:
+                torch._dynamo.mark_static_address(t)
         self.last_prefill_tokens = self.last_decode_rows = 0
 
     @property

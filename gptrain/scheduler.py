@@ -188,6 +188,15 @@ class Scheduler:
             self._lock.notify_all()
         return req
 
+    def warm_up(self) -> None:
+        """Run one two-token request through the running batch and wait for it: a compiled decode step compiles
+        (and on CUDA captures its graph) here, before a server says it is ready, not on a client's request."""
+        req = self.submit([self.engine.eot], SamplingParams(max_new_tokens=2, temperature=0.0, stop_ids=()))
+        for _ in req:
+            pass
+        if req.error:
+            raise GptrainError(f"the warm-up generation failed: {req.error}")
+
     @property
     def service_seconds(self) -> float:
         """A request's recent time in the batch (a moving average): what a client should wait before retrying."""

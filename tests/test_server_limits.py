@@ -245,3 +245,33 @@ def test_help_states_the_limits_and_timeouts(capsys):
                  "--keep-alive-timeout", "--request-timeout", "--metrics-public"):
         assert flag in text, flag
     assert json.dumps(ServeConfig().header_timeout) in text
+
+
+def test_compile_warms_the_step_up_before_the_server_accepts(monkeypatch):
+    """With --compile, Service.start (uvicorn's start-up, before anything is answered) runs a generation through
+    the batch first, so compiling is not a client's wait. (The compile itself is tested in test_scheduler.)"""
+    from dataclasses import replace
+    svc = Service(tiny(get_tokenizer(chat=True).n_vocab), "c", ServeConfig())
+    svc.cfg = replace(svc.cfg, compile=True)
+    seen = []
+    warm_up = svc.scheduler.warm_up
+    monkeypatch.setattr(svc.scheduler, "warm_up", lambda: (seen.append(svc.accepting), warm_up()))
+    svc.start()
+    try:
+        assert seen == [False] and svc.accepting and svc.scheduler.stats()["steps"] >= 2
+    finally:
+        svc.close()
+
+
+def test_the_default_batch_is_what_a_quarter_of_memory_holds_in_kv_cache(monkeypatch):
+    from gptrain.engine import auto_batch
+    from gptrain.model import preset
+    from gptrain.train import memory
+    gpt2, param = preset("gpt2"), torch.zeros(1, dtype=torch.bfloat16)
+    row = 2 * 12 * 1024 * 768 * 2  # keys and values, 12 layers, 1024 positions, 768 wide, bf16: the README's 38 MB
+    assert round(row / 1e6) == 38
+    for available, rows in ((24 * 2 ** 30, 32), (10 * row, 2), (row, 1)):
+        monkeypatch.setattr(memory, "detected_memory", lambda device, a=available: (a, "test"))
+        assert auto_batch(gpt2, param) == rows
+    monkeypatch.setattr(memory, "detected_memory", lambda device: (None, ""))
+    assert auto_batch(gpt2, param) == 8

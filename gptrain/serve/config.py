@@ -18,7 +18,8 @@ class ServeConfig:
     device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = _f("auto", "weights and compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, "
                     "else float32", choices=("auto", "float32", "bfloat16"))
-    compile: bool = _f(False, "torch.compile the batched decode step (compiled once, at start-up cost)")
+    compile: bool = _f(False, "torch.compile the batched decode step (on CUDA also a CUDA graph), compiled and "
+                              "warmed up before /health answers")
     max_batch: int | None = _f(None, "requests decoded together in the running batch (none: as many as a quarter "
                                      "of the memory available holds in KV cache, at most 32)", ge=1)
     max_queue: int = _f(64, "requests that may wait for a slot in the batch; more get 429 with Retry-After", ge=0)

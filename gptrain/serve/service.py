@@ -72,7 +72,11 @@ class Service:
         self.metrics.on_step(batch_size, seconds, prefill_tokens)
 
     def start(self) -> None:
+        """Start the scheduler; with --compile, compile (and warm up) the decode step first: uvicorn answers
+        nothing, /health included, until this returns."""
         self.scheduler.start()
+        if self.cfg.compile:
+            self.scheduler.warm_up()
         self.accepting = True
 
     def close(self) -> None:
