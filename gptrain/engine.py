@@ -44,9 +44,11 @@ AUTO_BATCH_MAX = 32  # a server's running batch when not given: at most this man
 
 def auto_batch(config, param: torch.Tensor) -> int:
     """Rows for a server's running batch: as many as a quarter of the memory available now holds in KV cache
-    (a row keeps keys and values for the whole window), from 1 to AUTO_BATCH_MAX; 8 where memory is unknown."""
+    (a row keeps keys and values for the whole window, float32 on CPU), from 1 to AUTO_BATCH_MAX; 8 where memory
+    is unknown."""
     from gptrain.train.memory import detected_memory
-    row = 2 * config.n_layer * config.block_size * config.n_embd * param.element_size()
+    size = 4 if param.device.type == "cpu" else param.element_size()
+    row = 2 * config.n_layer * config.block_size * config.n_embd * size
     memory, _ = detected_memory(str(param.device))
     return 8 if memory is None else max(1, min(AUTO_BATCH_MAX, memory // 4 // row))
 
@@ -110,8 +112,13 @@ class Engine:
                         block_size=c.block_size, device=self.device)
 
     def cache_dtype(self) -> torch.dtype:
-        """The dtype keys/values come out in (under autocast, e.g. the trainer's samples, the autocast dtype)."""
+        """The KV cache's dtype: on CPU float32, so that decode attention accumulates in float32 through plain
+        matmuls (CPU has no bf16 matmul with a float32 result, and its fused attention kernels are several times
+        slower for a one-token query); elsewhere the dtype keys/values come out in (under autocast, e.g. the
+        trainer's samples, the autocast dtype)."""
         kind = self.device.type
+        if kind == "cpu":
+            return torch.float32
         return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, *, use_cache: bool = True,
