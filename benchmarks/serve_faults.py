@@ -315,7 +315,8 @@ def main() -> int:
             key = "fault-run-key"
             with spawned_server(model, Path(tmp) / "serve.log", *SERVER_FLAGS, "--api-key", key, "--max-batch", "8",
                                 "--max-queue", "6", "--max-tokens-limit", "64", "--max-request-bytes", "200000",
-                                "--request-timeout", "2", "--dtype", "float32") as srv:
+                                "--request-timeout", "2", "--dtype", "float32",
+                                "--max-client-requests", "64") as srv:  # all clients here share one address
                 res = run(srv.url, key, requests=args.requests, clients=args.clients, seed=args.seed, pid=srv.pid,
                           log=srv.log)
     print(report(res))
