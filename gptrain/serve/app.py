@@ -79,7 +79,8 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     got = f" (got {shown[:60]}{'...' if len(shown) > 60 else ''})" if first["type"] not in ("missing",) and path \
         else ""
     top = path.split("[")[0].split(".")[0] or None
-    return ApiError(400, f"{path}: {msg}{got}" if path else msg, top)
+    named = path and not msg.startswith(path.split("[")[0])  # "tools is not supported" names its field already
+    return ApiError(400, f"{path}: {msg}{got}" if named else f"{msg}{got}" if path else msg, top)
 
 
 class EventStream(Response):
