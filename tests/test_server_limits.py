@@ -111,7 +111,7 @@ def test_4000_messages_are_refused_by_the_cap_or_answered_while_health_answers(s
     print(f"4,000 messages answered in {seconds:.2f} s; /health {len(health)} times, slowest {max(health):.3f} s")
     assert out["r"].status_code == 200, out["r"].text
     assert out["r"].json()["usage"]["prompt_tokens"] < 64  # the oldest turns dropped
-    assert max(health) < 5  # generous for a loaded CI box (quiet: well under 0.1 s); the loop never stopped  # the oldest turns dropped; loop never stopped
+    assert max(health) < 5  # generous for a loaded CI box (quiet: well under 0.1 s); the loop never stopped
 
 
 def test_an_idle_connection_and_a_byte_a_second_header_are_closed(srv):
