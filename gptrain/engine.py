@@ -5,10 +5,11 @@ the running batch: `max_batch` rows of one preallocated `KVCache`, each row with
 i; when a row leaves, the last row moves into its place, so the rows in use are always the first ones). One
 `SlotPool.step()` is one iteration of continuous batching:
 
-1. Prefill: rows that have joined (or slid their window) encode their tokens into their slot, one row per
-   forward, in chunks of at most `prefill_chunk` tokens cut at fixed offsets from the row's start, and only as
-   many chunks per iteration as fit in `prefill_chunk` tokens, so a long prompt does not freeze the others.
-   Prefill runs eagerly and stops one token short: a row's last token goes through the decode step.
+1. Prefill: rows that have joined (or slid their window) encode their tokens into their slot, in chunks of at
+   most `prefill_chunk` tokens cut at fixed offsets from the row's start, and only as many chunks per iteration
+   as fit in `prefill_chunk` tokens, so a long prompt does not freeze the others. Rows in neighbouring slots
+   prefill together, one forward of (rows, longest chunk). Prefill runs eagerly and stops one token short: a
+   row's last token goes through the decode step.
 2. Decode: every row whose window is encoded but for its last token feeds that token, all in one forward of
    shape (rows, 1); each such row then draws its next token with its own `Sequence` (sampling.py).
 
@@ -35,9 +36,21 @@ import torch
 
 from gptrain.errors import GptrainError
 from gptrain.model import GPT, KVCache
-from gptrain.sampling import SamplingParams, Sequence
+from gptrain.sampling import SamplingParams, Sequence, sample_rows
 
 SPAN_STEP = 64  # the eager decode step attends over a multiple of this many slots
+AUTO_BATCH_MAX = 32  # a server's running batch when not given: at most this many rows
+
+
+def auto_batch(config, param: torch.Tensor) -> int:
+    """Rows for a server's running batch: as many as a quarter of the memory available now holds in KV cache
+    (a row keeps keys and values for the whole window, float32 on CPU), from 1 to AUTO_BATCH_MAX; 8 where memory
+    is unknown."""
+    from gptrain.train.memory import detected_memory
+    size = 4 if param.device.type == "cpu" else param.element_size()
+    row = 2 * config.n_layer * config.block_size * config.n_embd * size
+    memory, _ = detected_memory(str(param.device))
+    return 8 if memory is None else max(1, min(AUTO_BATCH_MAX, memory // 4 // row))
 
 
 def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -65,7 +78,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.eot = tokenizer.eot if tokenizer else 50256
         self.compiled = compile
-        self.decode = torch.compile(_last_logits, fullgraph=True) if compile else _last_logits
+        # On CUDA the compiled step is also captured in a CUDA graph (one launch per token): its shapes are
+        # static and its KV cache stays at fixed addresses (SlotPool marks them), as graphs require.
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.decode = torch.compile(_last_logits, fullgraph=True, mode=mode) if compile else _last_logits
 
     def check(self, prompt: list[int], params: SamplingParams, which: str = "the prompt") -> None:
         """GptrainError unless `prompt` with `params` can be generated from (params.validate() included)."""
@@ -96,8 +112,13 @@ class Engine:
                         block_size=c.block_size, device=self.device)
 
     def cache_dtype(self) -> torch.dtype:
-        """The dtype keys/values come out in (under autocast, e.g. the trainer's samples, the autocast dtype)."""
+        """The KV cache's dtype: on CPU float32, so that decode attention accumulates in float32 through plain
+        matmuls (CPU has no bf16 matmul with a float32 result, and its fused attention kernels are several times
+        slower for a one-token query); elsewhere the dtype keys/values come out in (under autocast, e.g. the
+        trainer's samples, the autocast dtype)."""
         kind = self.device.type
+        if kind == "cpu":
+            return torch.float32
         return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, *, use_cache: bool = True,
@@ -138,6 +159,10 @@ class SlotPool:
         self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
         self.cache = KVCache(engine.model.config, max_batch, self.max_len, device=engine.device,
                              dtype=engine.cache_dtype()) if use_cache else None
+        if engine.compiled and use_cache and engine.device.type == "cuda":  # a CUDA graph's inputs that the step
+            # mutates in place must stay at fixed addresses
+            for t in self.cache.k + self.cache.v + [self.cache.lens, self.cache.pad]:
+                torch._dynamo.mark_static_address(t)
         self.last_prefill_tokens = self.last_decode_rows = 0
 
     @property
@@ -176,7 +201,7 @@ class SlotPool:
         if not ready:
             return []
         logits = self._decode(ready)
-        tokens = torch.cat([self.rows[s].pick(logits[i:i + 1]) for i, s in enumerate(ready)]).tolist()
+        tokens = sample_rows([self.rows[s] for s in ready], logits)
         out = []
         for row, token in zip([self.rows[s] for s in ready], tokens):
             out.append((row, token, row.accept(token)))
@@ -185,21 +210,56 @@ class SlotPool:
         return out
 
     def _prefill(self) -> int:
-        """Encode waiting rows' tokens, whole chunks while they fit in `prefill_chunk` tokens (at least one)."""
+        """Encode waiting rows' tokens, whole chunks while they fit in `prefill_chunk` tokens (at least one).
+        Each round takes every waiting row's next chunk; rows in neighbouring slots go through one forward,
+        shorter chunks padded (see `_prefill_rows`)."""
         budget, done = self.prefill_chunk, 0
-        for s in range(len(self.rows)):
-            while (todo := self._needs_prefill(s)) > 0:
+        while True:
+            chunks = []  # (slot, start, n) of this round
+            for s in range(len(self.rows)):
+                todo = self._needs_prefill(s)
+                if todo <= 0:
+                    continue
                 start = self._cached[s]
                 n = todo if self.prefill_chunk is None else min(todo, self.prefill_chunk - start % self.prefill_chunk)
                 if budget is not None and done and done + n > budget:
-                    return done
-                view = self.cache.view(slice(s, s + 1), start + n)
-                view.lens.fill_(start)
-                idx = torch.tensor([self.rows[s].window[start:start + n]], device=self.engine.device)
-                self.engine.model.hidden(idx, view)
-                self._cached[s] += n
+                    break
+                chunks.append((s, start, n))
                 done += n
-        return done
+            if not chunks:
+                return done
+            group = [chunks[0]]
+            for c in chunks[1:] + [None]:
+                if c is not None and self._joins(group, c):
+                    group.append(c)
+                else:
+                    self._prefill_rows(group)
+                    group = [c]
+
+    def _joins(self, group: list[tuple[int, int, int]], chunk: tuple[int, int, int]) -> bool:
+        """Whether `chunk` can share a forward with `group`: the next slot, padding within the window, and the
+        padded tokens at most `prefill_chunk` (or twice the real ones)."""
+        s, start, n = chunk
+        t = max(n, *(g[2] for g in group))
+        padded = t * (len(group) + 1)
+        real = n + sum(g[2] for g in group)
+        return (s == group[-1][0] + 1 and max(start, *(g[1] for g in group)) + t <= self.max_len
+                and padded <= max(self.prefill_chunk or 0, 2 * real))
+
+    def _prefill_rows(self, group: list[tuple[int, int, int]]) -> None:
+        """One forward of the chunks of rows in consecutive slots, (rows, longest chunk): a shorter chunk is
+        padded with token 0, whose keys/values land beyond the row's length, where nothing attends to them and
+        the row's next real tokens overwrite them. A row's chunk boundaries are its own, so each row's cache is
+        what it would be alone."""
+        first, t = group[0][0], max(n for _, _, n in group)
+        span = max(start for _, start, _ in group) + t
+        view = self.cache.view(slice(first, first + len(group)), span)
+        view.lens.copy_(torch.tensor([start for _, start, _ in group]))
+        idx = torch.tensor([self.rows[s].window[start:start + n] + [0] * (t - n) for s, start, n in group],
+                           device=self.engine.device)
+        self.engine.model.hidden(idx, view)
+        for s, _, n in group:
+            self._cached[s] += n
 
     def _decode(self, ready: list[int]) -> torch.Tensor:
         """Logits (len(ready), V) of the next token of each ready row."""

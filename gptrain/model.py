@@ -131,8 +131,8 @@ class KVCache:
         dev = self.lens.device  # index_put_, not scatter_: scatter_ is ~100x slower in bf16 on CPU
         where = (torch.arange(B, device=dev)[:, None, None], torch.arange(H, device=dev)[None, :, None],
                  self._slots(t)[:, None, :])
-        self.k[layer].index_put_(where, k)
-        self.v[layer].index_put_(where, v)
+        self.k[layer].index_put_(where, k.to(self.k[layer].dtype))
+        self.v[layer].index_put_(where, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def advance(self, t: int) -> None:
@@ -181,9 +181,21 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v = cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = cache.update(layer, k, v)  # in the cache's dtype (float32 for a bf16 model on CPU: engine.py)
+            q = q.to(k.dtype)
+            if T == 1 and q.device.type == "cpu":
+                y = _decode_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.to(x.dtype)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def _decode_attention(q, k, v, mask):
+    """One new token's attention (B, H, 1, hd) over the cache: matmul, softmax, matmul. On CPU this is 3-8x
+    faster than scaled_dot_product_attention's kernels for a query of one token (benchmarks/RESULTS.md)."""
+    scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5).masked_fill_(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
 
 
 class MLP(nn.Module):

@@ -2,8 +2,10 @@
 and tokens into text.
 
 Per token, in order: repetition penalty, no-repeat n-gram ban, temperature (0 = greedy argmax), top-k, top-p,
-then one draw from the row's own `torch.Generator` seeded with `seed`, so a seed fixes a row's output whatever
-else runs in the same batch.
+then one draw: a uniform number from the row's own `torch.Generator` seeded with `seed`, turned into a token by
+the inverse of the kept tokens' cumulative distribution. A seed therefore fixes a row's output whatever else runs
+in the same batch, and `sample_rows` samples a whole batch at once (rows of the same settings filtered together,
+one copy of the tokens to the host per step, not one per row).
 """
 
 from __future__ import annotations
@@ -57,12 +59,16 @@ class SamplingParams:
 
 
 def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                       top_p: float | None = None, generator: torch.Generator | None = None,
+                       uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k, top-p
     (the smallest set of the most likely tokens whose probability reaches p), one draw from what is left.
 
-    The draw is over the kept tokens only (top-k 50 draws among 50, not among the whole vocabulary), which makes
-    it far cheaper than a draw over all 50k probabilities."""
+    The draw is over the kept tokens only (top-k 50 draws among 50, not among the whole vocabulary). It takes
+    row b's uniform number u in [0, 1) from `uniform` (B,) when given, else from `generator`, and returns the
+    first kept token whose cumulative probability exceeds u times the total; u is kept below 1 - 2^-23, so that
+    product stays below the total in float32 and a token of probability 0 (filtered, or banned by
+    no_repeat_ngram) is never drawn."""
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that float32 would divide by zero
         return logits.argmax(-1)
     logits = logits.float()
@@ -77,10 +83,40 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
         probs = logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
         outside[:, 0] = False  # the most likely token always stays (a tiny p can round to 0 in float32)
-        kept = int((~outside).sum(-1).max())
-        logits, index = logits[:, :kept].masked_fill(outside[:, :kept], float("-inf")), index[:, :kept]
-    pick = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        logits = logits.masked_fill(outside, float("-inf"))
+    if uniform is None:
+        uniform = torch.rand(logits.size(0), generator=generator, device=logits.device)
+    cdf = logits.softmax(-1).cumsum(-1)
+    pick = torch.searchsorted(cdf, uniform.float().clamp(max=1 - 2 ** -23).view(-1, 1) * cdf[:, -1:], right=True)
     return (pick if index is None else index.gather(-1, pick)).view(-1)
+
+
+def sample_rows(rows: list["Sequence"], logits: torch.Tensor) -> list[int]:
+    """The next token of each row from the batch's logits (len(rows), V), as `Sequence.pick` would give each row
+    alone: a row's penalties apply to its own logits, rows with the same temperature/top-k/top-p are filtered and
+    drawn together (each with its own uniform number), and the tokens reach the host in one copy."""
+    logits = logits.float()
+    adjusted = [i for i, r in enumerate(rows) if r.adjusts]
+    if adjusted:
+        logits = logits.clone()
+        for i in adjusted:
+            logits[i:i + 1] = rows[i].adjust(logits[i:i + 1])
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(i)
+    if len(groups) == 1:
+        [(temperature, top_k, top_p)] = groups
+        return _draw(rows, logits, temperature, top_k, top_p).tolist()
+    picks = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    for (temperature, top_k, top_p), idx in groups.items():
+        sel = torch.tensor(idx, device=logits.device)
+        picks[sel] = _draw([rows[i] for i in idx], logits[sel], temperature, top_k, top_p)
+    return picks.tolist()
+
+
+def _draw(rows, logits, temperature, top_k, top_p) -> torch.Tensor:
+    uniform = None if temperature < torch.finfo(torch.float32).tiny else torch.cat([r.uniform() for r in rows])
+    return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform)
 
 
 class TextStream:
@@ -127,7 +163,7 @@ class TextStream:
 class Sequence:
     """One row being generated: its settings, own generator, penalties, text stream, and what the model sees.
 
-    `pick(logits)` draws the next token from this row's logits (1, V); `accept(token)` records it and returns the
+    `sample_rows([row, ...], logits)` draws the next token of rows; `accept(token)` records it and returns the
     new text that is safe to show, setting `finish_reason` ('stop' for a stop id or stop string, 'length' at
     `max_new_tokens`). `ids` are the new tokens (stop tokens excluded), `text` their text (cut before a stop
     string), `sampled` every token drawn. `window` is the tokens the model currently conditions on (at most
@@ -158,8 +194,17 @@ class Sequence:
         for i in range(len(self._history) - n + 1 if n else 0):
             self._ngrams.setdefault(tuple(self._history[i:i + n - 1]), set()).add(self._history[i + n - 1])
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token (a 1-element tensor, so that a batch of rows synchronises with the device once)."""
+    @property
+    def adjusts(self) -> bool:
+        """Whether this row changes its logits before drawing (a repetition penalty, a no-repeat n-gram size)."""
+        return self._seen is not None or bool(self.params.no_repeat_ngram)
+
+    def uniform(self) -> torch.Tensor:
+        """This row's next uniform number (1,), from its own generator."""
+        return torch.rand(1, generator=self.generator, device=self.generator.device)
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits (1, V) after its repetition penalty and no-repeat n-gram ban."""
         p = self.params
         if self._seen is not None:
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
@@ -168,8 +213,7 @@ class Sequence:
             banned = self._ngrams.get(tuple(self._history[len(self._history) - p.no_repeat_ngram + 1:]))
             if banned:
                 logits = logits.index_fill(1, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
-        return sample_from_logits(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                  generator=self.generator)
+        return logits
 
     def accept(self, token: int) -> str:
         self.sampled += 1

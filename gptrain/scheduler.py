@@ -52,8 +52,9 @@ class Request:
     (new tokens, stop tokens excluded), `text`, `finish_reason`, `completion_tokens`; `error` says why a request
     was cancelled by the scheduler itself (None otherwise)."""
 
-    def __init__(self, id: int, prompt: list[int], params: SamplingParams, scheduler: "Scheduler"):
-        self.id, self.prompt, self.params = id, prompt, params
+    def __init__(self, id: int, prompt: list[int], params: SamplingParams, scheduler: "Scheduler",
+                 on_done: Callable[[], None] | None = None):
+        self.id, self.prompt, self.params, self.on_done = id, prompt, params, on_done
         self.prompt_tokens = len(prompt)
         self.ids: list[int] = []
         self.text = ""
@@ -92,6 +93,8 @@ class Request:
                 loop.call_soon_threadsafe(queue.put_nowait, ev)
             except RuntimeError:  # that event loop has closed: nobody listens there any more
                 pass
+        if ev.finish_reason and self.on_done is not None:
+            self.on_done()
 
     def __iter__(self) -> Iterator[Event]:
         i = 0
@@ -164,9 +167,10 @@ class Scheduler:
                 self._thread.start()
         return self
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
-        """Queue a prompt; its tokens come through the returned Request. GptrainError for a bad request,
-        QueueFull when `max_queue` requests already wait for a slot."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None,
+               on_done: Callable[[], None] | None = None) -> Request:
+        """Queue a prompt; its tokens come through the returned Request (`on_done()` is called once it has ended,
+        however). GptrainError for a bad request, QueueFull when `max_queue` requests already wait for a slot."""
         params = params or SamplingParams()
         prompt = list(prompt_ids)
         self.engine.check(prompt, params)
@@ -179,10 +183,24 @@ class Scheduler:
                 raise QueueFull(f"{len(self._running)} requests are running and {max(waiting, 0)} waiting, the most "
                                 f"this server takes (max_batch={self.max_batch}, max_queue={self.max_queue}); "
                                 f"retry in {retry:.0f}s", retry_after=retry)
-            req = Request(next(self._ids), prompt, params, self)
+            req = Request(next(self._ids), prompt, params, self, on_done)
             self._queue.append(req)
             self._lock.notify_all()
         return req
+
+    def warm_up(self) -> None:
+        """Run one two-token request through the running batch and wait for it: a compiled decode step compiles
+        (and on CUDA captures its graph) here, before a server says it is ready, not on a client's request."""
+        req = self.submit([self.engine.eot], SamplingParams(max_new_tokens=2, temperature=0.0, stop_ids=()))
+        for _ in req:
+            pass
+        if req.error:
+            raise GptrainError(f"the warm-up generation failed: {req.error}")
+
+    @property
+    def service_seconds(self) -> float:
+        """A request's recent time in the batch (a moving average): what a client should wait before retrying."""
+        return self._service_s
 
     def stats(self) -> dict:
         with self._lock:

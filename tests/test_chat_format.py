@@ -121,3 +121,28 @@ def test_fit_to_context_drops_oldest_turns_but_keeps_system():
     assert len(render_for_completion(kept, TOK)) <= full - 1
     with pytest.raises(GptrainError, match="context window"):
         fit_to_context(CONV, 5, TOK)
+
+
+def test_fit_to_context_is_the_longest_suffix_that_fits_encoding_each_message_once():
+    """Issue 22: fitting re-rendered the whole conversation after each dropped turn (quadratic; 4,000 messages
+    took 9.6 s). Now each message is encoded once; the kept turns are the longest tail whose prompt fits."""
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(TOK, name)
+
+        def encode(self, text):
+            calls.append(text)
+            return TOK.encode(text)
+
+    conv = [CONV[0]] + [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " * (i % 7)}
+                        for i in range(300)]
+    for budget in (40, 333, 1000, 10_000):
+        calls.clear()
+        kept = fit_to_context(conv, budget, Counting())
+        assert len(calls) == len(conv)
+        assert kept[0] == conv[0] and kept[1:] == conv[len(conv) - len(kept) + 1:]
+        assert len(render_for_completion(kept, TOK)) <= budget
+        if len(kept) < len(conv):  # one more turn would not fit
+            assert len(render_for_completion([conv[0]] + conv[len(conv) - len(kept):], TOK)) > budget

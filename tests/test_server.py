@@ -75,7 +75,8 @@ def chat():
 
 @pytest.fixture(scope="module")
 def base():
-    svc = Service(tiny(BASE_TOK.n_vocab), "tiny-base", ServeConfig(max_batch=4, max_queue=2, max_tokens_limit=40))
+    svc = Service(tiny(BASE_TOK.n_vocab), "tiny-base", ServeConfig(max_batch=4, max_queue=2, max_tokens_limit=40,
+                                                                      max_client_requests=16))
     with BackgroundServer(create_app(svc)) as srv:
         srv.service = svc
         yield srv
@@ -105,7 +106,7 @@ def alone(model, tok, prompt_ids, **params):
 
 
 def metric(srv, name: str) -> float:
-    text = request(srv, "GET", "/metrics")[2].decode()
+    text = request(srv, "GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})[2].decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
@@ -270,11 +271,12 @@ def test_health_models_metrics_docs_and_page(chat):
     health = json.loads(body)
     assert status == 200 and health["model"] == "tiny-chat" and health["kind"] == "chat" and health["auth"] is True
     assert health["limits"] == {"context_window": 64, "max_tokens": 48, "default_max_tokens": 16,
-                                "max_prompt_tokens": 63, "max_request_bytes": 20_000, "max_batch": 4, "max_queue": 2}
+                                "max_prompt_tokens": 63, "max_request_bytes": 20_000, "max_batch": 4, "max_queue": 2,
+                                "max_messages": 1024, "max_prompts_per_request": 16, "max_client_requests": 4}
     assert health["queue"]["free_slots"] == 4 and health["dtype"] == "float32"
     before = metric(chat, "gptrain_completion_tokens_total")
     out = client(chat).chat.completions.create(model="m", messages=HELLO, max_tokens=6, seed=1)
-    text = request(chat, "GET", "/metrics")[2].decode()
+    text = request(chat, "GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})[2].decode()
     for name in ("gptrain_http_requests_total", "gptrain_prompt_tokens_total", "gptrain_queue_depth",
                  "gptrain_running_requests", "gptrain_time_to_first_token_seconds_bucket",
                  "gptrain_step_seconds_bucket", "gptrain_step_batch_size_bucket"):
@@ -385,10 +387,10 @@ def test_fault_run_on_the_real_command(tmp_path):
     """The fault mix (benchmarks/serve_faults.py) against `gptrain serve` in its own process: no 500, the pool
     empty after, every accepted generation ended, resident memory within 20%, no traceback in its log."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_faults import run
+    from serve_faults import SERVER_FLAGS, run
     from serve_spawn import get_json, random_model, spawned_server
     model = random_model(tmp_path / "model", block_size=64, n_layer=2, n_head=2, n_embd=32)
-    with spawned_server(model, tmp_path / "serve.log", "--api-key", KEY, "--max-batch", "4", "--max-queue", "8",
+    with spawned_server(model, tmp_path / "serve.log", *SERVER_FLAGS, "--api-key", KEY, "--max-batch", "4", "--max-queue", "8",
                         "--max-tokens-limit", "32", "--max-request-bytes", "20000", "--request-timeout", "1",
                         "--dtype", "float32", threads=1) as srv:
         res = run(srv.url, KEY, requests=80, clients=8, pid=srv.pid, log=srv.log)
@@ -411,8 +413,8 @@ def test_serve_refuses_a_network_address_without_a_key(monkeypatch, capsys, tmp_
     import argparse
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    monkeypatch.setenv("GPTRAIN_API_KEY", "from-env")
-    assert resolve(parser.parse_args(["--model", "m", "--host", "0.0.0.0"])).api_key == "from-env"
+    monkeypatch.setenv("GPTRAIN_API_KEY", "from-the-environment")
+    assert resolve(parser.parse_args(["--model", "m", "--host", "0.0.0.0"])).api_key == "from-the-environment"
     monkeypatch.delenv("GPTRAIN_API_KEY")
     assert resolve(parser.parse_args(["--model", "m", "--host", "0.0.0.0", "--insecure-no-auth"])).api_key is None
 

@@ -102,20 +102,23 @@ def render_for_completion(messages, tokenizer: Tokenizer | None = None) -> list[
 
 def fit_to_context(messages, max_tokens: int, tokenizer: Tokenizer | None = None) -> list[dict]:
     """Drop the oldest turns (keeping leading system messages and the last message) until the completion
-    prompt has at most max_tokens tokens; a GptrainError when even that minimum does not fit."""
+    prompt has at most max_tokens tokens; a GptrainError when even that minimum does not fit.
+
+    Linear in the conversation's size: each message is encoded once and the prompt's length is the sum of its
+    messages' (content + role token + <|end|>), plus <|endoftext|> and <|assistant|>."""
     tok = _chat_tokenizer(tokenizer)
     msgs = validate_messages(messages)
     n_sys = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs))
-    system, turns = msgs[:n_sys], msgs[n_sys:]
-    while True:
-        kept = system + turns
-        n = len(render_for_completion(kept, tok))
-        if n <= max_tokens:
-            return kept
-        if len(turns) <= 1:
-            raise GptrainError(f"the prompt needs {n} tokens but only {max_tokens} fit in the context window; "
-                               "shorten the last message or the system prompt")
-        turns = turns[1:]
+    sizes = [len(tok.encode(m["content"])) + 2 for m in msgs]
+    n = 2 + sum(sizes)
+    first = n_sys  # the oldest turn kept
+    while n > max_tokens and first < len(msgs) - 1:
+        n -= sizes[first]
+        first += 1
+    if n > max_tokens:
+        raise GptrainError(f"the prompt needs {n} tokens but only {max_tokens} fit in the context window; "
+                           "shorten the last message or the system prompt")
+    return msgs[:n_sys] + msgs[first:]
 
 
 def parse_conversation(ids, tokenizer: Tokenizer | None = None) -> list[dict]:

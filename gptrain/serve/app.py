@@ -25,10 +25,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptrain import __version__
 from gptrain.serve.config import LOOPBACK
+from gptrain.serve.connections import timed_protocol
 from gptrain.serve.guard import BodyGuard, CountRequests, HostCheck
 from gptrain.serve.metrics import CONTENT_TYPE_LATEST
 from gptrain.serve.schemas import (
@@ -40,7 +42,8 @@ ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in 
     (400, "invalid request (OpenAI-style error body)"), (401, "missing or wrong API key"),
     (403, "Host is not this loopback server"), (408, "request body not received in time"),
     (413, "request body too large"), (415, "body is not application/json"),
-    (429, "queue full: retry after Retry-After seconds"), (503, "server shutting down"))}
+    (429, "queue full, or this client at --max-client-requests: retry after Retry-After seconds"),
+    (503, "server shutting down"))}
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {  # one event (OpenAPI < 3.2: schema = each event)
     "data": {"type": "string", "description": "a chunk as JSON (an error object if the generation failed), or "
                                               "[DONE] last"},
@@ -76,7 +79,8 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     got = f" (got {shown[:60]}{'...' if len(shown) > 60 else ''})" if first["type"] not in ("missing",) and path \
         else ""
     top = path.split("[")[0].split(".")[0] or None
-    return ApiError(400, f"{path}: {msg}{got}" if path else msg, top)
+    named = path and not msg.startswith(path.split("[")[0])  # "tools is not supported" names its field already
+    return ApiError(400, f"{path}: {msg}{got}" if named else f"{msg}{got}" if path else msg, top)
 
 
 class EventStream(Response):
@@ -215,17 +219,27 @@ def create_app(service: Service) -> FastAPI:
         return await api_error(request, ApiError(exc.status_code, message, kind=kind, headers=exc.headers))
 
     deps = []
-    if cfg.api_key is not None:
+    keys = [k.encode() for k in cfg.keys]
+    if keys:
         bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
-        async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        async def check_key(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
             if creds is None:
                 raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY' (the server's --api-key)",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            if not secrets.compare_digest(creds.credentials.encode(), cfg.api_key.encode()):
+            given = creds.credentials.encode()
+            match = [secrets.compare_digest(given, k) for k in keys]  # every key compared: no timing hint
+            if not any(match):
                 raise ApiError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            request.state.key = match.index(True)
         deps.append(Depends(check_key))
     v1 = APIRouter(prefix="/v1", dependencies=deps, responses=ERRORS)
+
+    def client_of(request: Request) -> str:
+        """Who --max-client-requests counts: the key, when the server has several, else the peer's address."""
+        if len(keys) > 1:
+            return f"key {request.state.key + 1} of {len(keys)}"
+        return request.client.host if request.client else "unknown"
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -235,8 +249,9 @@ def create_app(service: Service) -> FastAPI:
     async def health():
         return service.health()
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                                                                    "description": "Prometheus text format"}})
+    @app.get("/metrics", response_class=Response, dependencies=[] if cfg.metrics_public else deps,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+                        401: ERRORS[401]})
     async def metrics():
         return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
@@ -246,7 +261,7 @@ def create_app(service: Service) -> FastAPI:
 
     @v1.post("/chat/completions", response_model=ChatCompletion, responses={200: SSE})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        reqs = service.submit([service.chat_job(body)])
+        reqs = service.submit([await run_in_threadpool(service.chat_job, body)], client_of(request))
         head = _head("chatcmpl", service)
         if body.stream:
             return EventStream(_chat_stream(service, reqs, head, body.include_usage), reqs)
@@ -259,7 +274,7 @@ def create_app(service: Service) -> FastAPI:
 
     @v1.post("/completions", response_model=Completion, responses={200: SSE})
     async def completions(body: CompletionRequest, request: Request):
-        reqs = service.submit(service.completion_jobs(body))
+        reqs = service.submit(await run_in_threadpool(service.completion_jobs, body), client_of(request))
         head = _head("cmpl", service)
         if body.stream:
             return EventStream(_completion_stream(service, reqs, head, body.include_usage), reqs)
@@ -311,6 +326,14 @@ async def _completion_stream(service, reqs, head, include_usage):
     yield b"data: [DONE]\n\n"
 
 
+def uvicorn_config(app, **options):
+    """uvicorn's Config for `app` with the server's connection timeouts (gptrain/serve/connections.py)."""
+    import uvicorn
+    cfg = app.state.service.cfg
+    return uvicorn.Config(app, lifespan="on", http=timed_protocol(app.state.service.metrics, cfg.header_timeout),
+                          timeout_keep_alive=cfg.keep_alive_timeout, **options)
+
+
 class BackgroundServer:
     """uvicorn serving `app` from a daemon thread of this process, on `port` (0: a free one); `.url` once started.
     For tests and notebooks; `gptrain serve` runs uvicorn in the foreground."""
@@ -319,7 +342,7 @@ class BackgroundServer:
         import uvicorn
         options = {"log_config": None, "log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 3,
                    **uvicorn_options}  # log_config None: this process's logging is left as it is
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on", **options))
+        self.server = uvicorn.Server(uvicorn_config(app, host=host, port=port, **options))
         self.host, self.thread = host, threading.Thread(target=self.server.run, daemon=True)
 
     def start(self) -> "BackgroundServer":

@@ -11,6 +11,8 @@ from gptrain.config import add_dataclass_args, overrides_from_args
 from gptrain.errors import GptrainError, require
 from gptrain.serve.config import LOOPBACK, ServeConfig
 
+MIN_KEY_LENGTH = 16  # beyond loopback: guessing one of 64^16 keys over HTTP is out of reach
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="SRC",
@@ -25,9 +27,18 @@ def resolve(args) -> ServeConfig:
     cfg = ServeConfig(**overrides_from_args(args, ServeConfig))
     cfg.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("GPTRAIN_API_KEY")
     cfg.api_key = cfg.api_key or None
-    if cfg.host not in LOOPBACK and cfg.api_key is None and not cfg.insecure_no_auth:
-        raise GptrainError(f"--host {cfg.host} would let other machines use the API without a key; pass "
-                           "--api-key KEY (or set GPTRAIN_API_KEY), or --insecure-no-auth to serve it open")
+    if cfg.api_key is not None and not cfg.keys:
+        raise GptrainError(f"--api-key {cfg.api_key!r} has no key in it (only spaces and commas); give a key, "
+                           "or leave --api-key and GPTRAIN_API_KEY unset for no key")
+    if cfg.host not in LOOPBACK:
+        if cfg.api_key is None and not cfg.insecure_no_auth:
+            raise GptrainError(f"--host {cfg.host} would let other machines use the API without a key; pass "
+                               "--api-key KEY (or set GPTRAIN_API_KEY), or --insecure-no-auth to serve it open")
+        short = next((k for k in cfg.keys if len(k) < MIN_KEY_LENGTH), None)
+        if short is not None:
+            raise GptrainError(f"--api-key: a key of {len(short)} characters is too easy to guess for --host "
+                               f"{cfg.host}; use at least {MIN_KEY_LENGTH}, e.g. "
+                               "$(python -c 'import secrets; print(secrets.token_urlsafe(24))')")
     return cfg
 
 
@@ -48,11 +59,12 @@ def main(args) -> int:
     cfg = resolve(args)
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "gptrain serve")
+
     import uvicorn
 
     from gptrain.devices import inference_dtype
     from gptrain.hf import load_model
-    from gptrain.serve.app import create_app
+    from gptrain.serve.app import create_app, uvicorn_config
     from gptrain.serve.service import Service
     from gptrain.train.distributed import choose_device
 
@@ -68,12 +80,12 @@ def main(args) -> int:
               f"{'; the API has NO key (--insecure-no-auth)' if cfg.api_key is None else ''}", flush=True)
     routes = "chat/completions, completions, models" if service.kind == "chat" else "completions, models"
     print(f"gptrain serve: {service.name} ({service.kind} model) on {service.device}, {service.dtype}, context "
-          f"{service.context} tokens, batch {cfg.max_batch}, queue {cfg.max_queue}\n"
+          f"{service.context} tokens, batch {service.cfg.max_batch}, queue {cfg.max_queue}\n"
           + (f"  chat page: {base}/\n" if service.kind == "chat" else "")
           + f"  API:       {base}/v1 ({routes}){'  key required' if cfg.api_key else ''}\n"
           f"  docs:      {base}/docs   health: {base}/health   metrics: {base}/metrics\n"
           "Ctrl-C stops the server.", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=cfg.access_log, lifespan="on",
+    server = uvicorn.Server(uvicorn_config(app, log_level="info", access_log=cfg.access_log,
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
     return 0

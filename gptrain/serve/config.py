@@ -18,8 +18,10 @@ class ServeConfig:
     device: str = _f("auto", "cpu, cuda, mps or auto", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = _f("auto", "weights and compute dtype; auto = bfloat16 on CUDA and on CPUs with native bf16, "
                     "else float32", choices=("auto", "float32", "bfloat16"))
-    compile: bool = _f(False, "torch.compile the batched decode step (compiled once, at start-up cost)")
-    max_batch: int = _f(8, "requests decoded together in the running batch", ge=1)
+    compile: bool = _f(False, "torch.compile the batched decode step (on CUDA also a CUDA graph), compiled and "
+                              "warmed up before /health answers")
+    max_batch: int | None = _f(None, "requests decoded together in the running batch (none: as many as a quarter "
+                                     "of the memory available holds in KV cache, at most 32)", ge=1)
     max_queue: int = _f(64, "requests that may wait for a slot in the batch; more get 429 with Retry-After", ge=0)
     prefill_chunk: int = _f(256, "prompt tokens prefilled per step, so a long prompt does not stall the others",
                             ge=1)
@@ -28,8 +30,28 @@ class ServeConfig:
     max_tokens_limit: int = _f(1024, "largest max_tokens a request may ask for (capped by the context window)", ge=1)
     default_max_tokens: int = _f(256, "max_tokens when a request gives none (at most what the context leaves)",
                                  ge=1)
+    max_messages: int = _f(1024, "messages in one chat request at most (400 above)", ge=1)
+    max_prompts_per_request: int = _f(16, "prompts in one /v1/completions request at most (400 above)", ge=1)
+    max_client_requests: int | None = _f(None, "requests one client (its API key when the server has several, "
+                                               "else its address) may have running or queued; more get 429 "
+                                               "(none: max_batch)", ge=1)
     request_timeout: float = _f(30.0, "seconds a client may take to send its request body (408 after)", gt=0)
-    api_key: str | None = _f(None, "require 'Authorization: Bearer KEY' on every /v1 route "
-                                   "(default: $GPTRAIN_API_KEY; none: no key)")
+    header_timeout: float = _f(10.0, "seconds a client may take to send a request's headers, from their first "
+                                     "byte (the connection is closed after)", gt=0)
+    keep_alive_timeout: float = _f(5.0, "seconds a connection may stay open with no request (new or kept alive) "
+                                        "before it is closed", gt=0)
+    api_key: str | None = _f(None, "require 'Authorization: Bearer KEY' on every /v1 route and /metrics; several "
+                                   "keys separated by commas, one per client (default: $GPTRAIN_API_KEY; none: no "
+                                   "key; beyond loopback each key has at least 16 characters)")
+    metrics_public: bool = _f(False, "serve /metrics without the key")
     insecure_no_auth: bool = _f(False, "allow a non-loopback --host without --api-key")
     access_log: bool = _f(True, "log one line per request")
+
+    @property
+    def keys(self) -> list[str]:
+        """The API keys (none: the API is open)."""
+        return [k.strip() for k in self.api_key.split(",") if k.strip()] if self.api_key else []
+
+    @property
+    def client_limit(self) -> int:
+        return self.max_client_requests or self.max_batch

@@ -33,6 +33,12 @@ class Metrics:
         self.step_batch = Histogram("gptrain_step_batch_size", "rows in the batch at each step",
                                     buckets=sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch}), registry=r)
         self.prefill_tokens = Counter("gptrain_prefill_tokens", "prompt tokens prefilled", registry=r)
+        self.closed = Counter("gptrain_connections_closed", "connections closed by the server's timeouts, by reason "
+                              "(idle: no request within --keep-alive-timeout; header_timeout: headers not complete "
+                              "within --header-timeout; a body too slow is a 408 in gptrain_http_requests)",
+                              ["reason"], registry=r)
+        self.refused = Counter("gptrain_requests_refused", "requests refused (429) by the limit they hit: queue "
+                               "(--max-queue) or client (--max-client-requests)", ["limit"], registry=r)
         for name, key, doc in (("gptrain_queue_depth", "queue_depth", "requests waiting for a slot"),
                                ("gptrain_running_requests", "running", "rows in the running batch"),
                                ("gptrain_free_slots", "free_slots", "free rows in the batch"),
@@ -56,6 +62,9 @@ class Metrics:
         if req.first_token_at is not None:
             self.ttft.observe(req.first_token_at - req.submitted_at)
             self.latency.observe((req.finished_at or req.first_token_at) - req.submitted_at)
+
+    def connection_closed(self, reason: str) -> None:
+        self.closed.labels(reason).inc()
 
     def answered(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

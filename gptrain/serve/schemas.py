@@ -2,16 +2,17 @@
 
 Requests are validated strictly (no "5" for 5, no "yes" for true, no NaN) and unknown fields are ignored, as
 OpenAI's clients send some this server has no use for (`user`, `metadata`, ...). Fields whose non-default values
-this server cannot honour (n > 1, logprobs, penalties OpenAI defines differently from `repetition_penalty`) are
-declared, so that a request using them gets a 400 naming the field instead of being answered as if they were
-not there. `top_k`, `repetition_penalty` and `no_repeat_ngram` are gptrain's (and vLLM's) extensions.
+this server cannot honour (n > 1, logprobs, top_logprobs, logit_bias, tools, tool_choice other than "none",
+response_format other than text, audio, penalties OpenAI defines differently from `repetition_penalty`, ...) are
+declared, so that a request using them gets a 400 naming the field (`param`) instead of being answered as if
+they were not there. `top_k`, `repetition_penalty` and `no_repeat_ngram` are gptrain's (and vLLM's) extensions.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_INT = 2 ** 63 - 1  # JSON integers beyond int64 are refused, as OpenAI does
 INT64 = {"ge": -MAX_INT - 1, "le": MAX_INT}
@@ -53,16 +54,25 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = Field(None, description="not supported")
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _supported(self):
-        if self.n not in (None, 1):
-            raise ValueError(f"n={self.n}: only n=1 is supported")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported; use repetition_penalty (1 = off) or no_repeat_ngram")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        return self
+    @field_validator("n")
+    @classmethod
+    def _one(cls, n):
+        if n not in (None, 1):
+            raise ValueError(f"n={n}: only n=1 is supported")
+        return n
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value, info):
+        if value not in (None, 0):
+            raise ValueError(f"{info.field_name} is not supported; use repetition_penalty (1 = off) or "
+                             "no_repeat_ngram")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value):
+        return refuse_unless(not value, "logit_bias is not supported", value)
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -71,6 +81,13 @@ class _Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def refuse_unless(ok: bool, message: str, value):
+    """`value`, or a ValueError that the app turns into a 400 naming the field it was raised for."""
+    if not ok:
+        raise ValueError(message)
+    return value
 
 
 class TextPart(_Request):
@@ -88,12 +105,48 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="alias of max_tokens")
     logprobs: bool | None = Field(None, description="not supported")
+    top_logprobs: int | None = Field(None, description="not supported")
+    tools: list[Any] | None = Field(None, description="not supported: the model writes text, never tool calls")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='only "none"')
+    functions: list[Any] | None = Field(None, description="not supported (the old form of tools)")
+    function_call: str | dict[str, Any] | None = Field(None, description='only "none"')
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}: no JSON mode')
+    modalities: list[str] | None = Field(None, description='only ["text"]')
+    audio: dict[str, Any] | None = Field(None, description="not supported")
+    prediction: dict[str, Any] | None = Field(None, description="not supported")
+    web_search_options: dict[str, Any] | None = Field(None, description="not supported")
 
-    @model_validator(mode="after")
-    def _chat_supported(self):
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
-        return self
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value, info):
+        return refuse_unless(not value, f"{info.field_name} is not supported", value)
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value, info):
+        return refuse_unless(not value, f"{info.field_name} is not supported: this model answers in text and never "
+                                        "calls tools", value)
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value, info):
+        return refuse_unless(value in (None, "none"), f'{info.field_name}: only "none" is supported (no tool calling)', value)
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        return refuse_unless(value is None or value.get("type") == "text", 'only {"type": "text"} is supported (no JSON mode or '
+                                                           "schema)", value)
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, value):
+        return refuse_unless(value in (None, ["text"]), 'only ["text"] is supported', value)
+
+    @field_validator("audio", "prediction", "web_search_options")
+    @classmethod
+    def _unsupported(cls, value, info):
+        return refuse_unless(value is None, f"{info.field_name} is not supported", value)
 
     @property
     def new_tokens(self) -> int | None:
@@ -114,14 +167,15 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, **INT64, description="only 1 is supported")
     suffix: str | None = Field(None, description="not supported")
 
-    @model_validator(mode="after")
-    def _completion_supported(self):
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError(f"best_of={self.best_of}: only 1 is supported")
-        return self
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _no_extras(cls, value, info):
+        return refuse_unless(not value, f"{info.field_name} is not supported", value)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value):
+        return refuse_unless(value in (None, 1), f"best_of={value}: only 1 is supported", value)
 
     @property
     def new_tokens(self) -> int | None:
@@ -228,6 +282,9 @@ class Limits(BaseModel):
     max_request_bytes: int
     max_batch: int
     max_queue: int
+    max_messages: int = Field(description="messages in one chat request at most")
+    max_prompts_per_request: int = Field(description="prompts in one completions request at most")
+    max_client_requests: int = Field(description="requests one client may have running or queued")
 
 
 class QueueStats(BaseModel):

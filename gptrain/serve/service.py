@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 import time
+from dataclasses import replace
 
 from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
 from gptrain.errors import GptrainError
+from gptrain.engine import auto_batch
 from gptrain.generate import QueueFull, SamplingParams, Scheduler
 from gptrain.serve.config import ServeConfig
 from gptrain.serve.metrics import Metrics
@@ -41,8 +44,11 @@ class Service:
     """One model behind one Scheduler, with the server's limits. `start()`/`close()` run the scheduler's thread."""
 
     def __init__(self, model, name: str, cfg: ServeConfig | None = None):
-        self.cfg = cfg = cfg or ServeConfig()
+        cfg = cfg or ServeConfig()
         self.model, self.name = model.eval(), name
+        if cfg.max_batch is None:
+            cfg = replace(cfg, max_batch=auto_batch(model.config, next(model.parameters())))
+        self.cfg = cfg
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
         try:
@@ -59,12 +65,18 @@ class Service:
         self.metrics = Metrics(self.scheduler.stats, cfg.max_batch)
         self.accepting = False
         self.created = int(time.time())
+        self._clients: dict[str, int] = {}  # client -> its requests running or queued
+        self._clients_lock = threading.Lock()
 
     def _on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
         self.metrics.on_step(batch_size, seconds, prefill_tokens)
 
     def start(self) -> None:
+        """Start the scheduler; with --compile, compile (and warm up) the decode step first: uvicorn answers
+        nothing, /health included, until this returns."""
         self.scheduler.start()
+        if self.cfg.compile:
+            self.scheduler.warm_up()
         self.accepting = True
 
     def close(self) -> None:
@@ -77,13 +89,20 @@ class Service:
                 "limits": {"context_window": self.context, "max_tokens": self.max_tokens,
                            "default_max_tokens": self.default_max_tokens, "max_prompt_tokens": self.max_prompt_tokens,
                            "max_request_bytes": self.cfg.max_request_bytes, "max_batch": self.cfg.max_batch,
-                           "max_queue": self.cfg.max_queue},
+                           "max_queue": self.cfg.max_queue, "max_messages": self.cfg.max_messages,
+                           "max_prompts_per_request": self.cfg.max_prompts_per_request,
+                           "max_client_requests": self.cfg.client_limit},
                 "queue": self.scheduler.stats()}
 
     # ------------------------------------------------------------ requests -> (prompt ids, sampling parameters)
+    # These run on a worker thread (tokenizing a 1 MB request must not stop the event loop), in time linear in the
+    # request's size.
     def chat_job(self, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
         """The completion prompt for a conversation. Oldest turns are dropped (leading system messages and the last
         message kept) until the prompt leaves room for the reply; a conversation that cannot is a 400."""
+        if len(body.messages) > self.cfg.max_messages:
+            raise ApiError(400, f"{len(body.messages)} messages in one request; this server takes at most "
+                                f"{self.cfg.max_messages} (--max-messages)", "messages", code="too_many_messages")
         if self.kind != "chat":
             raise ApiError(400, f"model {self.name} is a base model (the plain GPT-2 vocabulary, no chat format): "
                                 "send text to POST /v1/completions, or fine-tune it for chat with gptrain sft",
@@ -100,9 +119,11 @@ class Service:
 
     def completion_jobs(self, body: CompletionRequest) -> list[tuple[list[int], SamplingParams]]:
         prompts = body.prompts()
-        most = self.cfg.max_batch + self.cfg.max_queue
+        most = min(self.cfg.max_prompts_per_request, self.cfg.client_limit)
         if len(prompts) > most:
-            raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most {most}", "prompt")
+            raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most {most} "
+                                f"(--max-prompts-per-request {self.cfg.max_prompts_per_request}, "
+                                f"--max-client-requests {self.cfg.client_limit})", "prompt", code="too_many_prompts")
         asked = self._check_asked(body.new_tokens, "max_tokens")
         jobs = []
         for p in prompts:
@@ -147,25 +168,48 @@ class Service:
         return params
 
     # ------------------------------------------------------------ the scheduler
-    def submit(self, jobs: list[tuple[list[int], SamplingParams]]) -> list:
-        """Queue every job or none: a full queue is a 429 with Retry-After, a stopping server a 503."""
+    def submit(self, jobs: list[tuple[list[int], SamplingParams]], client: str = "") -> list:
+        """Queue every job or none, for `client` (an address, or a key's name): a client already at
+        --max-client-requests, or a full queue, is a 429 with Retry-After; a stopping server a 503."""
         if not self.accepting:
             raise ApiError(503, "the server is shutting down", kind="server_error", code="unavailable",
                            headers={"Retry-After": "5"})
+        limit = self.cfg.client_limit
+        with self._clients_lock:
+            have = self._clients.get(client, 0)
+            if have + len(jobs) > limit:
+                self.metrics.refused.labels("client").inc()
+                retry = max(1, math.ceil(self.scheduler.service_seconds))
+                raise ApiError(429, f"this client ({client}) has {have} requests running or queued and one client "
+                                    f"may have at most {limit} (--max-client-requests); retry in {retry} s",
+                               kind="rate_limit_error", code="client_limit", headers={"Retry-After": str(retry)})
+            self._clients[client] = have + len(jobs)
         reqs = []
         try:
             for prompt, params in jobs:
-                reqs.append(self.scheduler.submit(prompt, params))
+                reqs.append(self.scheduler.submit(prompt, params, on_done=lambda: self._release(client)))
                 self.metrics.accepted(len(prompt))
         except QueueFull as e:
+            self._release(client, len(jobs) - len(reqs))
             self.cancel(reqs)
+            self.metrics.refused.labels("queue").inc()
             retry = max(1, math.ceil(getattr(e, "retry_after", 1) or 1))
             raise ApiError(429, f"the server is busy: {e}; retry in {retry} s", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(retry)}) from None
         except GptrainError as e:
+            self._release(client, len(jobs) - len(reqs))
             self.cancel(reqs)
             raise ApiError(400, str(e)) from None
         return reqs
+
+    def _release(self, client: str, n: int = 1) -> None:
+        """`n` of the client's requests ended (called on the scheduler's thread as each one finishes)."""
+        with self._clients_lock:
+            left = self._clients.get(client, 0) - n
+            if left > 0:
+                self._clients[client] = left
+            else:
+                self._clients.pop(client, None)
 
     def cancel(self, reqs) -> None:
         """Cancel accepted requests whose answer nobody will read (the row leaves the batch at the next step)."""
