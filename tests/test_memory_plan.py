@@ -204,3 +204,10 @@ def test_memory_without_device_says_which_device_it_planned_for(capsys):
     assert main(["train", "--preset", "gpt2-124m", "--plan", "--memory", "16GB", "--device", "auto"]) == 0
     out = capsys.readouterr().out
     assert "note: planned for" in out and "--device cuda" in out
+    from conftest import ROOT
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    cfg = resolve("gpt3-6.7b", {"parallel": "fsdp", "micro_batch_size": 32, "activation_checkpointing": "blocks",
+                                "memory": "80GB"})
+    total = memory.plan_for(preset("gpt3-6.7b"), cfg, 8, "cuda").total()
+    assert (f"the largest micro-batch is 32 with a reduce-scatter every micro-step ({total / memory.GiB:.1f} GiB of "
+            "72.0), 16 with one per step") in readme

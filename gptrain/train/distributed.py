@@ -74,6 +74,12 @@ def choose_device(pref: str = "auto") -> str:
     return pref
 
 
+def cuda_device(local_rank: int) -> str:
+    """This process's GPU: its local rank modulo the GPUs it sees. A launcher that gives each process one visible
+    GPU (CUDA_VISIBLE_DEVICES per rank) leaves one device while LOCAL_RANK counts on."""
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
 def setup(device_pref: str = "auto", parallel: str = "ddp", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistEnv:
     """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (absent: one process) and join the process group, whose
     collectives wait `timeout_min` minutes before failing.
@@ -86,9 +92,7 @@ def setup(device_pref: str = "auto", parallel: str = "ddp", timeout_min: float =
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_pref)
     if device == "cuda":
-        # A launcher that gives each process one visible GPU (CUDA_VISIBLE_DEVICES per rank) leaves one device
-        # while LOCAL_RANK counts on: the process's GPU is its local rank modulo the GPUs it sees.
-        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        device = cuda_device(local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"

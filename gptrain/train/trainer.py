@@ -315,11 +315,11 @@ class Trainer:
                         console(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in ev.items()))
                 if self._due(cfg.sample_every) and self.step > 0:
-                    samples = self.sample()  # every rank: FSDP gathers the weights for it
-                    if samples:
+                    samples = self.sample()  # every rank: FSDP gathers the weights for it (rank 0 samples)
+                    if self.tokenizer is not None:  # every rank: the write's outcome reaches them all
                         self._log({"step": self.step, "samples": samples})
-                        for s in samples:
-                            console(f"sample: {s!r}")
+                    for s in samples:
+                        console(f"sample: {s!r}")
                 if self.step >= cfg.max_steps:
                     break
                 m = self.train_step()
