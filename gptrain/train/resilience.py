@@ -1,7 +1,7 @@
 """Surviving preemption and divergence.
 
 - `Preemption`: SIGTERM or SIGINT asks the run to stop; every rank finishes the step it is in, the ranks agree
-  through an all-reduce at the step's end, a checkpoint is saved and the process exits 0. A second signal exits
+  through the step's loss all-reduce, a checkpoint is saved and the process exits 0. A second signal exits
   at once (a copy of the same signal within a second is ignored: torchrun forwards the terminal's Ctrl-C to
   workers that already received it).
 - `DivergenceGuard`: an update whose loss or gradient norm is non-finite is skipped (no optimizer step), and so,
@@ -21,7 +21,6 @@ import time
 from collections import deque
 
 import torch
-import torch.distributed as dist
 
 from gptrain.errors import GptrainError
 
@@ -30,7 +29,8 @@ TEST_NAN_STEPS = "GPTRAIN_TEST_NAN_STEPS"
 
 
 class Preemption:
-    """Install around the training loop (or use as a context manager); call `should_stop()` at each step's end."""
+    """Install around the training loop (or use as a context manager); `received` is the signal, None before one.
+    The trainer carries it on its per-step loss all-reduce, so every rank stops after the same step."""
 
     DUPLICATE_WINDOW_S = 1.0
 
@@ -70,15 +70,6 @@ class Preemption:
         print(f"gptrain: second {name}: exiting now without saving; {self.rerun} to continue from the last "
               "checkpoint", file=sys.stderr, flush=True)
         os._exit(128 + signum)
-
-    def should_stop(self, device: str | torch.device = "cpu") -> bool:
-        """True on every rank when any rank was signalled (one tiny all-reduce under torchrun)."""
-        flag = self.received is not None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
 
 
 class DivergenceError(GptrainError):
