@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Single-GPU check, about 6 minutes (estimated: not yet run on a GPU): gpt2-124m for 50 steps on synthetic tokens with torch.compile + bf16 against
-# compile off (tokens/s, MFU), then FSDP at world size 1 against DDP with and without activation checkpointing (eager, 12
-# steps each: tokens/s, peak memory beside the memory plan), then one evaluation round with compile on (val loss, a sample, HellaSwag on 300
-# examples when ../shared/data has them), then HellaSwag examples/s of the batched scorer against the lecture's
-# per-example loop (gpt2 shape, float32, 200 examples), then the compiled bf16 step against transformers'
-# GPT2LMHeadModel eager (the train-throughput baseline), then the generation engine's decode tokens/s under
-# continuous batching at batch 1, 8, 32 (gpt2 shape, chat vocabulary, bf16, eager and compiled). Runs from the
-# source tree without installing: needs torch with CUDA, numpy, tiktoken, safetensors, transformers (not
-# `datasets`). Prints a short table last. Options: see gpu_check.py --help (e.g. --micro-batch-size 16 on a
-# smaller GPU; --dry-run to exercise the script on a CPU).
+# The single-GPU check, built for a lent machine's 15 minutes (estimated ~7 minutes with compiles; not yet run on a
+# GPU): eager and compiled gpt2-124m steps (tokens/s, MFU), the loss kernels, an evaluation round (val loss,
+# HellaSwag, a sample), FSDP at world size 1 against DDP (with checkpointing, with per-micro-step reduce-scatter;
+# peaks beside the memory plan), the fast recipe against gpt2-124m when that preset exists, --deterministic's cost,
+# HellaSwag scoring speed, the step against transformers' GPT2LMHeadModel, decode tokens/s. Every phase runs in its
+# own try; phases that no longer fit --budget (450 s) are skipped; a summary table and a JSON results file
+# (--results, default runs/gpu_check/results.json) come out at the end whatever failed.
+#
+# Runs from the source tree without installing, on torch 2.11 or later with CUDA, numpy, tiktoken, safetensors,
+# transformers; no network, no `datasets`. HellaSwag: stage 300 examples (with their MIT notice) into the
+# git-ignored benchmarks/data/ first, where ../shared/data exists, and carry that folder along with the tree:
+#   bash benchmarks/gpu_check.sh --stage-data [--hellaswag ../shared/data/hellaswag/hellaswag_val.jsonl.gz]
+#   bash benchmarks/gpu_check.sh --results "$OUT/gpu_check.json"     # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run                            # every phase on a CPU, tiny model
+# Options: gpu_check.py --help (e.g. --micro-batch-size 16 on a smaller GPU, --only eager compiled).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

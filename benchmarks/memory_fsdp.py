@@ -11,6 +11,8 @@ command sets it (gptrain/allocator.py) unless --no-keep-freed-memory. Configurat
     python benchmarks/memory_fsdp.py scaling                 # gpt2-medium, W = 1, 2, 4, ddp and fsdp
     python benchmarks/memory_fsdp.py checkpointing           # gpt2-medium, one process, none vs blocks
     python benchmarks/memory_fsdp.py large                   # gpt3-large (760M), fsdp on 2 processes, blocks
+    python benchmarks/memory_fsdp.py accumulation            # gpt2, fsdp W = 2, 4, 2 micro-steps a step:
+                                                             # reduce-scatter on the last micro-step vs every one
     python benchmarks/memory_fsdp.py scaling --only fsdp:4 --steps 2    # one configuration
 """
 
@@ -72,14 +74,16 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def config(shape: str, parallel: str, world: int, micro: int, seq_len: int, checkpointing: str) -> TrainConfig:
-    return TrainConfig(model=shape, seq_len=seq_len, micro_batch_size=micro, total_batch_size=micro * seq_len * world,
+def config(shape: str, parallel: str, world: int, micro: int, seq_len: int, checkpointing: str,
+           rs: str = "last", accum: int = 1) -> TrainConfig:
+    return TrainConfig(model=shape, seq_len=seq_len, micro_batch_size=micro,
+                       total_batch_size=micro * seq_len * world * accum, reduce_scatter=rs,
                        max_steps=100, warmup_steps=1, parallel=parallel, activation_checkpointing=checkpointing,
                        device="cpu", dtype="float32", compile=False, eval_every=0, sample_every=0, save_every=0,
                        hellaswag_data=None, log_every=0)
 
 
-def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, steps, out, keep):
+def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, steps, out, keep, rs, accum):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     if keep:
@@ -88,21 +92,22 @@ def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, st
     env = distributed.setup("cpu", parallel)
     base = rss()
     try:
-        cfg = config(shape, parallel, world, micro, seq_len, checkpointing)
+        cfg = config(shape, parallel, world, micro, seq_len, checkpointing, rs, accum)
         torch.manual_seed(0)
         model = GPT(preset(shape))
         trainer = Trainer(cfg, model, RandomTokens(micro, seq_len, model.config.vocab_size, rank), env=env)
-        times = []
+        times, losses = [], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            trainer.train_step()
+            losses.append(trainer.train_step()["train_loss"])
             times.append(time.perf_counter() - t0)
         params = list(trainer.model.parameters())
         state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         rec = {"rank": rank, "baseline": base, "params": local_bytes(params),
                "grads": local_bytes(p.grad for p in params), "optimizer": local_bytes(state),
                "peak": rss("VmHWM"), "step_s": statistics.median(times[1:] or times),
-               "tokens_per_s": micro * seq_len * world / statistics.median(times[1:] or times)}
+               "tokens_per_s": micro * seq_len * world * accum / statistics.median(times[1:] or times),
+               "losses": losses}
         gathered = [None] * world if rank == 0 else None
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.gather_object(rec, gathered, dst=0)
@@ -121,27 +126,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep) -> list[dict]:
+def measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep, rs, accum) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out.json"
         mp.start_processes(worker, args=(world, free_port(), shape, parallel, micro, seq_len, checkpointing, steps,
-                                         str(out), keep), nprocs=world, join=True, start_method="spawn")
+                                         str(out), keep, rs, accum), nprocs=world, join=True, start_method="spawn")
         return json.loads(out.read_text())
 
 
-def planned(shape, parallel, world, micro, seq_len, checkpointing) -> memory.Plan:
-    return memory.plan_for(preset(shape), config(shape, parallel, world, micro, seq_len, checkpointing), world, "cpu")
+def planned(shape, parallel, world, micro, seq_len, checkpointing, rs="last", accum=1) -> memory.Plan:
+    return memory.plan_for(preset(shape), config(shape, parallel, world, micro, seq_len, checkpointing, rs, accum),
+                           world, "cpu")
 
 
-def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: bool, keep: bool) -> str:
-    p = planned(shape, parallel, world, micro, seq_len, checkpointing)
+def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: bool, keep: bool, rs="last",
+        accum=1) -> str:
+    p = planned(shape, parallel, world, micro, seq_len, checkpointing, rs, accum)
     plan_state = p.params() + p.grads() + p.optimizer()
-    label = f"| {parallel} | {world} | {checkpointing} "
+    label = f"| {parallel} | {world} | {checkpointing}{f', reduce-scatter {rs}' if accum > 1 else ''} "
     if not measured:
         return (f"{label}| not run (plan: {world} × {p.total() / MiB / 1024:.1f} GiB) | | | "
                 f"{plan_state / MiB:,.0f} | | {(p.total() - p.runtime()) / MiB:,.0f} | |")
     t0 = time.perf_counter()
-    recs = measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep)
+    recs = measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep, rs, accum)
     wall = time.perf_counter() - t0
     peak = max(r["peak"] for r in recs)
     state = max(r["params"] + r["grads"] + r["optimizer"] for r in recs)
@@ -154,7 +161,7 @@ def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("scaling", "checkpointing", "large"))
+    ap.add_argument("mode", choices=("scaling", "checkpointing", "large", "accumulation"))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--shape", default=None, help="model preset instead of the mode's (e.g. tiny, to try the script)")
     ap.add_argument("--micro-batch-size", type=int, default=None)
@@ -166,34 +173,40 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-only", action="append", default=[],
                     help="PARALLEL:WORLD[:CHECKPOINTING] to show from the plan without running (it would not fit)")
     a = ap.parse_args(argv)
-    if a.mode == "scaling":
+    accum = 1
+    if a.mode == "accumulation":
+        shape, micro, seq_len, accum = "gpt2", a.micro_batch_size or 1, a.seq_len or 256, 2
+        runs = [("fsdp", w, "none", rs) for w in (2, 4) for rs in ("last", "every")]
+    elif a.mode == "scaling":
         shape, micro, seq_len = "gpt2-medium", a.micro_batch_size or 1, a.seq_len or 256
-        runs = [(par, w, "none") for w in (1, 2, 4) for par in ("ddp", "fsdp")]
+        runs = [(par, w, "none", "last") for w in (1, 2, 4) for par in ("ddp", "fsdp")]
     elif a.mode == "checkpointing":
         shape, micro, seq_len = "gpt2-medium", a.micro_batch_size or 1, a.seq_len or 1024
-        runs = [("ddp", 1, "none"), ("ddp", 1, "blocks")]
+        runs = [("ddp", 1, "none", "last"), ("ddp", 1, "blocks", "last")]
     else:
         shape, micro, seq_len = "gpt3-large", a.micro_batch_size or 1, a.seq_len or 256
-        runs = [("fsdp", 2, "blocks"), ("ddp", 2, "blocks")]
+        runs = [("fsdp", 2, "blocks", "last"), ("ddp", 2, "blocks", "last")]
         a.plan_only = a.plan_only or ["ddp:2:blocks"]
 
     def spec(s):
-        par, w, *ck = s.split(":")
-        return par, int(w), ck[0] if ck else "none"
+        par, w, *rest = s.split(":") + ["none", "last"]
+        return par, int(w), rest[0], rest[1]
 
     shape = a.shape or shape
     if a.only:
         runs = [spec(s) for s in a.only]
     skip = {spec(s) for s in a.plan_only}
-    print(f"{shape}: {memory.param_count(preset(shape)) / 1e6:,.1f}M parameters, micro-batch {micro} × T={seq_len}, "
+    print(f"{shape}: {memory.param_count(preset(shape)) / 1e6:,.1f}M parameters, micro-batch {micro} × T={seq_len} "
+          f"× {accum} micro-steps, "
           f"float32, CPU, {a.steps} steps per configuration; torch {torch.__version__}, {os.cpu_count()} cores; "
           f"allocator: {'gptrain (freed memory kept)' if a.keep_freed_memory else 'glibc default'}\n")
     print("| parallel | processes | activation checkpointing | peak RSS per rank (MiB) | RSS before the model | "
           "param+grad+optimizer tensors per rank | plan: param+grad+optimizer | peak − before | plan: total "
           "− runtime allowance | tokens/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for par, w, ck in runs:
-        print(row(shape, par, w, micro, seq_len, ck, a.steps, (par, w, ck) not in skip, a.keep_freed_memory), flush=True)
+    for par, w, ck, rs in runs:
+        print(row(shape, par, w, micro, seq_len, ck, a.steps, (par, w, ck, rs) not in skip, a.keep_freed_memory, rs,
+                  accum), flush=True)
     return 0
 
 

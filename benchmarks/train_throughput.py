@@ -133,7 +133,7 @@ def main(argv=None):
             step(loss_fn, optim)
             if i >= a.warmup:
                 times.append((time.perf_counter() - t0, time.process_time() - c0))
-    peak = peak_flops(dev)
+    peak = peak_flops(dev, getattr(torch, dtype))
     print(f"# {a.preset}: {mcfg.n_layer}L/{mcfg.n_head}H/{mcfg.n_embd}C, B={B} T={T}, {dev}, {dtype}, "
           f"threads {torch.get_num_threads()}, median of {a.steps} steps after {a.warmup} warm-up")
     print("| model | tokens/s (wall) | tokens/CPU-s | MFU |")

@@ -5,6 +5,7 @@ LM head's big matmuls on this CPU."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -77,3 +78,24 @@ def attention_kernels(device_type: str, seq_len: int, compiled: bool = False):
     if device_type == "cpu" and seq_len <= MATH_ATTENTION_MAX_T and not compiled:
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
+
+
+def deterministic_algorithms(on: bool) -> None:
+    """--deterministic: PyTorch's deterministic algorithms (the embedding's backward without atomic adds, ...;
+    an op with no deterministic version warns once instead of stopping the run), cuBLAS's fixed workspace (set
+    before the first cuBLAS call: `gptrain train` sets it when the run starts), and no autotuning (cuDNN's
+    benchmark mode, inductor's max-autotune), which picks kernels by timing and so differs between processes."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
+    try:
+        from torch._inductor import config as inductor
+    except ImportError:
+        return
+    if on:
+        inductor.max_autotune = False
+        inductor.max_autotune_gemm = False
+        if hasattr(inductor, "deterministic"):
+            inductor.deterministic = True

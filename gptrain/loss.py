@@ -20,6 +20,13 @@ rounds its gradient to bf16 for them) and the loss: read off the target's bf16 p
 within 0.2% of p (0.002 nats) of the plain expression's and a batch's mean within ~1e-4 (3e-5 measured on 1,024
 random tokens). That skips two dtype conversions of every chunk, 12% of the loss's time. dW is accumulated over
 chunks in float32. Under torch.compile the plain expression is used and inductor fuses it.
+
+That path is built for a CPU: small chunks, a host sync per chunk (the tail check, the ignored-row test) and the
+weight sliced to the real vocabulary. `kernel="cuda"` (the default off the CPU: every FSDP run, `--no-compile` run
+and FSDP evaluation on a GPU) is built for an accelerator instead, and runs on a CPU too, so tests compare the two:
+chunks of `CUDA_CHUNK_TOKENS` rows, no host sync anywhere (ignored rows are masked, not removed; the loss is
+logsumexp − logit[t] in float32, so no underflow check), the padded weight used whole (its alignment kept) with
+the padded columns' logits masked to −inf, and float32 softmax, loss and dW accumulation.
 """
 
 from __future__ import annotations
@@ -31,22 +38,31 @@ from gptrain.devices import onednn_lm_head
 
 # Rows per chunk: the three matmuls lose speed below ~256 rows; 512 rows of float32 logits are 100 MB.
 CHUNK_TOKENS = 512
+# The accelerator path's rows per chunk: 4,096 rows of float32 logits at the padded 50,304 columns are 0.8 GB, and
+# a GPT-2 micro-batch of 32 × 1,024 tokens takes 8 chunks.
+CUDA_CHUNK_TOKENS = 4096
+KERNELS = ("cpu", "cuda")
 _TINY_P = 1e-30  # p[t] below this (a loss above ~69 nats) loses precision to underflow: recompute that row
 
 
 def lm_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-            chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+            chunk_tokens: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """Mean cross-entropy of next-token targets over the real vocabulary (padded rows excluded); -1 is ignored.
 
     x: (..., C) final hidden states; weight: the (padded) LM head (V_padded, C); targets: x's leading shape.
+    kernel: "cpu" or "cuda" (module doc); None picks "cpu" on a CPU and "cuda" on any other device.
     """
     x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if torch.compiler.is_compiling():
         return F.cross_entropy(F.linear(x2, weight[:vocab_size]).float(), t, ignore_index=-1)
+    kernel = kernel or ("cpu" if x.device.type == "cpu" else "cuda")
+    if kernel not in KERNELS:
+        raise ValueError(f"lm_loss kernel {kernel!r}: one of {KERNELS}")
+    chunk = chunk_tokens or (CHUNK_TOKENS if kernel == "cpu" else CUDA_CHUNK_TOKENS)
     if torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad):
-        return _ChunkedCrossEntropy.apply(x2, weight, t, vocab_size, chunk_tokens)
+        return _ChunkedCrossEntropy.apply(x2, weight, t, vocab_size, chunk, kernel)
     # Evaluation: the loss alone (an autograd.Function's forward cannot tell no_grad from training).
-    loss_sum, count, *_ = _chunked(x2, weight, t, vocab_size, chunk_tokens, grads=False)
+    loss_sum, count, *_ = _KERNEL_FNS[kernel](x2, weight, t, vocab_size, chunk, grads=False)
     return loss_sum / count
 
 
@@ -136,12 +152,47 @@ def _chunked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
     return loss_sum, count, dxs, dw_t, keep
 
 
+def _chunked_masked(x, weight, t, vocab_size: int, chunk: int, grads: bool):
+    """The accelerator path (module doc), `_chunked`'s contract: no host sync, every row kept (`keep` is None; an
+    ignored row contributes 0 to the loss and its gradient), dW transposed over the padded columns (the padded
+    columns' part is exactly 0)."""
+    dev = x.device
+    cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+    with torch.autocast(dev.type, enabled=False):
+        valid = t != -1
+        count = valid.sum()
+        tc_all = t.clamp(min=0)
+        xs, w = x.to(cdt), weight.to(cdt)
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
+        dxs = dw_t = None
+        if grads:
+            dxs = torch.empty_like(xs)
+            dw_t = torch.zeros(w.size(1), w.size(0), device=dev, dtype=torch.float32)
+        for i in range(0, xs.size(0), chunk):
+            xc, tc, vc = xs[i:i + chunk], tc_all[i:i + chunk], valid[i:i + chunk]
+            logits = (xc @ w.t()).float()
+            logits[:, vocab_size:] = float("-inf")
+            lse = logits.logsumexp(dim=1)
+            loss_sum += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            if grads:  # d(sum of losses)/d(logits) = softmax − one-hot, zero on ignored rows
+                p = logits.sub_(lse[:, None]).exp_()
+                p.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+                p.mul_(vc[:, None])
+                p = p.to(cdt)
+                dxs[i:i + chunk] = p @ w
+                dw_t.add_(xc.t() @ p)
+    return loss_sum, count, dxs, dw_t, None
+
+
+_KERNEL_FNS = {"cpu": _chunked, "cuda": _chunked_masked}
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(F.linear(x, weight[:vocab]).float(), t, ignore_index=-1), chunked over rows (module doc)."""
 
     @staticmethod
-    def forward(ctx, x, weight, t, vocab_size, chunk):
-        loss_sum, count, dxs, dw_t, keep = _chunked(x, weight, t, vocab_size, chunk, grads=True)
+    def forward(ctx, x, weight, t, vocab_size, chunk, kernel):
+        loss_sum, count, dxs, dw_t, keep = _KERNEL_FNS[kernel](x, weight, t, vocab_size, chunk, grads=True)
         ctx.shape, ctx.padded, ctx.dtypes = x.shape, weight.size(0), (x.dtype, weight.dtype)
         ctx.save_for_backward(dxs, dw_t, count, keep)
         return loss_sum / count
@@ -160,4 +211,4 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             gw = torch.empty(ctx.padded, dw_t.size(0), device=dw_t.device, dtype=ctx.dtypes[1])
             torch.mul(dw_t.t(), scale, out=gw[:dw_t.size(1)])
             gw[dw_t.size(1):] = 0
-        return gx, gw, None, None, None
+        return gx, gw, None, None, None, None

@@ -286,7 +286,8 @@ def test_a_run_past_a_lowered_max_steps_says_so_and_settings_name_no_paths(data,
     # runtime settings that leave the arithmetic alone are not listed; a thread count is the machine's warning's,
     # by the count used (threads 1 -> torch's default)
     assert "gptrain: warning: settings changed since step_00000003: max_steps 3 -> 2\n" in err
-    assert runtime_fields(TrainConfig, numerics=True) == {"device", "compile", "parallel", "fsdp_shard_size"}
+    assert runtime_fields(TrainConfig, numerics=True) == {"device", "compile", "parallel", "fsdp_shard_size",
+                                                          "deterministic", "reduce_scatter"}
     other = tmp_path / "elsewhere"
     code, out, err = run(args[:4] + [str(other)] + args[5:] + ["--max-steps", "4", "--resume",
                                                                str(tmp_path / "r" / "checkpoints" / "step_00000003")])

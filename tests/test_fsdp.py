@@ -1,7 +1,8 @@
 """FSDP2 against DDP on 2 CPU processes (gloo, float32): same seed, same data, the same loss and gradient norm at
 each of 20 steps, with and without accumulation, without resharding after forward, on a 2-D (hybrid) mesh, with
 Muon (each sharded matrix gathered whole) as with AdamW, and Muon under both equal to one process accumulating
-the same two micro-batches; and activation checkpointing changes no loss."""
+the same two micro-batches; activation checkpointing changes no loss; reduce-scattering every micro-step
+(--reduce-scatter every) gives the losses of reducing once per step."""
 
 import os
 
@@ -23,6 +24,7 @@ RUNS = {
     "ddp accum": dict(parallel="ddp", total_batch_size=2 * B * T * 2),
     "fsdp accum": dict(parallel="fsdp", total_batch_size=2 * B * T * 2),
     "fsdp accum no-reshard": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, reshard_after_forward=False),
+    "fsdp accum rs-every": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, reduce_scatter="every"),
     "hsdp accum": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, fsdp_shard_size=1),
     "fsdp accum ac": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, activation_checkpointing="blocks"),
     "ddp accum ac": dict(parallel="ddp", total_batch_size=2 * B * T * 2, activation_checkpointing="blocks"),
@@ -80,7 +82,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("run,ref", [("fsdp", "ddp"), ("fsdp accum", "ddp accum"), ("fsdp accum no-reshard", "ddp accum"),
                                      ("hsdp accum", "ddp accum"), ("fsdp muon", "ddp muon"),
                                      ("fsdp accum muon", "ddp accum muon"), ("single accum muon", "ddp muon"),
-                                     ("single accum muon", "fsdp muon")])
+                                     ("single accum muon", "fsdp muon"), ("fsdp accum rs-every", "fsdp accum")])
 def test_fsdp_equals_ddp_at_every_step(results, run, ref):
     got, want = results[run], results[ref]
     assert want["loss"][-1] < want["loss"][0] - 0.5  # it learns, so equality means something

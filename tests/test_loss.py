@@ -88,3 +88,31 @@ def test_float16_autocast_keeps_losses_far_in_the_tail():
     with torch.autocast("cpu", dtype=torch.float16):
         got, ref = lm_loss(x, w, t, vocab), _reference(x, w, t, vocab)
     assert torch.isfinite(got) and torch.allclose(got, ref, rtol=1e-2)
+
+
+def test_cuda_path_on_cpu_equals_todays_path_loss_and_gradients(monkeypatch):
+    """kernel="cuda" (large chunks, no host syncs, the padded weight with its extra columns masked) gives today's
+    loss and gradients; run on the CPU by naming the kernel. No host sync: every tensor op only, so it also runs
+    with `.item()`/`bool()` on tensors forbidden."""
+    torch.manual_seed(0)
+    vocab, padded = 1000, 1024
+    x, w = torch.randn(5, 120, 16), torch.randn(padded, 16) * 0.3
+    t = torch.randint(0, vocab, (5, 120))
+    t[0, :50] = -1
+    t[2] = -1
+    today = _grads(lambda *a: lm_loss(*a, chunk_tokens=64, kernel="cpu"), x, w, t, vocab)
+    for chunk in (64, None):  # many chunks, the last partial; the default (one chunk here)
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("host sync (.item) in the cuda path"))
+        monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("host sync (bool) in the cuda path"))
+        cuda = _grads(lambda *a: lm_loss(*a, chunk_tokens=chunk, kernel="cuda"), x, w, t, vocab)
+        monkeypatch.undo()
+        for a, b in zip(cuda, today):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.count_nonzero(cuda[2][vocab:]) == 0  # padded rows get no gradient
+    with torch.no_grad():
+        assert torch.allclose(lm_loss(x, w, t, vocab, kernel="cuda"), today[0], atol=1e-6, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 softmax and accumulation
+        ref = _grads(_reference, x, w, t, vocab)
+        bf = _grads(lambda *a: lm_loss(*a, kernel="cuda"), x, w, t, vocab)
+    assert torch.allclose(bf[0], ref[0], atol=1e-3)
+    assert torch.allclose(bf[1], ref[1], atol=2e-3, rtol=2e-2) and torch.allclose(bf[2], ref[2], atol=2e-3, rtol=2e-2)

@@ -174,3 +174,51 @@ def test_cpu_run_beyond_the_ram_stops_at_once_naming_the_flags(monkeypatch, tmp_
     assert not (tmp_path / "run" / "checkpoints").exists()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes of this node share the RAM
     assert memory.detected_memory("cpu") == (2 << 30, "RAM available now, shared by 4 processes")
+
+
+def test_fsdp_plan_charges_no_compiled_logits_and_reduce_scatter_every_keeps_only_the_shard():
+    fsdp = _plan(4, parallel="fsdp", compile=True)
+    eager = _plan(4, parallel="fsdp", compile=False)
+    assert fsdp.activations() == eager.activations()  # FSDP never compiles the root, where the loss is
+    ddp = _plan(4, parallel="ddp", compile=True)
+    assert ddp.activations() > _plan(4, parallel="ddp", compile=False).activations()  # DDP compiles the loss
+    n, unit = fsdp.n_params, fsdp._largest_unit()
+    assert fsdp.accumulation == 2
+    assert fsdp.grads(reduce_scatter="last") == int(4 * n / 4 + 4 * n + 4 * unit)  # every unsharded fp32 grad
+    assert fsdp.grads(reduce_scatter="every") == int(4 * n / 4 + 2 * 4 * unit)  # the shard, one unit in flight
+    auto = dataclasses.replace(fsdp, memory=None)
+    assert auto.reduce_scatter == "auto" and auto.reduce_scatter_mode() == "last"  # memory unknown: no reason to
+    tight = dataclasses.replace(fsdp, memory=int(fsdp._total(None, None, "every") / memory.USABLE) + 1)
+    assert tight._total(None, None, "last") > tight.usable
+    assert tight.reduce_scatter_mode() == "every" and tight.fits()  # auto chooses it when only that fits
+    roomy = dataclasses.replace(fsdp, memory=64 * memory.GiB)
+    assert roomy.reduce_scatter_mode() == "last"
+
+
+def test_the_issues_gpt3_6_7b_plan(capsys):
+    """`gptrain train --preset gpt3-6.7b --parallel fsdp --plan --plan-world-size 8 --memory 80GB
+    --activation-checkpointing blocks --device cuda`: the figures README quotes."""
+    from gptrain.cli import main
+    assert main(["train", "--preset", "gpt3-6.7b", "--parallel", "fsdp", "--plan", "--plan-world-size", "8",
+                 "--memory", "80GB", "--activation-checkpointing", "blocks", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan for CUDA: 32L/32H/4096C") and "Blocks compiled" in out
+    rows = {line.split("  ")[1].strip(): line.split() for line in out.splitlines() if line.startswith("  ")}
+    assert rows["parameters"][-2:] == ["5.02", "GiB"]  # bf16 gathered by FSDP, not autocast's copies
+    assert rows["optimizer state (AdamW)"][-2:] == ["6.20", "GiB"]
+    assert ("checkpointing blocks (this run): micro-batch 8 fits (reduce-scatter last); largest micro-batch that "
+            "fits: 32 (accumulation 4, reduce-scatter every); reduce-scatter on the last micro-step only: 16") in out
+
+
+def test_memory_without_device_says_which_device_it_planned_for(capsys):
+    from gptrain.cli import main
+    assert main(["train", "--preset", "gpt2-124m", "--plan", "--memory", "16GB", "--device", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "note: planned for" in out and "--device cuda" in out
+    from conftest import ROOT
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    cfg = resolve("gpt3-6.7b", {"parallel": "fsdp", "micro_batch_size": 32, "activation_checkpointing": "blocks",
+                                "memory": "80GB"})
+    total = memory.plan_for(preset("gpt3-6.7b"), cfg, 8, "cuda").total()
+    assert (f"the largest micro-batch is 32 with a reduce-scatter every micro-step ({total / memory.GiB:.1f} GiB of "
+            "72.0), 16 with one per step") in readme

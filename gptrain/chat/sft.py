@@ -272,7 +272,7 @@ def sft(cfg: TrainConfig, opts: SFTOptions, user_set=frozenset()) -> dict:
     convs = source.conversations
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    env = distributed.setup(cfg.device, cfg.parallel)
+    env = distributed.setup(cfg.device, cfg.parallel, cfg.dist_timeout)
     try:
         seed_everything(cfg.seed)
         tok = get_tokenizer(chat=True)

@@ -144,6 +144,14 @@ def download(url: str | None = None, dest: Path | None = None, progress: bool = 
     return dest
 
 
+def fetch(url: str | None = None, progress: bool = False) -> Path:
+    """The cached official file, downloaded first when it is not there yet."""
+    cached = cache_dir() / FILENAME
+    if not cached.is_file():
+        download(url, cached, progress=progress)
+    return cached
+
+
 def load_examples(path: str | os.PathLike | None = None, limit: int | None = None, *, url: str | None = None,
                   progress: bool = False, flag: str = "--data") -> list[dict]:
     """HellaSwag validation examples: from `path` (.jsonl / .jsonl.gz, checked for structure only; named by
@@ -152,9 +160,7 @@ def load_examples(path: str | os.PathLike | None = None, limit: int | None = Non
     if path is not None:
         examples = read_jsonl(path, flag)
     else:
-        cached = cache_dir() / FILENAME
-        if not cached.is_file():
-            download(url, cached, progress=progress)
+        cached = fetch(url, progress)
         examples = read_jsonl(cached)
         try:
             verify_official(examples, str(cached))

@@ -74,6 +74,9 @@ class TrainConfig:
                     choices=("auto", "float32", "bfloat16"))
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off elsewhere)", runtime=True,
                               numerics=True)
+    deterministic: bool = _f(False, "CUDA: deterministic algorithms (torch.use_deterministic_algorithms, the cuBLAS "
+                                    "workspace setting, no autotuning), so that a GPU run repeats itself; slower. "
+                                    "CPU runs are deterministic without it", runtime=True, numerics=True)
     # numerics too, but 0 is "torch's default": the checkpoint's machine record compares the count actually used
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", ge=0, le=4096, runtime=True)
     # --- parallelism and memory (how a run executes, not what it trains: a resumed run may change them)
@@ -89,6 +92,14 @@ class TrainConfig:
     activation_checkpointing: str = _f("none", "recompute activations in backward instead of keeping them: none or "
                                                "blocks (each transformer Block)",
                                        choices=("none", "blocks"), runtime=True)
+    reduce_scatter: str = _f("auto", "fsdp with gradient accumulation: reduce-scatter gradients on the last "
+                                     "micro-step only (last: each rank holds the whole model's float32 gradient "
+                                     "meanwhile), on every micro-step (every: only the shard is kept, more "
+                                     "communication), or auto (every when the plan says the run does not fit "
+                                     "otherwise)", choices=("auto", "last", "every"), runtime=True, numerics=True)
+    dist_timeout: float = _f(60.0, "minutes a process waits in a collective (e.g. while rank 0 writes a checkpoint) "
+                                   "before the job fails; size it for the slowest checkpoint save", gt=0,
+                             runtime=True)
     plan: bool = _f(False, "print the per-process memory plan (parameters, gradients, optimizer state, activations, "
                            "the largest micro-batch that fits) and exit without training", runtime=True)
     memory: str | None = _f(None, "memory per process the plan must fit, e.g. 80GB (GB = GiB = 2^30 bytes); default "

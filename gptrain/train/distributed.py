@@ -17,6 +17,7 @@ replicates across groups (HSDP on a 2-D device mesh, e.g. shard inside a node, r
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ from gptrain.errors import GptrainError
 
 PARALLEL = ("ddp", "fsdp")
 CHECKPOINTING = ("none", "blocks")
+# The process groups' timeout (`--dist-timeout`): how long a rank waits in a collective before the job fails. It
+# is sized for the slowest rank-0 step (a checkpoint save), not NCCL's default 10 minutes.
+DEFAULT_TIMEOUT_MIN = 60.0
+_timeout = [datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)]
+
+
+def timeout() -> datetime.timedelta:
+    """The timeout the current process groups were made with (gptrain.train.together's control group uses it)."""
+    return _timeout[0]
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,15 @@ def choose_device(pref: str = "auto") -> str:
     return pref
 
 
-def setup(device_pref: str = "auto", parallel: str = "ddp") -> DistEnv:
-    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (absent: one process) and join the process group.
+def cuda_device(local_rank: int) -> str:
+    """This process's GPU: its local rank modulo the GPUs it sees. A launcher that gives each process one visible
+    GPU (CUDA_VISIBLE_DEVICES per rank) leaves one device while LOCAL_RANK counts on."""
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def setup(device_pref: str = "auto", parallel: str = "ddp", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistEnv:
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE (absent: one process) and join the process group, whose
+    collectives wait `timeout_min` minutes before failing.
 
     FSDP needs a process group even for one process (its device mesh is built on one), so `parallel="fsdp"` makes
     a single-member group from an in-memory store when there is no torchrun."""
@@ -75,14 +92,16 @@ def setup(device_pref: str = "auto", parallel: str = "ddp") -> DistEnv:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_pref)
     if device == "cuda":
-        device = f"cuda:{local_rank}"
+        device = cuda_device(local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        _timeout[0] = datetime.timedelta(minutes=timeout_min)
         if world <= 1:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=_timeout[0])
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=_timeout[0])
     return DistEnv(rank=rank, local_rank=local_rank, world_size=max(world, 1), device=device)
 
 
@@ -96,6 +115,16 @@ def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= env.world_size
     return x
+
+
+def all_reduce_mean_and_flag(x: torch.Tensor, flag: bool, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x averaged over ranks, 1.0 if `flag` is set on any rank else 0.0) in one all-reduce: a per-step flag (the
+    stop signal) rides on the loss's collective instead of costing its own."""
+    both = torch.stack([x.float(), x.new_full((), float(flag), dtype=torch.float32)])  # a fill, no host copy
+    if env.ddp:
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        both[0] /= env.world_size
+    return both[0].to(x.dtype), (both[1] > 0).float()
 
 
 def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -143,12 +172,15 @@ class Wrapped:
     parallel: str = "ddp"
     # FSDP: each FSDP module and the reshard-after-forward it trains with (restored after `gathered`)
     fsdp_modules: list = field(default_factory=list)
+    # FSDP: reduce-scatter on every micro-step (only the shard accumulates: memory) instead of the last (traffic)
+    reduce_every_micro_step: bool = False
 
     def no_sync(self, last_micro_step: bool):
         """Reduce gradients only on the last micro-step of an optimizer step (DDP: `no_sync` on the others; FSDP:
-        gradients accumulate unsharded, in the reduction dtype, and are reduce-scattered once)."""
+        gradients accumulate unsharded, in the reduction dtype, and are reduce-scattered once), or under FSDP with
+        `reduce_every_micro_step` on every micro-step, the sharded gradients accumulating."""
         if self.parallel == "fsdp":
-            self.train.set_requires_gradient_sync(last_micro_step)
+            self.train.set_requires_gradient_sync(last_micro_step or self.reduce_every_micro_step)
             return contextlib.nullcontext()
         if isinstance(self.train, torch.nn.parallel.DistributedDataParallel) and not last_micro_step:
             return self.train.no_sync()
@@ -192,7 +224,31 @@ class Wrapped:
         finally:
             for module, reshard in self.fsdp_modules:
                 module.set_reshard_after_forward(reshard, recurse=False)
-            self.raw.reset_iter_state()  # reshards every unit and forgets the forwards above
+            reset_iter_state(self.raw)  # reshards every unit and forgets the forwards above
+
+
+def reset_iter_state(root) -> None:
+    """FSDPModule.reset_iter_state (torch 2.13) on the FSDP root after forward-only work: every unit resharded and
+    the iteration's records of those forwards forgotten. Torch 2.11 (the lent GPU machines' image) lacks it; there
+    the same is done on FSDP's state directly, for the forward-only case gptrain needs (no gradients in flight)."""
+    if hasattr(root, "reset_iter_state"):
+        root.reset_iter_state()
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    state = root._get_fsdp_state()
+    if (gather := state._comm_ctx.all_gather_state) is not None and gather.event is not None:
+        state._device_handle.current_stream().wait_event(gather.event)
+    state._comm_ctx.all_gather_state = None
+    state._comm_ctx.post_forward_order.clear()
+    for unit in state._state_ctx.all_states:
+        unit._modules_to_run_forward.clear()
+        unit._training_state = TrainingState.IDLE
+        group = unit._fsdp_param_group
+        if group is not None:
+            group._post_forward_indices.clear()
+            group._training_state = TrainingState.IDLE
+            group.reshard()
+    state._state_ctx.iter_forward_root = None
 
 
 def wrap(model: torch.nn.Module, env: DistEnv, compile: bool, parallel: str = "ddp", *,
@@ -213,16 +269,13 @@ def wrap(model: torch.nn.Module, env: DistEnv, compile: bool, parallel: str = "d
     fwd = torch.compile(model) if compile else model
     train = fwd
     if env.ddp:
-        ids = [env.local_rank] if env.device_type == "cuda" else None
+        ids = [torch.device(env.device).index] if env.device_type == "cuda" else None
         train = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids, gradient_as_bucket_view=True)
     return Wrapped(raw=model, fwd=fwd, train=train)
 
 
 def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_size, param_dtype) -> Wrapped:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    if not hasattr(FSDPModule, "reset_iter_state"):
-        raise GptrainError(f"--parallel fsdp needs a newer torch than {torch.__version__} (FSDPModule.reset_iter_state; "
-                           "tested with 2.13); use --parallel ddp or upgrade torch")
     if not dist.is_initialized():
         raise GptrainError("--parallel fsdp needs a process group; run under torchrun, or through `gptrain train`, "
                            "which makes one for a single process")
@@ -246,5 +299,5 @@ def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_
     device = next(iter(model.parameters())).device
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
-    model.reset_iter_state()
+    reset_iter_state(model)
     return Wrapped(raw=model, fwd=model, train=model, parallel="fsdp", fsdp_modules=modules)

@@ -8,13 +8,16 @@
   all-gather's buffer for the largest unit), plus autocast's bf16 copies of the weights, which backward keeps
   (DDP, or FSDP without a bf16 MixedPrecisionPolicy);
 - gradients: float32 (DDP: N; FSDP: N/S, plus the largest unit's unsharded gradient and its reduce-scatter copy,
-  or a full unsharded float32 copy of all of them while micro-steps accumulate without a reduce-scatter);
+  or a full unsharded float32 copy of all of them while micro-steps accumulate without a reduce-scatter; with
+  `--reduce-scatter every`, or `auto` when only that fits, every micro-step reduce-scatters and only the shard
+  accumulates);
 - optimizer state: AdamW's two float32 moments (8 bytes a parameter, divided by S under FSDP); with --optimizer
   muon one float32 momentum (4 bytes) for the block matrices, plus under FSDP the one matrix gathered at a time;
 - activations for one micro-batch: what each Block keeps for backward, counted tensor by tensor for gptrain's
   Block (17 values of width C per token: LayerNorm inputs, the fused QKV, attention output, MLP hidden before and
   after GELU, ...; attention itself keeps only a log-sum-exp per head, as SDPA's fused kernels do), the loss's
-  buffers (gptrain.model.lm_loss: its chunked gradient in eager mode, the whole logits under compile), the tied
+  buffers (gptrain.loss.lm_loss: its chunked gradient in eager mode, the CPU's or the accelerator's kernel, and
+  under FSDP too, whose root (the loss) is never compiled; the whole logits only when DDP compiles it), the tied
   LM head's gradient (made twice, once by the head and once by the embedding, before they are summed), and a
   working set for backward. With activation checkpointing a Block keeps only its input, and one Block at a time
   is recomputed in backward;
@@ -28,6 +31,7 @@ measured peaks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -37,12 +41,12 @@ import torch
 
 from gptrain.devices import inference_dtype
 from gptrain.errors import GptrainError
+from gptrain.loss import CHUNK_TOKENS as LOSS_CHUNK, CUDA_CHUNK_TOKENS as LOSS_CHUNK_ACCEL
 from gptrain.model import GPTConfig
 
 GiB = 1 << 30
 USABLE = 0.9  # fraction of the memory a plan may fill
 RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.6 * GiB, "mps": 0.6 * GiB}
-LOSS_CHUNK = 512  # rows per chunk of gptrain.model.lm_loss in eager mode
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
@@ -87,6 +91,7 @@ class Plan:
     compile: bool
     reshard_after_forward: bool
     device_type: str
+    reduce_scatter: str  # FSDP under accumulation: "last", "every", or "auto" (every when only that fits)
     memory: int | None
     memory_source: str
     optimizer_name: str = "adamw"  # or "muon": one float32 momentum buffer for each block matrix
@@ -113,15 +118,26 @@ class Plan:
         autocast_copies = 2 * n if self.compute_bytes == 2 and not self.mixed_precision else 0
         return int(held + autocast_copies)
 
-    def grads(self, accumulation: int | None = None) -> int:
+    def grads(self, accumulation: int | None = None, reduce_scatter: str | None = None) -> int:
         n = self.n_params
         if self.parallel == "ddp":
             return 4 * n
         accumulation = self.accumulation if accumulation is None else accumulation
+        every = (reduce_scatter or self.reduce_scatter) == "every"
         # a unit's unsharded gradient and the reduce-scatter's flattened copy of it; when micro-steps accumulate
         # without reducing, every unsharded gradient stays (float32) until the last one
-        unsharded = (4 * n + 4 * self._largest_unit()) if accumulation > 1 else 2 * 4 * self._largest_unit()
+        unsharded = (4 * n + 4 * self._largest_unit()) if accumulation > 1 and not every \
+            else 2 * 4 * self._largest_unit()
         return int(4 * n / self.shards + unsharded)
+
+    def reduce_scatter_mode(self, checkpointing: str | None = None, micro_batch: int | None = None) -> str:
+        """"last" or "every": --reduce-scatter auto reduce-scatters every micro-step (more communication) only when
+        FSDP accumulates and keeping the unsharded gradients would not fit."""
+        if self.reduce_scatter != "auto":
+            return self.reduce_scatter
+        if self.parallel != "fsdp" or self.memory is None:
+            return "last"
+        return "last" if self._total(checkpointing, micro_batch, "last") <= self.usable else "every"
 
     def _largest_unit(self) -> int:
         """Parameters of the largest FSDP unit: the root (embeddings, final LayerNorm) or one Block."""
@@ -156,18 +172,25 @@ class Plan:
             kept = L * block
         embed_and_head = 4 * C + 4 * C + dt * C  # embedding sum, final LayerNorm input and output
         backward = 4 * C + 2 * 4 * dt * C  # gradient of the residual stream and of the MLP hidden layer
-        if self.compile:
+        Vp = c.padded_vocab_size
+        if self.compile and self.parallel == "ddp":  # FSDP compiles each Block, never the root with the loss
             loss = tokens * V * (dt + 4)  # the logits and their float32 upcast
-        else:
+        elif self.device_type == "cpu":
             loss = tokens * C * dt + V * C * 4 + min(tokens, LOSS_CHUNK) * V * 4 * (2 if dt == 2 else 1)
+        else:  # the accelerator kernel: dx, dW (float32) and one product in the compute dtype, a chunk's float32
+            # logits (softmax in place) and their copy in the compute dtype
+            loss = tokens * C * dt + Vp * C * (4 + dt) + min(tokens, LOSS_CHUNK_ACCEL) * Vp * (4 + dt)
         # the tied head's gradient exists twice in backward (the LM head's and the embedding's, then their sum)
         tied_grads = 2 * c.padded_vocab_size * C * 4
         return int(tokens * (kept + embed_and_head + backward) + loss + tied_grads)
 
     def total(self, checkpointing: str | None = None, micro_batch: int | None = None) -> int:
+        return self._total(checkpointing, micro_batch, self.reduce_scatter_mode(checkpointing, micro_batch))
+
+    def _total(self, checkpointing, micro_batch, reduce_scatter: str) -> int:
         micro_batch = micro_batch or self.micro_batch
-        return (self.params() + self.grads(self.rows_per_process // micro_batch) + self.optimizer() + self.runtime()
-                + self.activations(checkpointing, micro_batch))
+        return (self.params() + self.grads(self.rows_per_process // micro_batch, reduce_scatter) + self.optimizer()
+                + self.runtime() + self.activations(checkpointing, micro_batch))
 
     @property
     def usable(self) -> int | None:
@@ -204,8 +227,9 @@ def plan_for(model: GPTConfig, cfg, world_size: int, device_type: str, memory: i
                 micro_batch=cfg.micro_batch_size, seq_len=cfg.seq_len, rows_per_process=cfg.micro_batch_size * accum,
                 checkpointing=cfg.activation_checkpointing, compute_bytes=2 if dtype == "bfloat16" else 4,
                 mixed_precision=fsdp and device_type == "cuda" and dtype == "bfloat16", compile=compile,
-                reshard_after_forward=cfg.reshard_after_forward, device_type=device_type, memory=memory,
-                memory_source=memory_source, optimizer_name=getattr(cfg, "optimizer", "adamw"))
+                reshard_after_forward=cfg.reshard_after_forward, device_type=device_type,
+                reduce_scatter=cfg.reduce_scatter if fsdp else "last", memory=memory, memory_source=memory_source,
+                optimizer_name=getattr(cfg, "optimizer", "adamw"))
 
 
 def detected_memory(device: str) -> tuple[int | None, str]:
@@ -252,11 +276,16 @@ def describe(p: Plan) -> str:
            if p.parallel == "fsdp" else f"ddp over {p.world_size} process{'es' if p.world_size > 1 else ''}")
     prec = ("bf16 compute, fp32 reduce" if p.mixed_precision else "bf16 autocast" if p.compute_bytes == 2
             else "float32")
-    lines = [f"memory plan: {c.n_layer}L/{c.n_head}H/{c.n_embd}C, {p.n_params / 1e6:,.1f}M parameters, "
-             f"T={p.seq_len}; {how}; {prec}{', compiled' if p.compile else ''}; micro-batch {p.micro_batch} × "
+    compiled = (", compiled" if p.parallel == "ddp" else ", Blocks compiled") if p.compile else ""
+    lines = [f"memory plan for {p.device_type.upper() if p.device_type != 'cpu' else 'the CPU'}: "
+             f"{c.n_layer}L/{c.n_head}H/{c.n_embd}C, {p.n_params / 1e6:,.1f}M parameters, "
+             f"T={p.seq_len}; {how}; {prec}{compiled}; micro-batch {p.micro_batch} × "
              f"{p.accumulation} accumulation per process",
              f"{'per process':<40}{'checkpointing none':>20}{'checkpointing blocks':>22}"]
-    for name, fn in (("parameters", lambda ck: p.params()), ("gradients", lambda ck: p.grads()),
+    rs = (lambda ck: f" (reduce-scatter {p.reduce_scatter_mode(ck)})") if p.parallel == "fsdp" and p.accumulation > 1 \
+        else (lambda ck: "")
+    for name, fn in (("parameters", lambda ck: p.params()),
+                     ("gradients", lambda ck: p.grads(reduce_scatter=p.reduce_scatter_mode(ck))),
                      (f"optimizer state ({'Muon + AdamW' if p.optimizer_name == 'muon' else 'AdamW'})",
                       lambda ck: p.optimizer()),
                      (f"activations (micro-batch {p.micro_batch})", lambda ck: p.activations(ck)),
@@ -270,9 +299,13 @@ def describe(p: Plan) -> str:
             chosen = " (this run)" if ck == p.checkpointing else ""
             b = p.largest_micro_batch(ck)
             fit = "fits" if p.fits(ck) else "does not fit"
-            best = (f"largest micro-batch that fits: {b} (accumulation {p.rows_per_process // b})" if b
-                    else "no micro-batch fits")
-            lines.append(f"  checkpointing {ck}{chosen}: micro-batch {p.micro_batch} {fit}; {best}")
+            best = (f"largest micro-batch that fits: {b} (accumulation {p.rows_per_process // b}"
+                    + (f", reduce-scatter {p.reduce_scatter_mode(ck, b)}" if p.parallel == "fsdp" and
+                       p.rows_per_process // b > 1 else "") + ")" if b else "no micro-batch fits")
+            if b and p.reduce_scatter == "auto" and p.reduce_scatter_mode(ck, b) == "every":
+                last = dataclasses.replace(p, reduce_scatter="last").largest_micro_batch(ck)
+                best += f"; reduce-scatter on the last micro-step only: {last or 'none fits'}"
+            lines.append(f"  checkpointing {ck}{chosen}: micro-batch {p.micro_batch} {fit}{rs(ck)}; {best}")
     return "\n".join(lines)
 
 

@@ -20,15 +20,20 @@ from gptrain.errors import GptrainError, disk_full, is_disk_full
 
 # Dense bf16 peak FLOP/s per GPU (vendor data sheets), for MFU; the first key found in the device name wins, so
 # variants come before their family. Unknown GPUs print no MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# The peak of other dtypes as a fraction of bf16's, on every GPU above: a float32 run's matmuls run as TF32 (the
+# trainer enables it on CUDA), whose dense tensor-core peak is half bf16's.
+PEAK_FRACTION = {torch.bfloat16: 1.0, torch.float16: 1.0, torch.float32: 0.5}
 
 
-def peak_flops(device: str) -> float | None:
+def peak_flops(device: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The device's dense peak FLOP/s for matmuls in `dtype` (the run's autocast dtype, float32 without)."""
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    bf16 = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return None if bf16 is None else bf16 * PEAK_FRACTION[dtype]
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """Surviving preemption and divergence.
 
 - `Preemption`: SIGTERM, SIGINT or SIGHUP (a closed terminal or ssh session) asks the run to stop; every rank
-  finishes the step it is in, the ranks agree through an all-reduce at the step's end, a checkpoint is saved and
+  finishes the step it is in, the ranks agree through the step's loss all-reduce, a checkpoint is saved and
   the process exits 0, whatever became of its console (gptrain/output.py). A second SIGINT or SIGTERM exits at
   once (a copy of the same signal within a second is ignored: torchrun forwards the terminal's Ctrl-C to workers
   that already received it); a repeated SIGHUP never does, as a hung-up terminal cannot ask twice (the kernel and
@@ -23,7 +23,6 @@ import time
 from collections import deque
 
 import torch
-import torch.distributed as dist
 
 from gptrain.errors import GptrainError
 
@@ -35,7 +34,8 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SI
 
 
 class Preemption:
-    """Install around the training loop (or use as a context manager); call `should_stop()` at each step's end."""
+    """Install around the training loop (or use as a context manager); `received` is the signal, None before one.
+    The trainer carries it on its per-step loss all-reduce, so every rank stops after the same step."""
 
     DUPLICATE_WINDOW_S = 1.0
 
@@ -76,15 +76,6 @@ class Preemption:
         print(f"gptrain: second {name}: exiting now without saving; {self.rerun} to continue from the last "
               "checkpoint", file=sys.stderr, flush=True)
         os._exit(128 + signum)
-
-    def should_stop(self, device: str | torch.device = "cpu") -> bool:
-        """True on every rank when any rank was signalled (one tiny all-reduce under torchrun)."""
-        flag = self.received is not None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
 
 
 class DivergenceError(GptrainError):

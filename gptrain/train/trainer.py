@@ -26,7 +26,8 @@ import torch
 from gptrain.bits_per_byte import ByteCounter, bits_per_byte
 from gptrain.config import (add_dataclass_args, check_output_dir, overrides_from_args, runtime_fields, to_jsonable,
                             validate, write_json_atomic)
-from gptrain.devices import attention_kernels, inference_dtype
+from gptrain.data.prefetch import prefetching
+from gptrain.devices import attention_kernels, deterministic_algorithms, inference_dtype
 from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, GPTConfig, preset as model_preset
 from gptrain.train import distributed, memory
@@ -36,6 +37,7 @@ from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
 from gptrain.train.optim import lr_at, make_optimizer
 from gptrain.train.resilience import DivergenceGuard, Preemption, inject_test_nan
+from gptrain.train.together import on_rank0, together
 
 
 def seed_everything(seed: int) -> None:
@@ -76,6 +78,8 @@ class Trainer:
         if self.env.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.deterministic:
+            deterministic_algorithms(True)
         self.cfg = dataclasses.replace(cfg, compile=self.compile, dtype=dtype, device=self.env.device_type,
                                        model=None if cfg.init_from else cfg.model,
                                        sample_prompt=self._sample_prompt(cfg, train_loader, tokenizer))
@@ -86,26 +90,32 @@ class Trainer:
             self.model, self.env, self.compile, cfg.parallel, reshard_after_forward=cfg.reshard_after_forward,
             checkpointing=cfg.activation_checkpointing, shard_size=cfg.fsdp_shard_size,
             param_dtype=self.amp_dtype if fsdp and self.env.device_type == "cuda" else None)
+        # FSDP under accumulation: reduce-scatter every micro-step when asked, or (auto) when the plan needs it
+        self.wrapped.reduce_every_micro_step = fsdp and (self.plan.reduce_scatter_mode() if self.plan else
+                                                         cfg.reduce_scatter) == "every"
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                         embedding_lr_scale=cfg.embedding_lr_scale, device_type=self.env.device_type,
                                         optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
                                         muon_weight_decay=cfg.muon_weight_decay, muon_momentum=cfg.muon_momentum,
                                         muon_adjust_lr=cfg.muon_adjust_lr, muon_ns_dtype=dtype)
-        self.train_loader, self.val_source = train_loader, val_source
+        self.train_loader, self.val_source = prefetching(train_loader, self.device), val_source
         self.hellaswag, self.tokenizer = hellaswag, tokenizer
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
         self.train_losses: list[float] = []
         self.last_eval: dict = {}
         self.last_samples: list[str] = []
-        self.peak = peak_flops(self.device)
+        self.peak = peak_flops(self.device, self.amp_dtype or torch.float32)
+        self.stop_requested = lambda: False  # set by run(): a signal arrived on this rank
+        self.stop_agreed = False  # some rank was signalled (known on every rank after each step)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
         self.best: BestCheckpoint | None = None
         try:
             self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
-            self.log = MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
-                                  wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg))
+            self.log = together(lambda: MetricsLog(cfg.out, enabled=self.env.is_master, tensorboard=cfg.tensorboard,
+                                                   wandb_project=cfg.wandb_project, config=to_jsonable(self.cfg)),
+                                "opening metrics.jsonl")
         except BaseException:
             self.wrapped.release()  # a refused resume must not leave DDP alive past the process group
             raise
@@ -178,10 +188,13 @@ class Trainer:
         return self.best.observe(self.step, ev["val_loss"], self.train_losses)
 
     def _log(self, event: dict) -> None:
-        try:
-            self.log.log(event)
-        except DiskFullError as e:
-            raise e.with_continuation(self.how_to_continue()) from None
+        """Rank 0 writes; every rank stops with its error if that fails (gptrain.train.together)."""
+        def write():
+            try:
+                self.log.log(event)
+            except DiskFullError as e:
+                raise e.with_continuation(self.how_to_continue()) from None
+        on_rank0(write, f"writing {Path(self.cfg.out or '.') / 'metrics.jsonl'}")
 
     # --- the pieces of a step
     @contextlib.contextmanager
@@ -218,20 +231,23 @@ class Trainer:
                 loss_accum += loss.detach()
                 with self.attention():
                     loss.backward()
-        distributed.all_reduce_mean(loss_accum, self.env)
+        # one all-reduce carries the loss and the stop flag (any rank signalled)
+        loss_accum, stop = distributed.all_reduce_mean_and_flag(loss_accum, self.stop_requested(), self.env)
         norm = self.wrapped.clip_grad_norm(self.cfg.grad_clip or float("inf"))
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         last_good = self.checkpoints.last_good if self.checkpoints else None
-        skipped = self.guard.check(self.step, loss_accum.item(), norm.item(), last_good)  # same on every rank
+        # The step's one host sync: the guard decides from the values (the same on every rank).
+        loss_value, norm_value, self.stop_agreed = torch.stack([loss_accum, norm.float(), stop]).tolist()
+        skipped = self.guard.check(self.step, loss_value, norm_value, last_good)
         if skipped is None:
             self.optimizer.step()
-        if self.env.device_type == "cuda":
-            torch.cuda.synchronize(self.device)
+        # No synchronize: the optimizer's kernels run on while the next batch is read; `ms` is the host's time
+        # from one step's end to the next, which in steady state is the device's.
         dt = time.perf_counter() - t0
         tokens = self.cfg.total_batch_size
-        m = {"step": self.step, "train_loss": loss_accum.item(), "lr": lr, "grad_norm": norm.item(),
+        m = {"step": self.step, "train_loss": loss_value, "lr": lr, "grad_norm": norm_value,
              "tokens_per_sec": tokens / dt, "ms": 1000 * dt}
         if self.peak:
             m["mfu"] = self.model.estimate_mfu(tokens / dt / self.env.world_size, self.cfg.seq_len, self.peak)
@@ -319,6 +335,7 @@ class Trainer:
                     f"{cfg.out} is at step {self.step}, past --max-steps {cfg.max_steps}: nothing to train (steps "
                     "are not undone); for a shorter run use another --out, or --resume fresh")
         preempt = Preemption(rerun_hint(cfg.resume)).install()
+        self.stop_requested = lambda: preempt.received is not None
         try:
             while not finished:
                 if self._due(cfg.eval_every) and (self.val_source is not None or self.hellaswag is not None):
@@ -331,11 +348,11 @@ class Trainer:
                         if note:
                             console(note)
                 if self._due(cfg.sample_every) and self.step > 0:
-                    samples = self.sample()  # every rank: FSDP gathers the weights for it
-                    if samples:
+                    samples = self.sample()  # every rank: FSDP gathers the weights for it (rank 0 samples)
+                    if self.tokenizer is not None:  # every rank: the write's outcome reaches them all
                         self._log({"step": self.step, "samples": samples})
-                        for s in samples:
-                            console(f"sample: {s!r}")
+                    for s in samples:
+                        console(f"sample: {s!r}")
                 if self.step >= cfg.max_steps:
                     break
                 m = self.train_step()
@@ -347,9 +364,10 @@ class Trainer:
                     console(step_line(m, cfg.max_steps, clock.eta(cfg.max_steps - self.step)))
                 if self.env.is_master and m.get("skipped"):
                     console(f"step {m['step']}: update skipped ({m['skipped']})")
-                stop = preempt.should_stop(self.device)
+                stop = bool(self.stop_agreed)
                 if self.checkpoints and (stop or self._due(cfg.save_every) or self.step == cfg.max_steps):
-                    self.checkpoints.save(self.step, self.tokens_seen)
+                    together(lambda: self.checkpoints.save(self.step, self.tokens_seen),
+                             f"writing the checkpoint of step {self.step}")
                 if stop:
                     if self.env.is_master:
                         console(f"stopped after step {self.step} on a signal; {rerun_hint(cfg.resume)} to continue")
@@ -400,6 +418,9 @@ def print_plan(cfg: TrainConfig, model: GPTConfig) -> dict:
     plan = memory.plan_for(model, cfg, world, device.split(":")[0], *detected)
     if int(os.environ.get("RANK", "0")) == 0:
         console(memory.describe(plan))
+        if cfg.memory and cfg.device == "auto":  # --memory names no device: say which one was planned for
+            console(f"note: planned for {device.split(':')[0]} (this machine's, --device auto); for another pass "
+                    "e.g. --device cuda (bf16 weights gathered by FSDP instead of autocast's copies)")
     return {"plan": plan}
 
 
@@ -439,7 +460,7 @@ def train(cfg: TrainConfig) -> dict:
     manifest = load_manifest(cfg.data)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    env = distributed.setup(cfg.device, cfg.parallel)
+    env = distributed.setup(cfg.device, cfg.parallel, cfg.dist_timeout)
     try:
         seed_everything(cfg.seed)
         model = build_model(cfg, vocab_size=_manifest_vocab(manifest))
@@ -496,6 +517,8 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
             console(f"note: --warmup-steps {cfg.warmup_steps} is not below the run's {cfg.max_steps} steps: the "
                     f"learning rate rises all run and never reaches --lr {cfg.lr:g} (for a short run pass e.g. "
                     f"--warmup-steps {max(1, cfg.max_steps // 10)})")
+
+    def write_config():
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         try:
             write_json_atomic(Path(cfg.out) / "config.json",
@@ -504,6 +527,11 @@ def run_and_record(trainer: Trainer, record: dict | None = None, note: str | Non
                                "tokenizer_sha256": tok.sha256, **(record or {})})
         except DiskFullError as e:
             raise e.with_continuation(trainer.how_to_continue()) from None
+    try:
+        on_rank0(write_config, f"writing {Path(cfg.out) / 'config.json'}")
+    except BaseException:
+        trainer.wrapped.release()
+        raise
     try:
         result = trainer.run()
     finally:
@@ -523,10 +551,13 @@ def _load_hellaswag(cfg: TrainConfig):
     """HellaSwag examples for in-loop accuracy: 'auto' = the official file (downloaded once into the cache)."""
     if cfg.hellaswag_data in (None, "", "none"):
         return None
-    from gptrain.eval.hellaswag import load_examples
+    from gptrain.eval import hellaswag
+    path = None if cfg.hellaswag_data == "auto" else cfg.hellaswag_data
     try:
-        return load_examples(None if cfg.hellaswag_data == "auto" else cfg.hellaswag_data,
-                             limit=cfg.hellaswag_limit or None, flag="--hellaswag-data")
+        if path is None:  # rank 0 downloads; the outcome's broadcast is the others' barrier
+            on_rank0(lambda: hellaswag.fetch(), "downloading HellaSwag")
+        return together(lambda: hellaswag.load_examples(path, limit=cfg.hellaswag_limit or None,
+                                                        flag="--hellaswag-data"), "reading HellaSwag")
     except GptrainError as e:
         raise GptrainError(f"{e} (or --hellaswag-data none to train without it)") from None
 
