@@ -103,6 +103,10 @@ class TrainConfig:
     keep_last: int = _f(3, "keep the newest K checkpoints (0: keep all)", ge=0, runtime=True)
     keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of M permanently; 0: none", ge=0,
                         runtime=True)
+    async_save: bool = _f(False, "write checkpoints in the background: each rank's shards are copied to CPU memory "
+                                 "(one more copy of its model and optimizer shards) and training goes on while "
+                                 "they are written; at most one save in flight, the run's end waits for it",
+                          runtime=True)
     resume: str | None = _f(None, "none (default): continue the run in --out when it holds checkpoints of the same "
                                   "settings, refusing (naming them) when a setting that defines the run changed; "
                                   "'auto': continue from its newest valid checkpoint whatever changed; 'fresh': start "

@@ -28,7 +28,7 @@ from gptrain.config import (add_dataclass_args, check_output_dir, overrides_from
 from gptrain.devices import attention_kernels, inference_dtype
 from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, GPTConfig, preset as model_preset
-from gptrain.train import distributed, memory
+from gptrain.train import distributed, memory, meta_init
 from gptrain.train.checkpoint import Checkpointer, checkpoint_step, rerun_hint
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
@@ -140,7 +140,7 @@ class Trainer:
                             config=self.cfg, runtime=runtime_fields(TrainConfig),
                             quiet=runtime_fields(TrainConfig, numerics=False), tokenizer=tok, guard=self.guard,
                             keep_last=cfg.keep_last, keep_every=cfg.keep_every,
-                            metrics_path=Path(cfg.out) / "metrics.jsonl")
+                            metrics_path=Path(cfg.out) / "metrics.jsonl", asynchronous=cfg.async_save)
         resumed = ckpt.resume(cfg.resume)
         if resumed is not None:
             self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
@@ -321,6 +321,8 @@ class Trainer:
                     if self.env.is_master:
                         console(f"stopped after step {self.step} on a signal; {rerun_hint(cfg.resume)} to continue")
                     break
+            if self.checkpoints:
+                self.checkpoints.wait()  # an asynchronous save still in flight completes before the run ends
         finally:
             preempt.uninstall()
             self.log.close()
@@ -342,6 +344,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
                             vocab_size=vocab_size)
     except ValueError as e:
         raise GptrainError(str(e)) from None
+    if cfg.parallel == "fsdp":  # no process holds the whole model: each fills its shards after sharding
+        return meta_init.build(GPT, mcfg)
     return GPT(mcfg)
 
 
