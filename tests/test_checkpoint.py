@@ -2,17 +2,17 @@
 
 import errno
 import json
+import pickle
 import random
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from gptrain.errors import GptrainError
 from gptrain.model import GPT, GPTConfig
 from gptrain.train import checkpoint as ck
-from gptrain.train.checkpoint import checkpointer as ckr, verify
+from gptrain.train.checkpoint import checkpointer as ckr, sharded, verify
 from gptrain.train.checkpoint import Checkpointer, find_checkpoint, load_model_weights
 from gptrain.train.resilience import DivergenceGuard
 
@@ -97,15 +97,17 @@ def test_resume_continues_bit_for_bit(tmp_path):
 def test_layout_meta_and_weights(tmp_path):
     model, *_ = saved_run(tmp_path, steps=(2,))
     d = tmp_path / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in d.iterdir()) == sorted([ck.MODEL, ck.OPTIMIZER, ck.STATE, ck.META, ck.MANIFEST])
+    files = ["__0_0.distcp", ".metadata", "rank_00000.pt", ck.STATE, ck.META]
+    assert sorted(p.name for p in d.iterdir()) == sorted(files + [ck.MANIFEST])
     meta = json.loads((d / ck.META).read_text())
     assert meta["step"] == 2 and meta["tokens_seen"] == 64 and meta["world_size"] == 1
     assert meta["model_config"] == CFG.to_dict() and meta["tokenizer"] == TOK and meta["config"]["lr"] == 1e-2
+    assert meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
     manifest = json.loads((d / ck.MANIFEST).read_text())
-    assert set(manifest["files"]) == {ck.MODEL, ck.OPTIMIZER, ck.STATE, ck.META}
-    with safe_open(d / ck.MODEL, framework="pt") as f:
-        keys = set(f.keys())
-    assert "lm_head.weight" not in keys and "transformer.wte.weight" in keys  # tied: stored once
+    assert manifest["version"] == 2 and set(manifest["files"]) == set(files)
+    keys = set(sharded.SafeReader(d).read_metadata().state_dict_metadata)
+    assert "model.lm_head.weight" not in keys and "model.transformer.wte.weight" in keys  # tied: stored once
+    assert "optim.transformer.wte.weight.exp_avg" in keys  # the optimizer's tensors, by parameter name
     config, state, meta2 = load_model_weights(tmp_path)  # a run dir resolves to its newest checkpoint
     assert config == CFG and meta2["step"] == 2
     fresh = GPT(config)
@@ -113,21 +115,38 @@ def test_layout_meta_and_weights(tmp_path):
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
-    # every non-weight file is readable without unpickling arbitrary objects
-    torch.load(d / ck.OPTIMIZER, weights_only=True)
+    # every non-tensor file is readable without unpickling arbitrary objects
+    torch.load(d / "rank_00000.pt", weights_only=True)
     torch.load(d / ck.STATE, weights_only=True)
+
+
+def test_a_metadata_file_that_would_run_code_is_refused(tmp_path):
+    """DCP's .metadata is a pickle: it is read admitting only metadata classes, so a crafted one runs nothing."""
+    saved_run(tmp_path, steps=(2,))
+    d = tmp_path / "checkpoints" / "step_00000002"
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    (d / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(GptrainError, match=r"\.metadata is not a torch.distributed.checkpoint metadata file "
+                                           r"\(builtins.print is not part of a checkpoint's metadata\)"):
+        sharded.SafeReader(d).read_metadata()
 
 
 def test_wrapper_prefixes_are_stripped(tmp_path):
     model = GPT(CFG)
     compiled = torch.compile(model)  # not run: only its state_dict keys matter
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    keys = set(ck.model_state_dict(compiled))
-    assert keys == set(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters())
+    Checkpointer(tmp_path, model=compiled, optimizer=opt, loader=FakeLoader(), config={}).save(1, tokens_seen=0)
+    _, state, _ = load_model_weights(tmp_path)
+    assert set(state) == set(model.state_dict())
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-@pytest.mark.parametrize("name", [ck.MODEL, ck.OPTIMIZER, ck.STATE, ck.META, ck.MANIFEST])
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", "rank_00000.pt", ck.STATE, ck.META, ck.MANIFEST])
 def test_damaged_newest_falls_back_to_previous(tmp_path, capsys, name, damage):
     saved_run(tmp_path)
     newest = tmp_path / "checkpoints" / "step_00000004"
@@ -281,7 +300,7 @@ def test_different_world_size_continues_the_data_without_gaps(tmp_path, monkeypa
 # ---------------------------------------------------------------- nothing a run wrote is lost (issue 15.1, 14.5)
 
 def _corrupt(ckpt_dir):
-    f = ckpt_dir / ck.MODEL
+    f = ckpt_dir / "__0_0.distcp"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x01
     f.write_bytes(bytes(data))
@@ -303,7 +322,7 @@ def test_all_checkpoints_broken_stops_and_keeps_every_record(tmp_path, capsys):
         messages.append(msg := str(e.value))
         assert "\n" not in msg and "none is usable" in msg and "--resume PATH" in msg and "--resume fresh" in msg
         assert metrics.read_bytes() == log_before
-    assert "step_00000004 (model.safetensors has sha256" in messages[0] and "(corrupted)" in messages[0]
+    assert "step_00000004 (__0_0.distcp has sha256" in messages[0] and "(corrupted)" in messages[0]
     assert "step_00000001.broken-" in messages[1]  # named where they now are
     aside = sorted(p.name.split(".")[0] for p in (tmp_path / "checkpoints").glob("step_*.broken-*"))
     assert aside == ["step_00000001", "step_00000002", "step_00000004"] and not ck.list_checkpoints(tmp_path)
@@ -388,15 +407,15 @@ def test_machine_is_recorded_and_a_different_one_is_reported(tmp_path, capsys):
 
 # ---------------------------------------------------------------- a full disk (issue 15.2), injected
 
-@pytest.mark.parametrize("where", ["safetensors", "torch.save"])
+@pytest.mark.parametrize("where", ["dcp", "torch.save"])
 def test_full_disk_in_either_writer_is_one_line(tmp_path, monkeypatch, where):
-    from safetensors import SafetensorError
+    from torch.distributed.checkpoint import filesystem
     from gptrain import errors
     model, opt, loader, guard, ckpt = saved_run(tmp_path, steps=(2,))
-    if where == "safetensors":
+    if where == "dcp":  # a shard's write fails inside DCP's writer, which reports it in its own exception
         def fail(*a, **k):
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        monkeypatch.setattr(ckr, "save_file", fail)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(filesystem, "_write_item", fail)
     else:  # torch.save given a path loses the OSError: less free space than a checkpoint needs decides
         def fail(obj, f, *a, **k):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")

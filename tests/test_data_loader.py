@@ -171,6 +171,47 @@ def test_resume_on_other_world_size_neither_skips_nor_repeats(data):
     assert np.array_equal(x, full[:len(x)]) and len(full) - len(x) < B * T * 3
 
 
+
+def optimizer_steps(data_dir, B, T, W, accum, steps, seed=5, state=None):
+    """The rows each optimizer step reads (accum micro-steps on each of W ranks), in the global order: micro-step
+    m of rank r is the step's (m*W + r)-th slice of B rows; and the epoch after each step."""
+    loaders = [TrainLoader(data_dir, B, T, rank=r, world_size=W, seed=seed, accum=accum) for r in range(W)]
+    for L in loaders:
+        if state is not None:
+            L.load_state_dict(state)
+    out, epochs = [], []
+    for _ in range(steps):
+        out.append(np.concatenate([L.next_batch()[0].numpy() for _ in range(accum) for L in loaders]))
+        epochs.append(loaders[0].epoch)
+    assert all(L.state_dict() == loaders[0].state_dict() for L in loaders)
+    return out, epochs, loaders[0].state_dict()
+
+
+# one total batch of G = 12 rows, split into processes, micro-batches and accumulation in every way
+SPLITS = [(12, 1, 1), (3, 1, 4), (6, 2, 1), (2, 2, 3), (3, 4, 1), (1, 4, 3)]  # (B, W, accum)
+
+
+def test_the_rows_of_each_step_depend_on_the_total_batch_not_on_the_world_size(data):
+    """Across three epochs (the ends of epochs and the next shuffles included) every split of the same total
+    batch reads the same rows at every optimizer step, and a state saved under one split resumes under any
+    other onto exactly the rows the uninterrupted run reads."""
+    data_dir, _ = data
+    T = 16
+    per_epoch = TrainLoader(data_dir, 12, T).batches_per_epoch
+    steps = 3 * per_epoch + 2
+    ref, ref_epochs, _ = optimizer_steps(data_dir, 12, T, 1, 1, steps)
+    assert ref_epochs[-1] == 3 and TrainLoader(data_dir, 12, T).epoch_rows % 12  # wraps with a tail left over
+    for B, W, accum in SPLITS[1:]:
+        got, epochs, _ = optimizer_steps(data_dir, B, T, W, accum, steps)
+        assert epochs == ref_epochs
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), (B, W, accum)
+        assert TrainLoader(data_dir, B, T, world_size=W, accum=accum).tokens_per_epoch == per_epoch * 12 * T
+    for (B1, W1, a1), (B2, W2, a2) in zip(SPLITS, SPLITS[3:] + SPLITS[:3]):
+        k = per_epoch + 3
+        _, _, state = optimizer_steps(data_dir, B1, T, W1, a1, k)
+        rest, _, _ = optimizer_steps(data_dir, B2, T, W2, a2, steps - k, seed=0, state=json.loads(json.dumps(state)))
+        assert all(np.array_equal(a, b) for a, b in zip(rest, ref[k:])), (B1, W1, a1, B2, W2, a2)
+
 class LectureLoader:
     """The lecture's DataLoaderLite, restated plainly: .npy shards whose names contain the split, sorted; each
     rank reads B*T+1 tokens at its own offset; when the next read would pass the end, go to the next shard."""

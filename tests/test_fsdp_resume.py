@@ -1,6 +1,8 @@
-"""`gptrain train --parallel fsdp` end to end under torchrun (2 gloo processes): killed (SIGKILL mid-save, then
-mid-training) and resumed with --resume auto it is bit for bit the uninterrupted run; its checkpoint resumes on
-one process and under DDP; `export` and `eval val` of its checkpoint equal those of the same run trained by DDP.
+"""`gptrain train --parallel fsdp` end to end under torchrun (2 gloo processes) on data that wraps twice in the
+run: killed (SIGKILL mid-save, then mid-training) and resumed with --resume auto it is bit for bit the
+uninterrupted run (which saved with --async-save); its mid-run checkpoint resumes on 1 and 4 processes and under DDP onto the uninterrupted run's
+losses through both epoch boundaries, as does a fresh 1-process run of the same config; `export` and `eval val` of
+its checkpoint equal those of the same run trained by DDP.
 """
 
 import json
@@ -17,10 +19,10 @@ from safetensors.torch import load_file
 
 from gptrain.cli import main as cli
 from gptrain.data.shards import write_shard
-from gptrain.train.checkpoint import find_checkpoint, load_model_weights
+from gptrain.train.checkpoint import find_checkpoint, load_model_weights, sharded
 from test_resume import ROOT, _env, events, losses
 
-STEPS = 8
+STEPS = 10
 # 64 tokens a step: 2 processes × micro-batch 2 × 16, or one process accumulating 2 micro-batches
 FLAGS = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
          "--micro-batch-size", "2", "--total-batch-size", "64", "--max-steps", str(STEPS), "--warmup-steps", "2",
@@ -48,7 +50,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     tokens = np.concatenate([[50256, *rng.integers(0, 500, rng.integers(5, 30))] for _ in range(60)])
-    write_shard(d / "tiny_train_000.bin", tokens[:700])  # ~10 steps of 64 tokens an epoch
+    write_shard(d / "tiny_train_000.bin", tokens[:300])  # 18 rows of 16: 4 steps of 4 rows an epoch, 2 left over
     write_shard(d / "tiny_val_000.bin", tokens[700:900])
     return d
 
@@ -56,10 +58,12 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("fsdp") / "run"
-    p = train(data, run, "--parallel", "fsdp")
+    p = train(data, run, "--parallel", "fsdp", "--async-save")  # the runs compared with it save synchronously
     assert "FSDP x2" in p.stdout
     assert len(losses(run)) == STEPS and losses(run)[STEPS - 1] < losses(run)[0] - 0.3
-    assert [e["step"] for e in events(run) if "samples" in e] == [4, 8]  # rank 0 sampled from gathered weights
+    assert [e["step"] for e in events(run) if "samples" in e] == [4, 8, 10]  # rank 0 sampled from gathered weights
+    # the loader's epoch after each step: the data wraps after steps 4 and 8
+    assert [e["epoch"] for e in events(run) if "train_loss" in e] == [0] * 3 + [1] * 4 + [2] * 3
     return run
 
 
@@ -109,14 +113,26 @@ def _logged_steps(run):
         return set()
 
 
-@pytest.mark.parametrize("nproc,parallel", [(1, "fsdp"), (2, "ddp")])
+@pytest.mark.parametrize("nproc,parallel", [(1, "fsdp"), (2, "ddp"), (4, "fsdp")])
 def test_fsdp_checkpoint_resumes_on_another_world_size_and_under_ddp(data, reference, tmp_path, nproc, parallel):
+    """From step 2, through the epoch boundaries at steps 4 and 8: the same rows at every step (4 processes take
+    one row each, 1 process accumulates two micro-batches), so the losses agree to summation order."""
     run = tmp_path / "run"
-    p = train(data, run, "--parallel", parallel, "--resume", str(reference / "checkpoints" / "step_00000004"),
-              nproc=nproc)
+    mb = ["--micro-batch-size", "1"] if nproc == 4 else []
+    p = train(data, run, "--parallel", parallel, "--resume", str(reference / "checkpoints" / "step_00000002"),
+              *mb, nproc=nproc)
     assert "resuming from" in p.stdout
     got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(4, STEPS))
+    assert sorted(got) == list(range(2, STEPS))
+    for step in got:
+        assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
+
+
+def test_a_fresh_one_process_run_matches_the_two_process_run_through_the_wraps(data, reference, tmp_path):
+    run = tmp_path / "run"
+    train(data, run, "--parallel", "fsdp", nproc=1)
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(STEPS))
     for step in got:
         assert abs(got[step] - want[step]) < 1e-4, (step, got[step], want[step])
 
@@ -138,7 +154,12 @@ def test_export_and_eval_of_an_fsdp_checkpoint_equal_the_ddp_run(data, reference
     for k in ddp_w:  # reduce-scatter and all-reduce sum in different orders; AdamW turns that into ~1e-5 steps
         assert torch.allclose(fsdp_w[k], ddp_w[k], atol=1e-4), k
     assert abs(fsdp_val - ddp_val) < 1e-5
-    # one checkpoint format: the same files, the tied head stored once, the optimizer keyed by parameter name
+    # one checkpoint format: each rank's files, the tied head stored once, the optimizer keyed by parameter name
     for run in (reference, ddp):
-        opt = torch.load(find_checkpoint(run) / "optimizer.pt", weights_only=True)
-        assert "transformer.wte.weight" in opt["state"] and "lm_head.weight" not in opt["state"]
+        d = find_checkpoint(run)
+        assert {".metadata", "rank_00000.pt", "rank_00001.pt"} <= {f.name for f in d.iterdir()}
+        keys = sharded.SafeReader(d).read_metadata().state_dict_metadata
+        assert "optim.transformer.wte.weight.exp_avg" in keys and "model.lm_head.weight" not in keys
+    # nothing gathered: each FSDP rank wrote its own shards, no file holds more than 60% of the checkpoint
+    sizes = {f.name: f.stat().st_size for f in find_checkpoint(reference).iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(sizes) and max(sizes.values()) < 0.6 * sum(sizes.values()), sizes

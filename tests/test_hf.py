@@ -257,7 +257,7 @@ def test_gptrain_run_and_checkpoint_load_and_export(tmp_path, capsys):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert logits_diff(model, hf, 50261) <= 1e-4
 
-    (step / "model.safetensors").write_bytes(b"broken")  # damaged newest: a run dir falls back, the dir itself errs
+    (step / "__0_0.distcp").write_bytes(b"broken")  # damaged newest: a run dir falls back, the dir itself errs
     assert torch.equal(load_model(str(tmp_path / "run"))(idx)[0], load_model(str(step.parent / "step_00000001"))(idx)[0])
     with pytest.raises(GptrainError, match="is not usable"):
         load_model(str(step))

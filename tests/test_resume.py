@@ -19,6 +19,7 @@ import torch
 
 from gptrain.data.shards import write_shard
 from gptrain.train.checkpoint import find_checkpoint, load_model_weights
+from gptrain.train.checkpoint.sharded import SafeReader
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8  # 2N, with checkpoints every N/2 = 2 steps
@@ -100,9 +101,9 @@ def test_sigkill_mid_save_and_a_corrupted_checkpoint_then_resume_auto_is_bit_exa
     assert p.returncode == -signal.SIGKILL
     assert (run / "checkpoints" / ".tmp-step_00000008").is_dir()  # the half-written checkpoint
     assert find_checkpoint(run).name == "step_00000006"
-    blob = bytearray((run / "checkpoints" / "step_00000006" / "optimizer.pt").read_bytes())
+    blob = bytearray((run / "checkpoints" / "step_00000006" / "__0_0.distcp").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
-    (run / "checkpoints" / "step_00000006" / "optimizer.pt").write_bytes(bytes(blob))
+    (run / "checkpoints" / "step_00000006" / "__0_0.distcp").write_bytes(bytes(blob))
     p = run_train(data, run, "--resume", "auto")
     assert "skipping checkpoint" in p.stderr and "step_00000006" in p.stderr
     assert "resuming from" in p.stdout and "step_00000004" in p.stdout
@@ -110,6 +111,20 @@ def test_sigkill_mid_save_and_a_corrupted_checkpoint_then_resume_auto_is_bit_exa
     names = {c.name for c in (run / "checkpoints").iterdir()}
     broken = {n for n in names if n.startswith("step_00000006.broken-")}  # kept for inspection, not deleted
     assert len(broken) == 1 and names - broken == {"step_00000006", "step_00000008", "best"}  # best: lowest val
+
+
+def test_sigkill_during_an_asynchronous_save_then_resume_is_bit_exact(data, reference, tmp_path):
+    """--async-save: killed while step 6's checkpoint is completed in the background (training goes on
+    meanwhile), the run resumes from step 4 and ends exactly as the synchronous reference; its end waits for the
+    last save."""
+    run = tmp_path / "run"
+    p = run_train(data, run, "--async-save", env=_env(GPTRAIN_TEST_SAVE_HOOK="kill:6"), check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / ".tmp-step_00000006").is_dir() and find_checkpoint(run).name == "step_00000004"
+    p = run_train(data, run, "--async-save", "--resume", "auto")
+    assert "resuming from" in p.stdout and "step_00000004" in p.stdout
+    assert_same_run(run, reference)
+    assert find_checkpoint(run).name == f"step_{STEPS:08d}"  # the last save completed before the process ended
 
 
 def test_sigkill_at_a_random_moment_then_resume_auto_is_bit_exact(data, reference, tmp_path):
@@ -183,7 +198,8 @@ def test_ddp_two_processes_kill_and_resume_is_bit_exact(data, tmp_path):
     assert_same_run(run, ref)
     meta = json.loads((find_checkpoint(run) / "meta.json").read_text())
     assert meta["world_size"] == 2
-    assert len(torch.load(find_checkpoint(run) / "state.pt", weights_only=True)["ranks"]) == 2
+    names = {f.name for f in find_checkpoint(run).iterdir()}
+    assert {"rank_00000.pt", "rank_00001.pt"} <= names  # each rank's RNG and loader state
 
 
 MUON = ["--optimizer", "muon", "--muon-weight-decay", "0.1", "--schedule", "linear", "--min-lr-ratio", "0"]
@@ -197,8 +213,8 @@ def test_muon_killed_mid_save_resumes_bit_exact(data, tmp_path):
     p = run_train(data, run, *MUON, env=_env(GPTRAIN_TEST_SAVE_HOOK="kill:6"), check=False)
     assert p.returncode == -signal.SIGKILL
     assert find_checkpoint(run).name == "step_00000004"
-    saved = torch.load(find_checkpoint(run) / "optimizer.pt", weights_only=True)
-    assert sum("momentum_buffer" in s for s in saved["state"].values()) == 8  # 4 matrices in each of 2 blocks
+    keys = SafeReader(str(find_checkpoint(run))).read_metadata().state_dict_metadata
+    assert sum(k.endswith("momentum_buffer") for k in keys) == 8  # 4 matrices in each of 2 blocks
     run_train(data, run, *MUON, "--resume", "auto")
     assert_same_run(run, ref)
     assert [e["lr"] for e in events(ref) if "lr" in e][-1] == 0.0

@@ -4,10 +4,15 @@ TrainLoader, shuffled (default). Epoch e of seed s visits the train shards in a 
 Inside a shard, its documents are laid out in a permutation drawn from (s, e, shard) (documents are found by
 their leading `<|endoftext|>`, so they stay separated when packed), that stream is cut into rows of T+1 tokens
 at stride T (x, and y shifted by one), and the rows are taken in a permutation drawn from (s, e, shard) too.
-A global step takes the next B*W rows of the epoch; rank r gets B of them, starting at r*B. So every train
-token is an input once per epoch across all ranks (but for a shard's last < T tokens and the final partial
-step), ranks never share a row, and the position is one global row cursor: the state is (seed, epoch, cursor),
-which also resumes correctly on a different world size or batch size (the same T).
+An optimizer step takes the next G = B*W*accum rows of the epoch (the total batch in rows); micro-step m of rank
+r reads the B of them starting at (m*W + r)*B. An epoch ends when the next G rows do not fit (on data of fewer
+than G rows, when the next micro-step's B*W do not: such a step spans epochs). So the rows each
+optimizer step reads, where epochs end and how the next one is shuffled depend on the seed, the data, T and the
+total batch only, never on how G is split into processes and micro-batches: a run resumed at another world size
+or micro-batch (same total batch and T) reads exactly the rows the uninterrupted run would have (the sums over
+them differ in order, so losses agree to float tolerance, not bit for bit). Every train token is an input once
+per epoch across all ranks (but for a shard's last < T tokens and the epoch's last < G rows), ranks never share
+a row, and the position is one global row cursor: the state is (seed, epoch, cursor).
 
 Why rows and not a contiguous stream: the rows of a batch, and of the next dozens of batches, would otherwise
 come from one document. On a small corpus (the demo's Shakespeare: 39 works) those correlated batches cost a lot:
@@ -257,7 +262,12 @@ class TrainLoader:
         fits, b, t = train_fit(self.shards.sizes, B, T, world_size, shuffle)
         if not fits:
             raise GptrainError(self._too_small(b, t, val_tokens, accum))
-        self.epoch, self.cursor, self.shard = 0, 0, 0
+        # The unit epochs are cut in: the rows of an optimizer step (G, all ranks and micro-steps), or of one
+        # micro-step on data that holds fewer than G rows.
+        g = B * world_size * max(accum, 1)
+        self.step_rows = g if self.epoch_rows >= g else B * world_size
+        self.step_micro = self.step_rows // (B * world_size)  # micro-steps a unit
+        self.epoch, self.cursor, self.shard, self.micro = 0, 0, 0, 0
         self._plan_epoch = None
         self._normalize()
 
@@ -292,9 +302,9 @@ class TrainLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Steps (one next_batch() on every rank) in a full epoch."""
+        """Micro-steps (one next_batch() on every rank) in a full epoch."""
         if self.shuffle:
-            return self.epoch_rows // (self.B * self.world_size)
+            return self.epoch_rows // self.step_rows * self.step_micro
         step = self.B * self.T * self.world_size
         return int(sum((n - 1) // step for n in self.shards.sizes if n >= step + 1))
 
@@ -304,6 +314,7 @@ class TrainLoader:
         if self.shuffle:
             rows = torch.from_numpy(self._read_rows(self.cursor + self.rank * B, B).astype(np.int64))
             self.cursor += B * self.world_size
+            self.micro = (self.micro + 1) % self.step_micro
             self._normalize()
             return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         start = self.cursor + self.rank * B * T
@@ -313,9 +324,10 @@ class TrainLoader:
         return _to_xy(buf, B, T)
 
     def _normalize(self) -> None:
-        """Move past the end of a shard (sequential) or of the epoch (shuffled) when the next step would not fit."""
+        """Move past the end of a shard (sequential) or of the epoch (shuffled) when the next step would not fit
+        (shuffled: tested as an optimizer step begins, for all of its G rows)."""
         if self.shuffle:
-            if self.cursor + self.B * self.world_size > self.epoch_rows:
+            if self.micro == 0 and self.cursor + self.step_rows > self.epoch_rows:
                 self.epoch, self.cursor = self.epoch + 1, 0
             self._plan()
             return
@@ -403,6 +415,7 @@ class TrainLoader:
             raise GptrainError(f"the checkpoint's loader read rows of {sd['seq_len']} tokens, this one {self.T}; "
                                f"resume with --seq-len {sd['seq_len']}")
         self.seed, self.epoch, self.shard, self.cursor = int(sd["seed"]), int(sd["epoch"]), int(sd["shard"]), int(sd["cursor"])
+        self.micro = 0  # checkpoints are taken between optimizer steps
         self._normalize()
 
 

@@ -134,6 +134,10 @@ class TrainConfig:
                                  "--save-every is a multiple of --eval-every), eval (also save at an evaluation that "
                                  "improves on it: exact, a save each time) or off",
                          choices=("saved", "eval", "off"), runtime=True)
+    async_save: bool = _f(False, "write checkpoints in the background: each rank's shards are copied to CPU memory "
+                                 "(one more copy of its model and optimizer shards) and training goes on while "
+                                 "they are written; at most one save in flight, the run's end waits for it",
+                          runtime=True)
     resume: str | None = _f(None, "none (default): continue the run in --out when it holds checkpoints of the same "
                                   "settings, refusing (naming them) when a setting that defines the run changed; "
                                   "'auto': continue from its newest valid checkpoint whatever changed; 'fresh': start "

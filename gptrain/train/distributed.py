@@ -10,7 +10,8 @@ storm without switching the features off (see docs/ARCHITECTURE.md, "compile wit
 
 `--parallel fsdp` applies `fully_shard` to every Block and then to the root (which holds the embeddings, the final
 LayerNorm and the LM head tied to the token embedding: one FSDP unit, so the tie survives sharding); compile and
-activation checkpointing then act per Block. `--fsdp-shard-size S` shards inside groups of S processes and
+activation checkpointing then act per Block. A model built on the meta device (`meta_init.build`) is materialised
+after sharding, each rank holding only its shards, with the values a single-process build gives. `--fsdp-shard-size S` shards inside groups of S processes and
 replicates across groups (HSDP on a 2-D device mesh, e.g. shard inside a node, replicate across nodes).
 """
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from gptrain.errors import GptrainError
+from gptrain.train import meta_init
 
 PARALLEL = ("ddp", "fsdp")
 CHECKPOINTING = ("none", "blocks")
@@ -293,6 +295,8 @@ def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_
     # since backward begins with it.
     fully_shard(model, mesh=mesh, mp_policy=mp)
     modules.insert(0, (model, False))
+    if meta_init.is_pending(model):  # built on the meta device: each rank fills its shards now
+        meta_init.materialize(model, env.device)
     # FSDP takes the first module to run forward as the root; run the real root once, so that `gathered()` (which
     # may come before any training step, e.g. the step-0 evaluation) finds FSDP set up. Then reshard everything:
     # the optimizer must be built on the sharded parameters, not on gathered copies left registered by a forward.

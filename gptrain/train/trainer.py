@@ -30,7 +30,7 @@ from gptrain.data.prefetch import prefetching
 from gptrain.devices import attention_kernels, deterministic_algorithms, inference_dtype
 from gptrain.errors import DiskFullError, GptrainError
 from gptrain.model import GPT, GPTConfig, preset as model_preset
-from gptrain.train import distributed, memory
+from gptrain.train import distributed, memory, meta_init
 from gptrain.train.checkpoint import Checkpointer, checkpoint_step, rerun_hint
 from gptrain.train.checkpoint.best import BestCheckpoint
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
@@ -156,7 +156,7 @@ class Trainer:
                             config=self.cfg, runtime=runtime_fields(TrainConfig),
                             quiet=runtime_fields(TrainConfig, numerics=False), tokenizer=tok, guard=self.guard,
                             keep_last=cfg.keep_last, keep_every=cfg.keep_every,
-                            metrics_path=Path(cfg.out) / "metrics.jsonl")
+                            metrics_path=Path(cfg.out) / "metrics.jsonl", asynchronous=cfg.async_save)
         resumed = ckpt.resume(cfg.resume)
         if resumed is not None:
             self.step, self.tokens_seen = resumed.step, resumed.tokens_seen
@@ -179,10 +179,12 @@ class Trainer:
         if self.best is None or "val_loss" not in ev:
             return None
         if self.best.improves(self.step, ev["val_loss"]):
+            self.checkpoints.wait()  # an --async-save of this step completes first: best copies whole directories
             last = self.checkpoints.last_good
             ckpt = last if last is not None and checkpoint_step(last) == self.step else None
             if ckpt is None and self.cfg.keep_best == "eval":
                 ckpt = self.checkpoints.save(self.step, self.tokens_seen)
+                self.checkpoints.wait()
             if ckpt is not None:
                 self.best.keep(ckpt, self.step, ev["val_loss"])
         return self.best.observe(self.step, ev["val_loss"], self.train_losses)
@@ -372,6 +374,8 @@ class Trainer:
                     if self.env.is_master:
                         console(f"stopped after step {self.step} on a signal; {rerun_hint(cfg.resume)} to continue")
                     break
+            if self.checkpoints:
+                self.checkpoints.wait()  # an asynchronous save still in flight completes before the run ends
         finally:
             preempt.uninstall()
             self.log.close()
@@ -393,6 +397,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
                             vocab_size=vocab_size)
     except ValueError as e:
         raise GptrainError(str(e)) from None
+    if cfg.parallel == "fsdp":  # no process holds the whole model: each fills its shards after sharding
+        return meta_init.build(GPT, mcfg)
     return GPT(mcfg)
 
 

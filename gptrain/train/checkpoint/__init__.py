@@ -4,8 +4,9 @@
 - `verify`: whether a checkpoint is complete and intact; which checkpoint a path names
 - `rng`: RNG and loader state in a form torch.load(weights_only=True) reads back
 - `provenance`: what a checkpoint records about the code that made it
-- `state`: model weights in and out (unwrapped, tied tensors once) and the rank-0 gather/broadcast
-- `checkpointer`: `Checkpointer` (atomic save, prune, resume) and `ResumeState`
+- `sharded`: model and optimizer tensors through torch.distributed.checkpoint, each rank its own shards
+- `state`: the unwrapped model, a checkpoint's weights for commands, the gathered format of earlier versions
+- `checkpointer`: `Checkpointer` (atomic save, asynchronous save, prune, resume) and `ResumeState`
 """
 
 from gptrain.train.checkpoint.checkpointer import TEST_SAVE_HOOK, Checkpointer, ResumeState, rerun_hint
@@ -13,10 +14,10 @@ from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META
                                              checkpoint_step, list_checkpoints, step_dir)
 from gptrain.train.checkpoint.provenance import git_revision
 from gptrain.train.checkpoint.rng import capture_rng_state, restore_rng_state
-from gptrain.train.checkpoint.state import load_model_weights, model_state_dict, unwrap_model
+from gptrain.train.checkpoint.state import load_model_weights, unwrap_model
 from gptrain.train.checkpoint.verify import find_checkpoint, verify_checkpoint
 
 __all__ = ["CHECKPOINTS", "FORMAT", "MANIFEST", "META", "MODEL", "OPTIMIZER", "STATE", "TEST_SAVE_HOOK", "VERSION",
            "Checkpointer", "ResumeState", "capture_rng_state", "checkpoint_step", "find_checkpoint", "git_revision",
-           "list_checkpoints", "load_model_weights", "model_state_dict", "rerun_hint", "restore_rng_state", "step_dir",
+           "list_checkpoints", "load_model_weights", "rerun_hint", "restore_rng_state", "step_dir",
            "unwrap_model", "verify_checkpoint"]

@@ -18,23 +18,24 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gptrain.config import fsync_dir, to_jsonable
 from gptrain.errors import GptrainError, disk_full, is_disk_full
+from gptrain.train.checkpoint import sharded
 from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, MODEL, OPTIMIZER, STATE, VERSION,
-                                             checkpoint_step, info, list_checkpoints, step_dir, warn)
+                                             checkpoint_step, info, list_checkpoints, rank_file, step_dir, warn)
 from gptrain.train.checkpoint.provenance import git_revision, machine, machine_changes
 from gptrain.train.checkpoint.rng import _from_safe, _to_safe, capture_rng_state, restore_rng_state
-from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _gather_to_rank0, _read_weights, _world,
-                                            load_model_state, load_optimizer_state, model_state_dict,
-                                            optimizer_state_dict, split_tied, tied_aliases, unwrap_model)
-from gptrain.train.checkpoint.verify import _sha256, _signature, _verified, find_checkpoint, verify_checkpoint
+from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _keyed_by_name, _read_weights, _world,
+                                            load_model_state, load_optimizer_state, tied_aliases, unwrap_model)
+from gptrain.train.checkpoint.verify import (_sha256, _signature, _verified, find_checkpoint, gathered_format,
+                                             verify_checkpoint)
 
 # Test-only: "kill:STEP" SIGKILLs this process halfway through writing checkpoint STEP; "sleep:SECONDS" sleeps
 # there on every save, so a test can kill at a random moment that includes a save in progress.
@@ -47,6 +48,14 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _save_torch(path: Path, obj) -> None:
+    """torch.save, fsynced; what it holds must load with torch.load(weights_only=True)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_json(path: Path, obj) -> None:
@@ -83,19 +92,21 @@ def rerun_hint(resume: str | None) -> str:
 
 
 class Checkpointer:
-    """Saves and restores everything a run's future depends on. Every rank calls `save`/`resume` at the same
-    points (they exchange small state); only rank 0 touches the disk when saving.
+    """Saves and restores everything a run's future depends on. Every rank calls `save`/`resume`/`wait` at the
+    same points; each writes its own part of a checkpoint, rank 0 the files of the whole run and the manifest.
 
     `config` is the resolved run configuration (JSON-able); `runtime` names its keys that may change when a run
     continues (how it executes, not what it trains), `quiet` those of them whose change leaves the arithmetic as it
     was (a resume does not list them among the changed settings); `tokenizer` is {"name", "sha256"}; `guard` any
-    object with state_dict/load_state_dict (the divergence guard); `metrics_path` the log that resuming cuts back.
+    object with state_dict/load_state_dict (the divergence guard); `metrics_path` the log that resuming cuts back;
+    `asynchronous` writes the tensors in the background (`--async-save`).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, model, optimizer, loader, config: dict,
                  runtime: frozenset[str] = frozenset(), quiet: frozenset[str] = frozenset(),
                  tokenizer: dict | None = None, guard=None,
-                 keep_last: int = 0, keep_every: int = 0, metrics_path: str | os.PathLike | None = None):
+                 keep_last: int = 0, keep_every: int = 0, metrics_path: str | os.PathLike | None = None,
+                 asynchronous: bool = False):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS
         self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
@@ -107,83 +118,149 @@ class Checkpointer:
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.rank, self.world_size = _world()
         self.last_good: Path | None = None  # the newest complete checkpoint
+        self.asynchronous = asynchronous
+        # Checkpoint traffic has a gloo group of its own: an asynchronous save's background thread uses it while
+        # training uses the default group (DCP's async_save needs a CPU backend, which NCCL is not).
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.pg = torch.distributed.new_group(backend="gloo") if distributed and self.world_size > 1 else None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptrain-save") if asynchronous else None
+        self._pending: Future | None = None
 
     # -- saving ---------------------------------------------------------------------------------------------
     def save(self, step: int, tokens_seen: int) -> Path:
-        """Write checkpoint `step` (updates completed) atomically, verify it, then prune. Returns its path."""
-        rank_state = {"rng": capture_rng_state(), "loader": _to_safe(self.loader.state_dict())}
-        ranks = _gather_to_rank0(rank_state)
-        # full tensors on rank 0 (FSDP gathers its shards here: every rank takes part)
-        full = {"weights": model_state_dict(self.model), "optimizer": optimizer_state_dict(self.model, self.optimizer)}
+        """Write checkpoint `step` (updates completed): every rank its own shards and state, rank 0 the manifest
+        last, then the rename into place, verification and pruning. Asynchronous: the tensors are staged in CPU
+        memory and written in the background, and the checkpoint counts (`last_good`) once that is done; a save
+        first waits for the one before it, so at most one is in flight. Returns the checkpoint's path."""
+        self.wait()
+        final = step_dir(self.run_dir, step)
+        tmp = self.root / f".tmp-{final.name}"
         failure = None
         if self.rank == 0:
             try:
-                self._write(step, tokens_seen, ranks, full)
-            except Exception as e:  # every rank must hear of it, or the others would wait forever
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(".tmp-*"):  # left by a save that was killed: incomplete by definition
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            except Exception as e:
                 failure = e
-        message = _broadcast_from_rank0(None if failure is None else str(failure))
-        if failure is not None:
-            raise failure
-        if message:
-            raise GptrainError(message)
-        self.last_good = step_dir(self.run_dir, step)
-        return self.last_good
-
-    def _write(self, step: int, tokens_seen: int, ranks: list, full: dict) -> None:
-        final = step_dir(self.run_dir, step)
-        tmp = self.root / f".tmp-{final.name}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):  # left by a save that was killed: incomplete by definition
-            shutil.rmtree(stale, ignore_errors=True)
+        self._agree(failure, final)
         try:
-            tmp.mkdir()
-            files = self._write_files(tmp, step, tokens_seen, ranks, full)
-            if final.exists():
-                self._set_aside(final, "replaced")
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-        except Exception as e:  # safetensors and torch.save wrap a full disk in their own exception types
-            shutil.rmtree(tmp, ignore_errors=True)
-            needed = self._bytes_needed()
-            prev = (f"the last good checkpoint {self.last_good} (step {checkpoint_step(self.last_good)}) is intact"
-                    if self.last_good else "no earlier checkpoint of this run exists")
-            how = (f"{prev}; free space there (or lower --keep-last) and {rerun_hint(self.config.get('resume'))} "
-                   "to continue"
-                   + (f" from step {checkpoint_step(self.last_good)}" if self.last_good else ""))
-            if is_disk_full(e, self.root, needed):
-                raise disk_full(self.root, needed, f"checkpoint {final.name}", how) from None
-            if not isinstance(e, OSError):
-                raise
-            raise GptrainError(f"could not write checkpoint {final}: {e.strerror or e}; {how}") from None
-        # The manifest's hashes were computed by reading back the fsynced files; what remains to check is that
-        # the renamed directory holds them all, at their sizes.
-        reason = verify_checkpoint(final, full=False)
-        if reason:
-            raise GptrainError(f"checkpoint {final} failed verification right after writing ({reason}); the disk "
-                               "may be failing. Earlier checkpoints were kept")
-        _verified[str(final)] = _signature(final, files)
+            model = unwrap_model(self.model)
+            tensors, rest = sharded.state_to_save(model, self.optimizer, tied_aliases(model))
+            _save_torch(tmp / rank_file(self.rank), {"rng": capture_rng_state(),
+                                                     "loader": _to_safe(self.loader.state_dict())})
+            if self.rank == 0:
+                _save_torch(tmp / STATE, {"guard": self.guard.state_dict() if self.guard else None,
+                                          "optimizer": rest})
+                _write_json(tmp / META, self._meta(step, tokens_seen, model))
+        except Exception as e:
+            failure = e
+        self._agree(failure, final)
+        if self.asynchronous:
+            written = sharded.save(tensors, tmp, self.pg, asynchronous=True)
+            self._pending = self._executor.submit(self._complete, written, step, final, tmp)
+            return final
         try:
-            self._prune(final)
-        except OSError as e:
-            warn(f"could not prune old checkpoints in {self.root} ({e}); they are kept")
+            sharded.save(tensors, tmp, self.pg, asynchronous=False)
+        except Exception as e:
+            failure = e
+        self._agree(failure, final)
+        self._finalize(step, final, tmp)
+        return final
 
-    def _write_files(self, tmp: Path, step: int, tokens_seen: int, ranks: list, full: dict) -> list[str]:
-        """Write every file into `tmp`, fsynced, the manifest last; returns the names the manifest lists."""
-        model = unwrap_model(self.model)
-        stored, tied = split_tied(full["weights"], tied_aliases(model))
-        save_file(stored, tmp / MODEL, metadata={"format": "pt", "gptrain.tied": json.dumps(tied)})
-        _fsync_file(tmp / MODEL)
+    def wait(self) -> None:
+        """Wait for the save in flight (if any) to complete; its failure is raised here, on every rank."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _complete(self, written, step: int, final: Path, tmp: Path) -> None:
+        """The background part of an asynchronous save: the tensors' future, then the same completion as a
+        synchronous save (on the checkpoint process group, which nothing else uses meanwhile)."""
+        failure = None
+        try:
+            sharded.result(written)
+        except Exception as e:
+            failure = e
+        self._agree(failure, final)
+        self._finalize(step, final, tmp)
+
+    def _finalize(self, step: int, final: Path, tmp: Path) -> None:
+        """Every file is written: each rank hashes its own, rank 0 writes the manifest listing them all, renames
+        the directory into place, checks it and prunes. Every rank learns the outcome."""
         _test_save_hook(step, "middle")
-        with open(tmp / OPTIMIZER, "wb") as f:
-            torch.save(full["optimizer"], f)  # keyed by parameter name: the same under DDP, FSDP, any world
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / STATE, "wb") as f:
-            torch.save({"ranks": ranks, "guard": self.guard.state_dict() if self.guard else None}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        files, failure = {}, None
+        try:
+            names = [rank_file(self.rank)] + sorted(p.name for p in tmp.glob(f"__{self.rank}_*.distcp"))
+            names += [sharded.DCP_METADATA, STATE, META] if self.rank == 0 else []
+            files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
+        except Exception as e:
+            failure = e
+        files = self._agree(failure, final, files)
+        if self.rank == 0:
+            try:
+                _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
+                fsync_dir(tmp)
+                if final.exists():
+                    self._set_aside(final, "replaced")
+                os.replace(tmp, final)
+                fsync_dir(self.root)
+                # The hashes were computed by reading back the fsynced files; what remains to check is that the
+                # renamed directory holds them all, at their sizes.
+                reason = verify_checkpoint(final, full=False)
+                if reason:
+                    raise GptrainError(f"checkpoint {final} failed verification right after writing ({reason}); "
+                                       "the disk may be failing. Earlier checkpoints were kept")
+                _verified[str(final)] = _signature(final, files)
+            except Exception as e:
+                failure = e
+        self._agree(failure, final)
+        if self.rank == 0:
+            try:
+                self._prune(final)
+            except OSError as e:
+                warn(f"could not prune old checkpoints in {self.root} ({e}); they are kept")
+        self.last_good = final
+
+    def _agree(self, failure: Exception | None, final: Path, files: dict | None = None) -> dict:
+        """A point every rank passes together: if any rank's part failed, the unfinished directory is removed and
+        every rank raises the same one-line error (the failing rank its own exception). Returns the `files` of
+        all ranks merged."""
+        message = None if failure is None else self._explain(failure, final)
+        mine = (str(message) if message is not None else None, files or {})
+        if self.world_size > 1 and self.pg is not None:
+            everyone = [None] * self.world_size
+            torch.distributed.all_gather_object(everyone, mine, group=self.pg)
+        else:
+            everyone = [mine]
+        first = next((m for m, _ in everyone if m), None)
+        if first is None:
+            return {name: entry for _, part in everyone for name, entry in part.items()}
+        if self.rank == 0:
+            shutil.rmtree(self.root / f".tmp-{final.name}", ignore_errors=True)
+        if failure is not None:
+            if isinstance(message, GptrainError):
+                raise message from None
+            raise failure
+        raise GptrainError(first)
+
+    def _explain(self, e: Exception, final: Path):
+        """The error to raise for a failed write: the one-line full-disk or file-system error, else `e` itself."""
+        needed = self._bytes_needed()
+        prev = (f"the last good checkpoint {self.last_good} (step {checkpoint_step(self.last_good)}) is intact"
+                if self.last_good else "no earlier checkpoint of this run exists")
+        how = (f"{prev}; free space there (or lower --keep-last) and {rerun_hint(self.config.get('resume'))} "
+               "to continue" + (f" from step {checkpoint_step(self.last_good)}" if self.last_good else ""))
+        if is_disk_full(e, self.root, needed):
+            return disk_full(self.root, needed, f"checkpoint {final.name}", how)
+        if isinstance(e, OSError):
+            return GptrainError(f"could not write checkpoint {final}: {e.strerror or e}; {how}")
+        return e
+
+    def _meta(self, step: int, tokens_seen: int, model) -> dict:
         now = time.time()
-        meta = {
+        return {
             "format": FORMAT, "version": VERSION,
             "step": step, "tokens_seen": tokens_seen,
             "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"), "unix_time": now,
@@ -191,16 +268,11 @@ class Checkpointer:
             "world_size": self.world_size,
             "machine": machine(),
             "model_config": model.config.to_dict() if hasattr(model, "config") else None,
+            "tied": tied_aliases(model),
             "tokenizer": self.tokenizer,
             "metrics_offset": self._metrics_size(),
             "config": self.config,
         }
-        _write_json(tmp / META, meta)
-        files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in (MODEL, OPTIMIZER, STATE, META)}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
-        fsync_dir(tmp)
-        return list(files)
 
     def _bytes_needed(self) -> int:
         """About what one checkpoint takes: the last one's files, else the tensors it would hold."""
@@ -355,20 +427,25 @@ class Checkpointer:
         meta = json.loads((ckpt / META).read_text())
         model = unwrap_model(self.model)
         self._check_compatible(ckpt, meta, model)
-        # Rank 0 verified every hash when it chose `ckpt`; it reads the tensors and every rank takes its part.
-        load_model_state(self.model, lambda: _read_weights(ckpt))
-        load_optimizer_state(self.model, self.optimizer, source=str(ckpt / OPTIMIZER), read=lambda: torch.load(
-            ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True))
+        # Rank 0 verified every hash when it chose `ckpt`.
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
-        ranks = state["ranks"]
-        if len(ranks) == self.world_size:
-            mine = ranks[self.rank]
+        if gathered_format(ckpt):  # the format of earlier versions: rank 0 reads, every rank takes its part
+            load_model_state(self.model, lambda: _read_weights(ckpt))
+            load_optimizer_state(self.model, self.optimizer, source=str(ckpt / OPTIMIZER), read=lambda: torch.load(
+                ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True))
+            saved_world, rank_state = len(state["ranks"]), lambda r: state["ranks"][r]
+        else:  # sharded: every rank reads what it holds in this run's layout
+            self._load_sharded(ckpt, model, state["optimizer"])
+            saved_world = int(meta["world_size"])
+            rank_state = lambda r: torch.load(ckpt / rank_file(r), map_location="cpu", weights_only=True)  # noqa: E731
+        if saved_world == self.world_size:
+            mine = rank_state(self.rank)
         else:
-            mine = ranks[0]
+            mine = rank_state(0)
             if self.rank == 0:
-                warn(f"resuming a {len(ranks)}-process run on {self.world_size} processes: data continues from the "
-                     "same global position (nothing skipped or repeated), but the continuation is no longer bit for "
-                     "bit the original run")
+                warn(f"resuming a {saved_world}-process run on {self.world_size} processes: every optimizer step reads "
+                     "the rows the original run would have (the same total batch), but the continuation is no "
+                     "longer bit for bit the original run: it sums in another order")
         self.loader.load_state_dict(_from_safe(mine["loader"]))
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
@@ -378,6 +455,17 @@ class Checkpointer:
         restore_rng_state(mine["rng"])  # last: nothing above may draw from a generator afterwards
         self.last_good = ckpt
         return ResumeState(path=ckpt, step=int(meta["step"]), tokens_seen=int(meta["tokens_seen"]), meta=meta)
+
+    def _load_sharded(self, ckpt: Path, model, rest: dict | None) -> None:
+        """Model and optimizer from a sharded checkpoint; an optimizer that does not fit is one clear line."""
+        try:
+            if rest is not None:
+                _keyed_by_name(rest, model, self.optimizer)
+            sharded.load(model, self.optimizer, ckpt, tied_aliases(model), rest, self.pg)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise GptrainError(f"{ckpt} does not fit this run's optimizer ({message}); resume with the settings the "
+                               "run started with") from None
 
     def _check_compatible(self, ckpt: Path, meta: dict, model) -> None:
         saved = meta.get("model_config") or {}

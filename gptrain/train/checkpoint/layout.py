@@ -1,12 +1,19 @@
 """Where checkpoints live in a run directory and what they are called.
 
 RUN/checkpoints/step_XXXXXXXX/ holds (XXXXXXXX = optimizer updates completed)
-  model.safetensors  unwrapped weights (no `module.`/`_orig_mod.` prefixes; a tied tensor stored once)
-  optimizer.pt       optimizer.state_dict()                       } torch.save, read back only with
-  state.pt           every rank's RNGs and loader state, the     } torch.load(weights_only=True)
-                     divergence guard's state
-  meta.json          readable: step, tokens seen, time, git revision, configs, tokenizer, world size
-  MANIFEST.json      sha256 and size of each file above, written last
+  __R_0.distcp       rank R's tensors (torch.distributed.checkpoint): its shards of the weights (unwrapped names,
+                     a tied tensor once) and of the optimizer's tensors (keyed by parameter name)
+  .metadata          DCP's index of where every tensor's pieces are (written by rank 0)
+  rank_RRRRR.pt      rank R's RNGs and loader state                } torch.save, read back only with
+  state.pt           the divergence guard's state, the optimizer's } torch.load(weights_only=True)
+                     param_groups and non-tensor state
+  meta.json          readable: step, tokens seen, time, git revision, configs, tokenizer, world size, tied names
+  MANIFEST.json      sha256 and size of each file above, written last (by rank 0, from every rank's hashes)
+
+Checkpoints of versions before the sharded format (VERSION 1) hold instead model.safetensors (the gathered
+weights), optimizer.pt (the gathered optimizer state) and state.pt (every rank's RNGs and loader state, the
+guard's): they still load and resume. Other names under checkpoints/ (`best`, `step_X.broken-TIME`, ...) are not
+step directories: listing, resuming and pruning look at step_XXXXXXXX only.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 CHECKPOINTS = "checkpoints"
 MODEL, OPTIMIZER, STATE, META, MANIFEST = "model.safetensors", "optimizer.pt", "state.pt", "meta.json", "MANIFEST.json"
 FORMAT = "gptrain-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: sharded (DCP); 1: gathered (model.safetensors + optimizer.pt)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -29,6 +36,10 @@ def warn(msg: str) -> None:
 
 def info(msg: str) -> None:
     print(msg, flush=True)
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:

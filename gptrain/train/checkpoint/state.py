@@ -1,14 +1,11 @@
-"""Model and optimizer state in and out of checkpoints, and the small exchanges between ranks that saving and
-resuming need.
+"""Model and optimizer state of a run: the unwrapped model and its tied names, the weights of a checkpoint for
+commands that read one (`load_model_weights`), and the gathered format of earlier versions.
 
-One on-disk form for every parallelism: full, unsharded tensors. Saving gathers them to rank 0 (under FSDP through
-torch.distributed.checkpoint.state_dict with full_state_dict + cpu_offload, one tensor at a time, so a GPU never
-holds more than its shard plus one full tensor); resuming reads them on rank 0 and broadcasts them, each rank
-keeping its shard (broadcast_from_rank0). So a checkpoint written by DDP, FSDP or one process, at any world size,
-resumes under any other, and every command that reads weights (eval, sample, export, sft, --init-from) reads an
-FSDP run's checkpoints unchanged. Weights are stored unwrapped (no DDP `module.` / compile `_orig_mod.` prefixes),
-a tied tensor once; the optimizer state is keyed by parameter name, not by position, so it means the same under
-any wrapping. Only rank 0 writes; the other ranks send it their RNG and loader states (small).
+Weights are stored unwrapped (no DDP `module.` / compile `_orig_mod.` prefixes), a tied tensor once; the optimizer
+state is keyed by parameter name, not by position, so it means the same under any wrapping. The current format is
+sharded (`sharded`); checkpoints of earlier versions hold full tensors (model.safetensors, optimizer.pt) that rank 0
+reads and broadcasts on resume, each rank keeping its part (broadcast_from_rank0), so they resume under any
+parallelism and world size too.
 """
 
 from __future__ import annotations
@@ -19,13 +16,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
 from gptrain.errors import GptrainError
 from gptrain.model import GPTConfig
+from gptrain.train.checkpoint import sharded
 from gptrain.train.checkpoint.layout import CHECKPOINTS, META, MODEL
-from gptrain.train.checkpoint.verify import find_checkpoint
+from gptrain.train.checkpoint.verify import find_checkpoint, gathered_format
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -39,18 +36,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _gather_options() -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def _load_options() -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, broadcast_from_rank0=_world()[1] > 1)
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights on the CPU, wrapper prefixes stripped. Under a process group every rank must call it (FSDP
-    gathers the shards); with more than one process only rank 0 receives the tensors, the others {}."""
-    return get_model_state_dict(unwrap_model(model), options=_gather_options())
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -64,24 +51,6 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def split_tied(state: dict[str, torch.Tensor], aliases: dict[str, str]):
-    """(tensors to store, each once: safetensors refuses shared tensors; {alias: stored name})."""
-    stored = {k: t.detach().contiguous() for k, t in state.items() if k not in aliases}
-    return stored, {a: n for a, n in aliases.items() if a in state}
-
-
-def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state on the CPU keyed by parameter name (collective like `model_state_dict`). An
-    optimizer that has not stepped yet has no state to gather, and is saved as such (asking torch for it would
-    initialise it with a zero step, which would change the next update)."""
-    if not optimizer.state:
-        names = _param_names(model)
-        return {"state": {}, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
-                                               "params": [names[id(p)] for p in g["params"]]}
-                                              for g in optimizer.param_groups]}
-    return get_optimizer_state_dict(unwrap_model(model), optimizer, options=_gather_options())
-
-
 def load_model_state(model: torch.nn.Module, read) -> None:
     """Load full weights: rank 0 calls `read()` for them and broadcasts each tensor; each rank keeps its part."""
     state = read() if _world()[0] == 0 else {}
@@ -89,8 +58,9 @@ def load_model_state(model: torch.nn.Module, read) -> None:
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, read, source: str) -> None:
-    """Load a saved optimizer state: rank 0 calls `read()` for it and broadcasts it. Older checkpoints keyed it by
-    position in this run's parameter groups: converted by name first. Every rank learns whether it fit."""
+    """Load a gathered optimizer state: rank 0 calls `read()` for it and broadcasts it. The oldest checkpoints
+    keyed it by position in this run's parameter groups: converted by name first. Every rank learns whether it
+    fit."""
     message, state = None, read() if _world()[0] == 0 else None
     if state is not None:
         try:
@@ -152,7 +122,7 @@ def load_model_weights(ckpt: str | os.PathLike) -> tuple[GPTConfig, dict[str, to
         raise GptrainError(f"run directory {ckpt} has no valid checkpoint under {CHECKPOINTS}/; train with "
                            "--save-every N, or pass a checkpoint directory")
     meta = json.loads((found / META).read_text())
-    state = _read_weights(found)
+    state = _read_weights(found) if gathered_format(found) else sharded.read_model_tensors(found, meta.get("tied", {}))
     try:
         config = GPTConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -165,16 +135,6 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _gather_to_rank0(obj):
-    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere."""
-    rank, world = _world()
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(obj, out, dst=0)
-    return out
 
 
 def _broadcast_from_rank0(obj):

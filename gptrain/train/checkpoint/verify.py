@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from gptrain.errors import GptrainError
+from gptrain.train.checkpoint.sharded import DCP_METADATA
 from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, MODEL, _STEP_DIR,
                                              list_checkpoints, warn)
 
@@ -44,7 +45,7 @@ def verify_checkpoint(ckpt: str | os.PathLike, full: bool = True) -> str | None:
         return f"no {MANIFEST} (the save did not finish)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({e})"
-    for required in (MODEL, META):
+    for required in (MODEL if MODEL in files else DCP_METADATA, META):
         if required not in files:
             return f"{MANIFEST} does not list {required}"
     try:
@@ -63,6 +64,12 @@ def verify_checkpoint(ckpt: str | os.PathLike, full: bool = True) -> str | None:
             return f"{name} has sha256 {digest[:12]}..., the manifest says {str(entry.get('sha256'))[:12]}... (corrupted)"
     _verified[str(ckpt)] = sig
     return None
+
+
+def gathered_format(ckpt: Path) -> bool:
+    """Whether a (verified) checkpoint is of the gathered format of earlier versions (model.safetensors and
+    optimizer.pt) rather than sharded: what its manifest lists decides."""
+    return MODEL in json.loads((Path(ckpt) / MANIFEST).read_text())["files"]
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
