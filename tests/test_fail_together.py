@@ -24,7 +24,7 @@ def _inject(scenario, rank, tmp):
     """The failure, on one rank only."""
     from gptrain.eval import hellaswag
     from gptrain.train import metrics
-    from gptrain.train.checkpoint import Checkpointer
+    from gptrain.train.checkpoint import checkpointer
     if scenario == "download" and rank == 0:
         def fail(*a, **k):
             raise GptrainError("downloading HellaSwag from https://example.invalid failed (Name or service not known)")
@@ -38,9 +38,9 @@ def _inject(scenario, rank, tmp):
             raise OSError(errno.EIO, "Input/output error", str(tmp / "run" / "metrics.jsonl"))
         metrics.MetricsLog.log = fail
     if scenario == "checkpoint" and rank == 0:
-        def fail(self, *a, **k):
+        def fail(*a, **k):
             raise OSError(errno.EIO, "Input/output error", str(tmp / "run" / "checkpoints"))
-        Checkpointer._write = fail
+        checkpointer._write_json = fail  # rank 0's part of every save
 
 
 def _worker(rank, world, port, scenario, tmp):
