@@ -308,7 +308,9 @@ def test_eval_val_command_on_prepared_shards(tmp_path, capsys):
     assert f"eval val: --data {tmp_path / 'data'} (the data --model {tmp_path / 'run'} was trained on)" in \
         capsys.readouterr().err  # no --data: the run's own, said
     res = json.loads(out.read_text())
-    assert res == {"val_loss": [r for r in logged if "val_loss" in r][-1]["val_loss"], "tokens": 192}  # 3 x 2 x 32
+    last = [r for r in logged if "val_loss" in r][-1]
+    assert (res["val_loss"], res["val_bpb"], res["tokens"]) == (last["val_loss"], last["val_bpb"], 192)  # 3 x 2 x 32
+    assert res["bytes"] > 0
     assert gptrain_main(["eval", "val", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
                          "--device", "cpu", "--autocast", "bfloat16", "--json", str(out)]) == 0
     assert abs(json.loads(out.read_text())["val_loss"] - res["val_loss"]) < 0.05  # bf16: close, not equal
