@@ -91,7 +91,7 @@ class Tokenizer:
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes behind each token id (int64; 0 for special tokens such as <|endoftext|>, which stand for
         no text). GPT-2's BPE works on bytes, so the bytes of the text behind any tokens are the sum of theirs:
-        bits per byte (gptrain/loss.py) and prepare's byte counts need no decoding."""
+        bits per byte (gptrain/bits_per_byte.py) and prepare's byte counts need no decoding."""
         out = np.zeros(self.n_vocab, dtype=np.int64)
         ranks = gpt2_ranks()
         out[np.fromiter(ranks.values(), dtype=np.int64)] = np.fromiter(map(len, ranks), dtype=np.int64)
