@@ -65,6 +65,12 @@ PLAN = [
     ("6x256", "shakespeare", 300, ["base", FAST], (42,)),
     ("6x256", "dialogue", 300, ["base", FAST], (42,)),
     ("tiny", "shakespeare", 1000, ["muon.04-linear0", "adamw-linear0", "muon.01-linear0", "adamw-cosine"], (1337,)),
+    # session 9 (two helpers editing code beside it): 6L x 256 at a budget where warm-up is not a quarter of the
+    # candidate's run; the fast recipe wins on both corpora and seeds
+    ("6x256", "shakespeare", 800, ["base", FAST, "muon.04-linear0"], (1337,)),
+    ("6x256", "dialogue", 800, ["base", FAST, "muon.04-linear0"], (1337,)),
+    ("6x256", "shakespeare", 800, ["base", FAST], (42,)),
+    ("6x256", "dialogue", 800, ["base", FAST], (42,)),
 ]
 
 
