@@ -2,8 +2,8 @@
 (gloo) for each code tree, in the same run.
 
 Each run builds the model as `gptrain train --parallel fsdp` does (`trainer.build_model`, `distributed.wrap`),
-gives AdamW its moments (one step on zero gradients: no forward pass, so the machine's load does not matter),
-then saves through the tree's `Checkpointer`: synchronously, and (trees that have it) with `asynchronous=True`.
+trains --train-steps steps (micro-batch 1, random tokens: the peak a run without saves reaches; 0: AdamW's
+moments from one step on zero gradients, no forward), then saves through the tree's `Checkpointer`: synchronously, and (trees that have it) with `asynchronous=True`.
 Per rank it records the peak resident memory (sampled every 5 ms) during start-up and during each save, the
 seconds the caller is blocked by a save (sync: the whole save; async: until `save` returns, and the wait for
 the background write afterwards), and the checkpoint's files and bytes.
@@ -79,11 +79,25 @@ def worker(args) -> None:
     out["startup_s"] = time.perf_counter() - t
     out["startup_peak"] = peak.read()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    modes = ["sync"] + (["async"] if "asynchronous" in inspect.signature(Checkpointer).parameters else [])
+    # Training without saves: the peak a run reaches anyway (gathered units, activations, gradients, AdamW),
+    # against which a save's peak is compared. Random tokens: the memory does not depend on the data.
+    peak.reset()
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(max(1, args.train_steps)):
+        x = torch.randint(0, 50257, (1, args.seq_len + 1), generator=gen)
+        if args.train_steps:
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+        else:  # moments only (no forward): one step on zero gradients
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["train_s"] = (time.perf_counter() - t) / max(1, args.train_steps)
+    out["train_peak"] = peak.read()
+    has_async = "asynchronous" in inspect.signature(Checkpointer).parameters
+    modes = [m for m in args.modes if m == "sync" or has_async]
     for i, mode in enumerate(modes):
         run = Path(args.out) / mode
         extra = {"asynchronous": True} if mode == "async" else {}
@@ -108,9 +122,10 @@ def worker(args) -> None:
     distributed.teardown()
 
 
-def launch(tree: Path, model: str, world: int, out: Path) -> list[dict]:
+def launch(tree: Path, args, world: int, out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           str(Path(__file__).resolve()), "--worker", "--model", model, "--out", str(out)]
+           str(Path(__file__).resolve()), "--worker", "--model", args.model, "--out", str(out),
+           "--train-steps", str(args.train_steps), "--seq-len", str(args.seq_len), "--modes", *args.modes]
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, check=True, cwd=out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
@@ -126,6 +141,12 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-large")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--train-steps", type=int, default=2,
+                    help="training steps (micro-batch 1, random tokens) before the saves: the peak of a run without "
+                         "saves; 0: AdamW moments from one step on zero gradients, no forward")
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per training step")
+    ap.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"],
+                    help="which saves to make (async: trees that have it; it stages a CPU copy of each rank's share)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,13 +159,14 @@ def main() -> None:
         for name, tree in trees:
             out = Path(tempfile.mkdtemp(dir=ROOT))
             try:
-                ranks = launch(tree, args.model, world, out)
+                ranks = launch(tree, args, world, out)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             results[f"{name} W={world}"] = ranks
             r0 = ranks[0]
             print(f"{name:9} W={world}: start-up peak RSS GiB by rank {[gib(r['startup_peak']) for r in ranks]} "
-                  f"({r0['startup_s']:.1f} s); sync save peak {[gib(r['sync_peak']) for r in ranks]}, stall "
+                  f"({r0['startup_s']:.1f} s); training peak {[gib(r['train_peak']) for r in ranks]} "
+                  f"({max(r['train_s'] for r in ranks):.1f} s a step); sync save peak {[gib(r['sync_peak']) for r in ranks]}, stall "
                   f"{max(r['sync_stall_s'] for r in ranks):.1f} s, {r0['sync_files']} files, "
                   f"{gib(r0['sync_bytes'])} GiB, largest file {r0['sync_largest'] / r0['sync_bytes']:.0%}", flush=True)
             if "async_stall_s" in r0:

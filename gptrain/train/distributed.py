@@ -297,11 +297,10 @@ def _wrap_fsdp(model, env, compile, reshard_after_forward, checkpointing, shard_
     modules.insert(0, (model, False))
     if meta_init.is_pending(model):  # built on the meta device: each rank fills its shards now
         meta_init.materialize(model, env.device)
-    # FSDP takes the first module to run forward as the root; run the real root once, so that `gathered()` (which
-    # may come before any training step, e.g. the step-0 evaluation) finds FSDP set up. Then reshard everything:
-    # the optimizer must be built on the sharded parameters, not on gathered copies left registered by a forward.
-    device = next(iter(model.parameters())).device
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        model(torch.zeros(1, 1, dtype=torch.long, device=device))
-    reset_iter_state(model)
+    # FSDP takes the first module to run forward as the root, and sets it up then (its lazy init). Set the real
+    # root up now, so that `gathered()` (which may come before any training step, e.g. the step-0 evaluation)
+    # finds FSDP ready, without a forward: a warm-up forward would all-gather the root's embedding and the last
+    # Block and hold them, ~0.5-0.9 GiB more at start-up at 760M (benchmarks/checkpoint_sharded.py). FSDP2 has no
+    # public call for it; `_lazy_init` is what its root pre-forward hook runs first (torch 2.11 and 2.13).
+    model._get_fsdp_state()._lazy_init()
     return Wrapped(raw=model, fwd=model, train=model, parallel="fsdp", fsdp_modules=modules)
