@@ -2,10 +2,13 @@
 at several world sizes, with and without activation checkpointing, beside gptrain's memory plan.
 
 Each configuration runs in fresh processes (torch.multiprocessing, gloo on the CPU), builds the model as `gptrain
-train` does (full init on every rank, then wrapping), runs a few steps of the real `Trainer` on random tokens and
-reports, per rank: the resident memory before the model exists (the interpreter, torch, gloo), the bytes of the
-parameter, gradient and optimizer tensors this rank holds (counted from the tensors: DTensor shards count their
-local part), the peak resident memory (VmHWM) and the median step time. The allocator is set as the `gptrain`
+train` does (`trainer.build_model`: DDP a full init on every rank; FSDP on the meta device, each rank filling its
+shards after wrapping), runs a few steps of the real `Trainer` on random tokens and reports, per rank: the resident
+memory before the model exists (the interpreter, torch, gloo), the bytes of the parameter, gradient and optimizer
+tensors this rank holds (counted from the tensors: DTensor shards count their local part), the peak resident
+memory (VmHWM), the peak of what glibc's malloc has handed out and not taken back (`mallinfo2`, sampled every
+millisecond from a thread: the live tensors and objects, without the freed memory the allocator keeps resident)
+and the median step time. The allocator is set as the `gptrain`
 command sets it (gptrain/allocator.py) unless --no-keep-freed-memory. Configurations run one after another.
 
     python benchmarks/memory_fsdp.py scaling                 # gpt2-medium, W = 1, 2, 4, ddp and fsdp
@@ -34,10 +37,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptrain.allocator import keep_freed_memory  # noqa: E402
-from gptrain.model import GPT, preset  # noqa: E402
+from gptrain.model import preset  # noqa: E402
 from gptrain.train import distributed, memory  # noqa: E402
 from gptrain.train.config import TrainConfig  # noqa: E402
-from gptrain.train.trainer import Trainer  # noqa: E402
+from gptrain.train.trainer import Trainer, build_model  # noqa: E402
 
 MiB = 1 << 20
 
@@ -62,6 +65,47 @@ def rss(field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class MallocPeak:
+    """The peak of glibc's bytes in use (heap chunks handed out + mmapped ones) while it runs, sampled every
+    millisecond by a thread (torch's CPU kernels release the GIL). None where there is no mallinfo2 (not glibc)."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class Info(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+        try:
+            self._mallinfo = ctypes.CDLL("libc.so.6").mallinfo2
+            self._mallinfo.restype = Info
+        except (OSError, AttributeError):
+            self._mallinfo = None
+        self.base = self.in_use()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self._mallinfo is not None:
+            self._thread.start()
+
+    def in_use(self) -> int | None:
+        if self._mallinfo is None:
+            return None
+        info = self._mallinfo()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.in_use())
+            time.sleep(0.001)
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.peak
 
 
 def local_bytes(tensors) -> int:
@@ -91,10 +135,11 @@ def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, st
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     env = distributed.setup("cpu", parallel)
     base = rss()
+    malloc = MallocPeak()
     try:
         cfg = config(shape, parallel, world, micro, seq_len, checkpointing, rs, accum)
         torch.manual_seed(0)
-        model = GPT(preset(shape))
+        model = build_model(cfg, preset(shape).vocab_size)
         trainer = Trainer(cfg, model, RandomTokens(micro, seq_len, model.config.vocab_size, rank), env=env)
         times, losses = [], []
         for _ in range(steps):
@@ -105,7 +150,7 @@ def worker(rank, world, port, shape, parallel, micro, seq_len, checkpointing, st
         state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         rec = {"rank": rank, "baseline": base, "params": local_bytes(params),
                "grads": local_bytes(p.grad for p in params), "optimizer": local_bytes(state),
-               "peak": rss("VmHWM"), "step_s": statistics.median(times[1:] or times),
+               "peak": rss("VmHWM"), "malloc_base": malloc.base, "malloc_peak": malloc.stop(), "step_s": statistics.median(times[1:] or times),
                "tokens_per_s": micro * seq_len * world * accum / statistics.median(times[1:] or times),
                "losses": losses}
         gathered = [None] * world if rank == 0 else None
@@ -146,7 +191,7 @@ def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: 
     label = f"| {parallel} | {world} | {checkpointing}{f', reduce-scatter {rs}' if accum > 1 else ''} "
     if not measured:
         return (f"{label}| not run (plan: {world} × {p.total() / MiB / 1024:.1f} GiB) | | | "
-                f"{plan_state / MiB:,.0f} | | {(p.total() - p.runtime()) / MiB:,.0f} | |")
+                f"{plan_state / MiB:,.0f} | | | {(p.total() - p.runtime()) / MiB:,.0f} | {p.total() / MiB:,.0f} | |")
     t0 = time.perf_counter()
     recs = measure(shape, parallel, world, micro, seq_len, checkpointing, steps, keep, rs, accum)
     wall = time.perf_counter() - t0
@@ -154,9 +199,12 @@ def row(shape, parallel, world, micro, seq_len, checkpointing, steps, measured: 
     state = max(r["params"] + r["grads"] + r["optimizer"] for r in recs)
     base = max(r["baseline"] for r in recs)
     tps = recs[0]["tokens_per_s"]
+    live = (f"{max(r['malloc_peak'] - r['malloc_base'] for r in recs) / MiB:,.0f}"
+            if recs[0]["malloc_peak"] is not None else "n/a")
     print(f"  {parallel} W={world} {checkpointing}: {wall:.0f} s, ranks {json.dumps(recs)}", file=sys.stderr, flush=True)
     return (f"{label}| {peak / MiB:,.0f} | {base / MiB:,.0f} | {state / MiB:,.0f} | {plan_state / MiB:,.0f} | "
-            f"{(peak - base) / MiB:,.0f} | {(p.total() - p.runtime()) / MiB:,.0f} | {tps:,.0f} |")
+            f"{(peak - base) / MiB:,.0f} | {live} | {(p.total() - p.runtime()) / MiB:,.0f} | {p.total() / MiB:,.0f} | "
+            f"{tps:,.0f} |")
 
 
 def main(argv=None) -> int:
@@ -201,9 +249,9 @@ def main(argv=None) -> int:
           f"float32, CPU, {a.steps} steps per configuration; torch {torch.__version__}, {os.cpu_count()} cores; "
           f"allocator: {'gptrain (freed memory kept)' if a.keep_freed_memory else 'glibc default'}\n")
     print("| parallel | processes | activation checkpointing | peak RSS per rank (MiB) | RSS before the model | "
-          "param+grad+optimizer tensors per rank | plan: param+grad+optimizer | peak − before | plan: total "
-          "− runtime allowance | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "param+grad+optimizer tensors per rank | plan: param+grad+optimizer | peak − before | malloc in use: "
+          "peak − before | plan: total − runtime allowance | plan: total | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for par, w, ck, rs in runs:
         print(row(shape, par, w, micro, seq_len, ck, a.steps, (par, w, ck, rs) not in skip, a.keep_freed_memory, rs,
                   accum), flush=True)

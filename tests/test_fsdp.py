@@ -2,7 +2,8 @@
 each of 20 steps, with and without accumulation, without resharding after forward, on a 2-D (hybrid) mesh, with
 Muon (each sharded matrix gathered whole) as with AdamW, and Muon under both equal to one process accumulating
 the same two micro-batches; activation checkpointing changes no loss; reduce-scattering every micro-step
-(--reduce-scatter every) gives the losses of reducing once per step."""
+(--reduce-scatter every) gives the losses of reducing once per step; the CUDA step path (skips decided on the
+device), forced here, gives the bits of the host path, a NaN skipped included."""
 
 import os
 
@@ -11,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gptrain.model import GPT, GPTConfig
-from gptrain.train import distributed
+from gptrain.train import distributed, resilience
 from gptrain.train.trainer import Trainer
 from test_train import SeqLoader, _free_port, small_cfg, tokens
 
@@ -32,15 +33,23 @@ RUNS = {
     "fsdp muon": dict(parallel="fsdp", **MUON),
     "ddp accum muon": dict(parallel="ddp", total_batch_size=2 * B * T * 2, **MUON),
     "fsdp accum muon": dict(parallel="fsdp", total_batch_size=2 * B * T * 2, **MUON),
+    # the CUDA step path (the skip decided on the device, Trainer.skip_on_device), forced on the CPU
+    "fsdp device-skip": dict(parallel="fsdp", skip_on_device=True),
+    "fsdp muon nan": dict(parallel="fsdp", nan_steps=(3, 4), **MUON),
+    "fsdp muon nan device-skip": dict(parallel="fsdp", nan_steps=(3, 4), skip_on_device=True, **MUON),
 }
 
 
 def _run(init, name, over, loader, env=None):
     model = GPT(GPTConfig(**init["config"]))
     model.load_state_dict(init["weights"])
+    over = dict(over)
+    skip_on_device, nan_steps = over.pop("skip_on_device", False), over.pop("nan_steps", ())
     cfg = small_cfg(**{"micro_batch_size": B, "seq_len": T, "total_batch_size": 2 * B * T, "max_steps": STEPS,
                        "lr": 1e-2, **over})
     trainer = Trainer(cfg, model, loader, env=env)
+    trainer.skip_on_device = skip_on_device
+    resilience._NAN_STEPS = frozenset(nan_steps)  # a spawned worker's own module: no other test sees it
     steps = [trainer.train_step() for _ in range(STEPS)]
     result = {"loss": [m["train_loss"] for m in steps], "norm": [m["grad_norm"] for m in steps]}
     with trainer.wrapped.gathered() as full:  # the trained weights, gathered (every rank enters)
@@ -100,6 +109,17 @@ def test_muon_trains_differently_from_adamw(results):
 def test_accumulation_differs_from_no_accumulation(results):
     """The accumulated runs see twice the batch: a different trajectory (so the pairs above compare like with like)."""
     assert results["ddp accum"]["loss"][5] != results["ddp"]["loss"][5]
+
+
+@pytest.mark.parametrize("run,ref", [("fsdp device-skip", "fsdp"), ("fsdp muon nan device-skip", "fsdp muon nan")])
+def test_the_device_skip_path_equals_the_host_path_under_fsdp(results, run, ref):
+    """Sharded parameters (DTensors) through the fused AdamW's found_inf and Muon's select: the same bits."""
+    assert repr(results[run]["loss"]) == repr(results[ref]["loss"])  # skipped steps' NaN losses included
+    assert repr(results[run]["norm"]) == repr(results[ref]["norm"])
+    for weight in ("wte", "c_fc"):
+        assert torch.equal(results[run][weight], results[ref][weight]), weight
+    if run.endswith("nan device-skip"):
+        assert [s for s, loss in enumerate(results[run]["loss"]) if loss != loss] == [3, 4]
 
 
 @pytest.mark.parametrize("run,ref", [("fsdp accum ac", "fsdp accum"), ("ddp accum ac", "ddp accum")])

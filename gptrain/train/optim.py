@@ -120,23 +120,28 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """`found_inf` set (see `step_unless`): the fused AdamW kernel skips itself, and each Muon matrix and its
+        momentum are put back where it is 1, all on the device."""
         if closure is not None:
             raise ValueError("MuonAdamW.step takes no closure")
+        found_inf = getattr(self, "found_inf", None)
         if self._adamw is not None:
             self._adamw.param_groups = [g for g in self.param_groups if not g.get("muon")]
             self._adamw.state = self.state
+            self._adamw.found_inf = found_inf
             self._adamw.step()
         for group in self.param_groups:
             if group.get("muon"):
                 for p in group["params"]:
                     if p.grad is not None:
-                        self._muon_update(p, group)
+                        self._muon_update(p, group, found_inf)
 
-    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
+    def _muon_update(self, p: torch.Tensor, group: dict, found_inf: torch.Tensor | None = None) -> None:
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
         buf, mu, lr = state["momentum_buffer"], group["momentum"], group["lr"]
+        before = None if found_inf is None else [_local(t).clone() for t in (buf, p)]
         buf.lerp_(p.grad, 1 - mu)
         update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
         sharded = hasattr(update, "full_tensor")  # an FSDP DTensor: orthogonalize the whole matrix
@@ -147,6 +152,32 @@ class MuonAdamW(torch.optim.Optimizer):
             ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)  # this rank's rows
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        if before is not None:  # a skipped step: the momentum and the matrix as they were (a select, no sync)
+            for t, old in zip((buf, p), before):
+                _local(t).copy_(torch.where(found_inf > 0, old, _local(t)))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step_unless` works for this optimizer: torch's fused AdamW kernels (CPU and CUDA) take GradScaler's
+    `found_inf` and skip the update, restoring the step counter, without a host sync; MuonAdamW passes it on."""
+    adamw_groups = [g for g in optimizer.param_groups if not g.get("muon")]
+    return isinstance(optimizer, (torch.optim.AdamW, MuonAdamW)) and all(g.get("fused") for g in adamw_groups)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), a no-op where `skip` (a float32 0-dim tensor on the parameters' device, 1.0 or 0.0) is 1:
+    the skip is decided on the device, so the step is queued without the host waiting for the values. With
+    skip 0 the update is bit-for-bit the plain step's (tests/test_step_sync.py)."""
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def lr_at(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,

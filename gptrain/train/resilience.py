@@ -25,6 +25,7 @@ from collections import deque
 import torch
 
 from gptrain.errors import GptrainError
+from gptrain.train.optim import step_unless
 
 # Test-only: comma-separated steps (or A-B ranges) at which the trainer turns the loss into NaN.
 TEST_NAN_STEPS = "GPTRAIN_TEST_NAN_STEPS"
@@ -124,6 +125,25 @@ class DivergenceGuard:
                                   f"{step} (last: {reason}); {where}")
         return reason
 
+    def step(self, optimizer: torch.optim.Optimizer, step: int, values: torch.Tensor, last_checkpoint=None,
+             on_device: bool = False) -> tuple[list[float], str | None]:
+        """Apply `optimizer`'s update unless the guard skips it: (`values` = [loss, grad norm, ...] read as floats,
+        the reason for a skip or None). On the host path (CPU) the values are read, then the step is taken or not.
+        `on_device` (CUDA): the non-finite test is made on the device and the update queued through the fused
+        optimizer's `found_inf` (optim.step_unless) before the host reads the values, copied ahead of the
+        optimizer's kernels, so the device runs those while the host keeps the books: the same decision from
+        the same values. The z-score test's window lives on the host: with `zscore` > 0 the host path is taken."""
+        if on_device and self.zscore == 0:
+            read = _read_later(values)
+            step_unless(optimizer, (~torch.isfinite(values[:2]).all()).float())
+            values = read()
+            return values, self.check(step, values[0], values[1], last_checkpoint)
+        values = values.tolist()
+        reason = self.check(step, values[0], values[1], last_checkpoint)
+        if reason is None:
+            optimizer.step()
+        return values, reason
+
     def _reason(self, loss: float, grad_norm: float) -> str | None:
         if not math.isfinite(loss):
             return f"non-finite loss {loss}"
@@ -145,6 +165,22 @@ class DivergenceGuard:
         self.norms = deque(state["norms"], maxlen=self.window)
         self.consecutive, self.skipped = int(state["consecutive"]), int(state["skipped"])
         self.good_checkpoint = state.get("good_checkpoint")
+
+
+def _read_later(values: torch.Tensor):
+    """Start copying `values` to the host without waiting (pinned memory, on the current stream, so it completes
+    before any work queued after it); the function returned waits for that copy alone and gives the floats."""
+    if values.device.type != "cuda":
+        return values.tolist
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[float]:
+        copied.synchronize()
+        return host.tolist()
+    return wait
 
 
 def _zscore(value: float, history) -> float:

@@ -35,7 +35,7 @@ from gptrain.train.checkpoint import Checkpointer, checkpoint_step, rerun_hint
 from gptrain.train.checkpoint.best import BestCheckpoint
 from gptrain.train.config import TRAIN_PRESETS, TrainConfig, resolve
 from gptrain.train.metrics import Clock, MetricsLog, console, peak_flops, step_line
-from gptrain.train.optim import lr_at, make_optimizer
+from gptrain.train.optim import lr_at, make_optimizer, skips_on_device
 from gptrain.train.resilience import DivergenceGuard, Preemption, inject_test_nan
 from gptrain.train.together import on_rank0, together
 
@@ -110,6 +110,8 @@ class Trainer:
         self.stop_requested = lambda: False  # set by run(): a signal arrived on this rank
         self.stop_agreed = False  # some rank was signalled (known on every rank after each step)
         self.guard = DivergenceGuard(cfg.guard_zscore, cfg.guard_window, cfg.guard_max_skips)
+        # CUDA: a non-finite update is skipped on the device, the host reads the values after queuing it
+        self.skip_on_device = self.env.device_type == "cuda" and skips_on_device(self.optimizer)
         self.best: BestCheckpoint | None = None
         try:
             self.checkpoints, resumed = self._resume()  # before the metrics log opens: resuming cuts it back
@@ -240,11 +242,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         last_good = self.checkpoints.last_good if self.checkpoints else None
-        # The step's one host sync: the guard decides from the values (the same on every rank).
-        loss_value, norm_value, self.stop_agreed = torch.stack([loss_accum, norm.float(), stop]).tolist()
-        skipped = self.guard.check(self.step, loss_value, norm_value, last_good)
-        if skipped is None:
-            self.optimizer.step()
+        # The step's one host sync, the values read (the same on every rank); on CUDA after the update is queued
+        (loss_value, norm_value, self.stop_agreed), skipped = self.guard.step(
+            self.optimizer, self.step, torch.stack([loss_accum, norm.float(), stop]), last_good, self.skip_on_device)
         # No synchronize: the optimizer's kernels run on while the next batch is read; `ms` is the host's time
         # from one step's end to the next, which in steady state is the device's.
         dt = time.perf_counter() - t0
