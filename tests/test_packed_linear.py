@@ -10,12 +10,7 @@ from gptrain.packed_linear import can_pack, pack_linears
 from gptrain.sampling import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt2_width_model(seed=0) -> GPT:
