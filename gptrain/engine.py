@@ -39,6 +39,7 @@ from gptrain.model import GPT, KVCache
 from gptrain.sampling import SamplingParams, Sequence, sample_rows
 
 SPAN_STEP = 64  # the eager decode step attends over a multiple of this many slots
+MIN_ROWS = 2  # every forward of the pool multiplies at least this many rows (see SlotPool)
 AUTO_BATCH_MAX = 32  # a server's running batch when not given: at most this many rows
 
 
@@ -147,7 +148,12 @@ class SlotPool:
     `add(seq)` puts a row in the first free slot; `remove(seq)` takes it out (the last row moves into its slot);
     `step()` runs one iteration and returns (row, token, new text) for each token drawn; rows that finished
     are removed already.
-    `prefill_chunk=None` prefills every waiting row whole in the next iteration."""
+    `prefill_chunk=None` prefills every waiting row whole in the next iteration.
+
+    No forward runs on a single row of tokens: oneDNN multiplies one row (a matrix-vector product) in another
+    order than two or more, so a bf16 row alone would round differently from the same row in a batch. A lone
+    decoding row is joined by a free slot's dummy row, a one-token prefill is padded to two tokens (the cache has
+    at least MIN_ROWS slots for that)."""
 
     def __init__(self, engine: Engine, max_batch: int, max_len: int | None = None, *,
                  prefill_chunk: int | None = None, use_cache: bool = True):
@@ -157,7 +163,7 @@ class SlotPool:
         self.max_len = block if engine.compiled or max_len is None else min(block, max_len)
         self.rows: list[Sequence] = []
         self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
-        self.cache = KVCache(engine.model.config, max_batch, self.max_len, device=engine.device,
+        self.cache = KVCache(engine.model.config, max(MIN_ROWS, max_batch), self.max_len, device=engine.device,
                              dtype=engine.cache_dtype()) if use_cache else None
         if engine.compiled and use_cache and engine.device.type == "cuda":  # a CUDA graph's inputs that the step
             # mutates in place must stay at fixed addresses
@@ -252,6 +258,7 @@ class SlotPool:
         the row's next real tokens overwrite them. A row's chunk boundaries are its own, so each row's cache is
         what it would be alone."""
         first, t = group[0][0], max(n for _, _, n in group)
+        t = max(t, -(-MIN_ROWS // len(group)))  # a lone token gets a padding token (start + 2 <= len(window))
         span = max(start for _, start, _ in group) + t
         view = self.cache.view(slice(first, first + len(group)), span)
         view.lens.copy_(torch.tensor([start for _, start, _ in group]))
@@ -267,7 +274,7 @@ class SlotPool:
         if self.cache is None:
             return torch.cat([_last_logits(e.model, torch.tensor([self.rows[s].window], device=dev))
                               for s in ready])
-        n = self.max_batch if e.compiled else len(self.rows)
+        n = self.cache.lens.size(0) if e.compiled else max(MIN_ROWS, len(self.rows))
         tokens, lens = [0] * n, self._cached + [0] * (n - len(self.rows))
         for s in ready:
             tokens[s] = self.rows[s].window[-1]

@@ -271,7 +271,7 @@ class GPT(nn.Module):
         return self.logits(x), None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.lm_head.weight)[..., : self.config.vocab_size]
+        return self.lm_head(x)[..., : self.config.vocab_size]
 
     def num_params(self, padded: bool = True) -> int:
         """Parameter count (tied weights once). padded=False counts only the real vocabulary's rows."""

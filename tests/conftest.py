@@ -35,3 +35,13 @@ def small_shards(tmp_path_factory):
 def tiny_config():
     from gptrain.model import GPTConfig
     return GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small models: threads add overhead, and contention on a shared machine;
+    row-for-row equality tests also want one thread's kernels). Use with `pytest.mark.usefixtures`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

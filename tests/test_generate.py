@@ -6,13 +6,7 @@ from gptrain.generate import Engine, TextStream, complete, sample_from_logits
 from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import get_tokenizer
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: threads only add overhead (and contention on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [15496, 11], [40, 1101, 257, 3303]]

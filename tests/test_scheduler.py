@@ -13,12 +13,7 @@ from gptrain.model import GPT, GPTConfig
 from gptrain.tokenizer import get_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lively_model(block_size=64, n_layer=2, seed=0):

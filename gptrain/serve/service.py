@@ -14,6 +14,7 @@ from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
 from gptrain.errors import GptrainError
 from gptrain.engine import auto_batch
 from gptrain.generate import QueueFull, SamplingParams, Scheduler
+from gptrain.packed_linear import pack_linears
 from gptrain.serve.config import ServeConfig
 from gptrain.serve.metrics import Metrics
 from gptrain.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -46,6 +47,7 @@ class Service:
     def __init__(self, model, name: str, cfg: ServeConfig | None = None):
         cfg = cfg or ServeConfig()
         self.model, self.name = model.eval(), name
+        pack_linears(model)  # bf16 on CPU: weights reordered once for oneDNN (gptrain/packed_linear.py)
         if cfg.max_batch is None:
             cfg = replace(cfg, max_batch=auto_batch(model.config, next(model.parameters())))
         self.cfg = cfg
