@@ -26,7 +26,7 @@
 The sum is the plan's peak: it assumes an earlier micro-step's gradients are alive during the forward (true when
 accumulating; a slight over-estimate otherwise). A run fits when the sum is at most 90% of the memory (the rest
 is left to the allocator's fragmentation, which a plan of tensors cannot count: on a CPU under FSDP with
-accumulation glibc keeps up to 25% more resident than the plan's training terms, while the live bytes stay 27%
+accumulation glibc keeps up to 30% more resident than the plan's training terms, while the live bytes stay 27-34%
 under them). docs/ARCHITECTURE.md and benchmarks/RESULTS.md compare the plan with
 measured peaks.
 """
