@@ -1,7 +1,7 @@
 """Sharded checkpoints and meta-device start-up against a baseline release, side by side: FSDP on W CPU processes
 (gloo) for each code tree, in the same run.
 
-Each run builds the model as `gptrain train --parallel fsdp` does (`trainer.build_model`, `distributed.wrap`),
+Each run builds the model as `gptrain train --parallel fsdp` does (`command.build_model`, `distributed.wrap`),
 trains --train-steps steps (micro-batch 1, random tokens: the peak a run without saves reaches; 0: AdamW's
 moments from one step on zero gradients, no forward), then saves through the tree's `Checkpointer`: synchronously, and (trees that have it) with `asynchronous=True`.
 Per rank it records the peak resident memory (sampled every 5 ms) during start-up and during each save, the
@@ -64,7 +64,7 @@ def worker(args) -> None:
     from gptrain.train import distributed
     from gptrain.train.checkpoint import Checkpointer
     from gptrain.train.config import resolve
-    from gptrain.train.trainer import build_model
+    from gptrain.train.command import build_model
 
     peak = Peak()
     torch.set_num_threads(1)

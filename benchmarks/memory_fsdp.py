@@ -2,7 +2,7 @@
 at several world sizes, with and without activation checkpointing, beside gptrain's memory plan.
 
 Each configuration runs in fresh processes (torch.multiprocessing, gloo on the CPU), builds the model as `gptrain
-train` does (`trainer.build_model`: DDP a full init on every rank; FSDP on the meta device, each rank filling its
+train` does (`command.build_model`: DDP a full init on every rank; FSDP on the meta device, each rank filling its
 shards after wrapping), runs a few steps of the real `Trainer` on random tokens and reports, per rank: the resident
 memory before the model exists (the interpreter, torch, gloo), the bytes of the parameter, gradient and optimizer
 tensors this rank holds (counted from the tensors: DTensor shards count their local part), the peak resident
@@ -40,7 +40,8 @@ from gptrain.allocator import keep_freed_memory  # noqa: E402
 from gptrain.model import preset  # noqa: E402
 from gptrain.train import distributed, memory  # noqa: E402
 from gptrain.train.config import TrainConfig  # noqa: E402
-from gptrain.train.trainer import Trainer, build_model  # noqa: E402
+from gptrain.train.command import build_model  # noqa: E402
+from gptrain.train.trainer import Trainer  # noqa: E402
 
 MiB = 1 << 20
 

@@ -18,7 +18,7 @@ from gptrain.output import best_effort_output, let_local_rank0_speak, says_confi
 
 COMMANDS = {  # name -> (module, one-line description)
     "prepare": ("gptrain.data.prepare", "tokenize a corpus (FineWeb-EDU, hub datasets, local files, shakespeare) into shards"),
-    "train": ("gptrain.train.trainer", "pretrain a GPT (1 CPU to N GPUs via torchrun), with eval, samples and checkpoints"),
+    "train": ("gptrain.train.command", "pretrain a GPT (1 CPU to N GPUs via torchrun), with eval, samples and checkpoints"),
     "eval": ("gptrain.eval.cli", "evaluate a model: HellaSwag, lm-evaluation-harness tasks, validation loss"),
     "sample": ("gptrain.generate", "generate text from a model (KV cache, temperature, top-k, top-p)"),
     "sft": ("gptrain.chat.sft", "fine-tune a model on conversations into the user/assistant chat format"),

@@ -36,7 +36,7 @@ def config(flags: str):
 
 def plan(flags: str, world: int = WORLD, device: str = "cuda"):
     """The Plan `gptrain train FLAGS --plan --plan-world-size WORLD --device DEVICE` prints."""
-    from gptrain.train.trainer import model_config
+    from gptrain.train.command import model_config
     cfg = config(flags)
     return plan_for(model_config(cfg), cfg, world, device)
 
@@ -113,7 +113,7 @@ def block_error_example() -> str:
     from types import SimpleNamespace
     from gptrain.errors import GptrainError
     from gptrain.train.memory import require_fit
-    from gptrain.train.trainer import model_config
+    from gptrain.train.command import model_config
     cfg = config("--preset gpt2-1558m --memory 40GB")
     try:
         require_fit(model_config(cfg), cfg, SimpleNamespace(device="cuda", device_type="cuda", world_size=WORLD))

@@ -61,7 +61,7 @@ def _worker(rank, world, port, scenario, tmp):
                     example = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}
                     (tmp / "hs.jsonl").write_text(json.dumps(example) + "\n")
                     cfg = small_cfg(hellaswag_data=str(tmp / "hs.jsonl"))
-                from gptrain.train.trainer import _load_hellaswag
+                from gptrain.train.command import _load_hellaswag
                 _load_hellaswag(cfg)
             else:
                 from gptrain.train.trainer import Trainer

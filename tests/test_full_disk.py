@@ -170,8 +170,8 @@ def test_disk_full_message_and_detection(tmp_path, monkeypatch):
 
 def test_cli_reports_an_unexpected_enospc_in_one_line(tmp_path, monkeypatch, capsys):
     """Any write the commands do not wrap themselves still ends in one line, not a traceback."""
-    import gptrain.train.trainer as trainer
-    monkeypatch.setattr(trainer, "check_run_inputs",
+    import gptrain.train.command as command
+    monkeypatch.setattr(command, "check_run_inputs",
                         lambda cfg, cmd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device",
                                                                        str(tmp_path / "x.json"))))
     assert main(["train", "--data", "d", "--out", str(tmp_path / "r")]) == 2

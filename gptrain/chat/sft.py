@@ -30,8 +30,9 @@ from gptrain.errors import GptrainError
 from gptrain.model import GPT
 from gptrain.tokenizer import Tokenizer, get_tokenizer
 from gptrain.train import distributed
+from gptrain.train.command import check_run_inputs, print_plan, run_and_record
 from gptrain.train.config import TrainConfig, recorded_train_config
-from gptrain.train.trainer import Trainer, check_run_inputs, print_plan, run_and_record, seed_everything
+from gptrain.train.trainer import Trainer, seed_everything
 
 
 # ---------------------------------------------------------------- examples and rows
