@@ -59,5 +59,9 @@ else
   echo "  cd $root && . .venv/bin/activate"
   echo "  gptrain sample --model $run --prompt 'JULIET:' --echo --max-new-tokens 60"
   echo "  gptrain report $run"
-  echo "  bash scripts/demo.sh --chat"
+  if [ $# -gt 0 ]; then  # chat on this run, not on the full runs/demo that a plain --chat trains first
+    echo "  bash scripts/demo.sh --chat$(printf ' %q' "$@")"
+  else
+    echo "  bash scripts/demo.sh --chat"
+  fi
 fi

@@ -189,6 +189,10 @@ def test_bad_total_batch_size_is_one_clear_line():
     with pytest.raises(GptrainError, match=r"--total-batch-size 1000 is not a multiple of .* 2×16×2 = 64"):
         grad_accum_steps(small_cfg(total_batch_size=1000), world_size=2)
     assert grad_accum_steps(small_cfg(total_batch_size=128), world_size=2) == 2
+    # the tiny preset's 1,024 tokens (8 x 128) on 2 processes: the micro-batch that keeps that total is named
+    tiny = small_cfg(total_batch_size=1024, micro_batch_size=8, seq_len=128)
+    with pytest.raises(GptrainError, match=r"or --micro-batch-size 4 \(keeps this total batch\)"):
+        grad_accum_steps(tiny, world_size=2)
 
 
 def test_presets_carry_the_lecture_values():

@@ -28,7 +28,7 @@ class ServeConfig:
     max_request_bytes: int = _f(1_000_000, "largest request body accepted (413 above)", ge=1)
     max_prompt_tokens: int | None = _f(None, "longest prompt accepted, in tokens (none: the context window)", ge=1)
     max_tokens_limit: int = _f(1024, "largest max_tokens a request may ask for (capped by the context window)", ge=1)
-    default_max_tokens: int = _f(256, "max_tokens when a request gives none (at most what the context leaves)",
+    default_max_tokens: int = _f(256, "max_tokens when a request gives none (at most half the context window)",
                                  ge=1)
     max_messages: int = _f(1024, "messages in one chat request at most (400 above)", ge=1)
     max_prompts_per_request: int = _f(16, "prompts in one /v1/completions request at most (400 above)", ge=1)

@@ -46,10 +46,13 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.micro_batch_size * cfg.seq_len * world_size
     if cfg.total_batch_size <= 0 or cfg.total_batch_size % per_step:
         lo = max(per_step, cfg.total_batch_size // per_step * per_step)
+        rows, left = divmod(cfg.total_batch_size, cfg.seq_len * world_size)  # rows per process per step
+        keep = next((m for m in range(min(cfg.micro_batch_size, rows), 0, -1) if rows % m == 0), None) \
+            if cfg.total_batch_size > 0 and not left else None
         raise GptrainError(
             f"--total-batch-size {cfg.total_batch_size} is not a multiple of micro-batch × seq-len × world size = "
             f"{cfg.micro_batch_size}×{cfg.seq_len}×{world_size} = {per_step}; use e.g. {lo} or {lo + per_step}, "
-            f"or change --micro-batch-size")
+            + (f"or --micro-batch-size {keep} (keeps this total batch)" if keep else "or change --micro-batch-size"))
     return cfg.total_batch_size // per_step
 
 

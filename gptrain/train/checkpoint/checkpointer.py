@@ -438,14 +438,13 @@ class Checkpointer:
             self._load_sharded(ckpt, model, state["optimizer"])
             saved_world = int(meta["world_size"])
             rank_state = lambda r: torch.load(ckpt / rank_file(r), map_location="cpu", weights_only=True)  # noqa: E731
-        if saved_world == self.world_size:
-            mine = rank_state(self.rank)
-        else:
-            mine = rank_state(0)
-            if self.rank == 0:
-                warn(f"resuming a {saved_world}-process run on {self.world_size} processes: every optimizer step reads "
-                     "the rows the original run would have (the same total batch), but the continuation is no "
-                     "longer bit for bit the original run: it sums in another order")
+        mine = rank_state(self.rank if saved_world == self.world_size else 0)
+        parallel = self.config.get("parallel")
+        saved_parallel = (meta.get("config") or {}).get("parallel") or parallel  # older metadata: not recorded
+        if self.rank == 0 and (saved_world, saved_parallel) != (self.world_size, parallel):
+            warn(f"resuming a {saved_world}-process {saved_parallel} run as {self.world_size}-process {parallel}: every "
+                 "optimizer step reads the rows the original run would have (the same total batch), but the "
+                 "continuation is no longer bit for bit the original run: it sums in another order")
         self.loader.load_state_dict(_from_safe(mine["loader"]))
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
