@@ -6,6 +6,7 @@
 - `provenance`: what a checkpoint records about the code that made it
 - `sharded`: model and optimizer tensors through torch.distributed.checkpoint, each rank its own shards
 - `state`: the unwrapped model, a checkpoint's weights for commands, the gathered format of earlier versions
+- `choose`: which checkpoint a run continues from (the --resume modes), and moving aside what it abandons
 - `checkpointer`: `Checkpointer` (atomic save, asynchronous save, prune, resume) and `ResumeState`
 """
 

@@ -28,14 +28,14 @@ import torch
 from gptrain.config import fsync_dir, to_jsonable
 from gptrain.errors import GptrainError, disk_full, is_disk_full
 from gptrain.train.checkpoint import sharded
-from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, MODEL, OPTIMIZER, STATE, VERSION,
+from gptrain.train.checkpoint.choose import choose, set_aside, unique_path
+from gptrain.train.checkpoint.layout import (CHECKPOINTS, FORMAT, MANIFEST, META, OPTIMIZER, STATE, VERSION,
                                              checkpoint_step, info, list_checkpoints, rank_file, step_dir, warn)
 from gptrain.train.checkpoint.provenance import git_revision, machine, machine_changes
 from gptrain.train.checkpoint.rng import _from_safe, _to_safe, capture_rng_state, restore_rng_state
 from gptrain.train.checkpoint.state import (_broadcast_from_rank0, _keyed_by_name, _read_weights, _world,
                                             load_model_state, load_optimizer_state, tied_aliases, unwrap_model)
-from gptrain.train.checkpoint.verify import (_sha256, _signature, _verified, find_checkpoint, gathered_format,
-                                             verify_checkpoint)
+from gptrain.train.checkpoint.verify import _sha256, _signature, _verified, gathered_format, verify_checkpoint
 
 # Test-only: "kill:STEP" SIGKILLs this process halfway through writing checkpoint STEP; "sleep:SECONDS" sleeps
 # there on every save, so a test can kill at a random moment that includes a save in progress.
@@ -203,7 +203,7 @@ class Checkpointer:
                 _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
                 fsync_dir(tmp)
                 if final.exists():
-                    self._set_aside(final, "replaced")
+                    set_aside(final, "replaced")
                 os.replace(tmp, final)
                 fsync_dir(self.root)
                 # The hashes were computed by reading back the fsynced files; what remains to check is that the
@@ -294,14 +294,6 @@ class Checkpointer:
         _fsync_file(self.metrics_path)
         return self.metrics_path.stat().st_size
 
-    def _set_aside(self, ckpt: Path, why: str) -> Path:
-        """Move a checkpoint out of the way without deleting it (its name no longer looks like a checkpoint)."""
-        dest = _unique(ckpt.with_name(f"{ckpt.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}"))
-        os.replace(ckpt, dest)
-        fsync_dir(ckpt.parent)
-        warn(f"moved {ckpt.name} aside to {dest} (kept, not deleted)")
-        return dest
-
     def _prune(self, newest: Path) -> None:
         """Keep the newest `keep_last` complete checkpoints (0: all) and every `keep_every`-th step; the one just
         written is always kept. Incomplete or corrupt directories are left for the user to inspect."""
@@ -331,7 +323,7 @@ class Checkpointer:
         choice, failure = None, None
         if self.rank == 0:  # one rank verifies and decides; the others follow
             try:
-                choice = self._choose(spec)
+                choice = choose(self.run_dir, spec, self.config, self.runtime)
             except Exception as e:
                 failure = e
         choice, message = _broadcast_from_rank0((str(choice) if choice else None, failure and str(failure)))
@@ -340,88 +332,6 @@ class Checkpointer:
         if message:
             raise GptrainError(message)
         return self._load(Path(choice)) if choice else None
-
-    def _choose(self, spec: str | None) -> Path | None:
-        if spec == "fresh":
-            self._move_records_aside("--resume fresh")
-            return None
-        if spec and spec != "auto":
-            ckpt = find_checkpoint(spec)
-            if ckpt is None:
-                raise GptrainError(f"--resume {spec}: no valid checkpoint under {Path(spec) / CHECKPOINTS}; pass a "
-                                   "checkpoint directory or --resume auto")
-        else:
-            ckpt = find_checkpoint(self.run_dir) if self.root.is_dir() else None
-            if ckpt is None:
-                self._refuse_if_only_broken()
-                if self._records():
-                    self._move_records_aside("it holds no checkpoint to continue from")
-                elif spec == "auto":
-                    info(f"no checkpoint in {self.root} yet: starting a fresh run")
-                return None
-            if spec is None:
-                self._refuse_if_changed(ckpt)
-        # Later checkpoints of this run belong to a future that this resume abandons; move them aside so that
-        # a later resume cannot jump back onto it (they are kept, not deleted).
-        if ckpt.parent.resolve() == self.root.resolve():
-            for later in list_checkpoints(self.run_dir):
-                if checkpoint_step(later) > checkpoint_step(ckpt):
-                    self._set_aside(later, "abandoned" if verify_checkpoint(later) is None else "broken")
-        return ckpt
-
-    def _refuse_if_only_broken(self) -> None:
-        """Checkpoints exist, none valid: set them aside and stop, rather than start over on top of the run."""
-        bad = list_checkpoints(self.run_dir)
-        reasons = [f"{c.name} ({verify_checkpoint(c)})" for c in bad]
-        for c in bad:
-            self._set_aside(c, "broken")
-        earlier = sorted(p.name for p in self.root.glob("step_*.broken-*")) if self.root.is_dir() else []
-        if not bad and not earlier:
-            return
-        what = "; ".join(reasons) if reasons else ", ".join(earlier)
-        raise GptrainError(
-            f"{self.root} holds checkpoints but none is usable ({what}); they are kept, moved aside as "
-            f"step_X.broken-TIME. To continue, restore a good copy as {self.root}/step_XXXXXXXX, or pass --resume "
-            f"PATH with a checkpoint from elsewhere; to start over, pass --resume fresh (moves the old checkpoints, "
-            f"metrics.jsonl and config.json aside to {self.run_dir}/previous-TIME/, deleting nothing)")
-
-    def _refuse_if_changed(self, ckpt: Path) -> None:
-        """Continuing by default requires the run's identity (every non-runtime setting) to be unchanged."""
-        old = (json.loads((ckpt / META).read_text()).get("config") or {})
-        changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {self.config[k]!r}"
-                   for k in sorted(set(old) & set(self.config) - self.runtime) if old[k] != self.config[k]]
-        if changed:
-            raise GptrainError(
-                f"{self.run_dir} holds a run ({ckpt.name}) whose settings differ from these: {'; '.join(changed)}. "
-                "Re-run with the original values to continue it, pass --resume auto to continue it with the new "
-                "ones, or --resume fresh (or another --out) to start a new run")
-
-    def _records(self) -> list[Path]:
-        """What an earlier run left in the run directory: checkpoints, metrics (with cut-off parts), config, tb,
-        the report drawn from them."""
-        names = [CHECKPOINTS, "metrics.jsonl", "config.json", "tb", "report"]
-        found = [self.run_dir / n for n in names if (self.run_dir / n).exists()]
-        found += sorted(self.run_dir.glob("metrics.jsonl.cut-*"))
-        empty_log = self.run_dir / "metrics.jsonl"
-        if empty_log in found and empty_log.stat().st_size == 0:
-            found.remove(empty_log)
-        if self.root in found and not any(self.root.iterdir()):
-            found.remove(self.root)
-        return found
-
-    def _move_records_aside(self, why: str) -> Path | None:
-        """Start over without losing anything: move an earlier run's records into RUN/previous-TIME/."""
-        records = self._records()
-        if not records:
-            return None
-        dest = _unique(self.run_dir / f"previous-{time.strftime('%Y%m%dT%H%M%S')}")
-        dest.mkdir()
-        for p in records:
-            os.replace(p, dest / p.name)
-        fsync_dir(self.run_dir)
-        warn(f"starting a fresh run in {self.run_dir} ({why}): moved the earlier run's "
-             f"{', '.join(p.name for p in records)} to {dest} (kept, not deleted)")
-        return dest
 
     def _load(self, ckpt: Path) -> ResumeState:
         meta = json.loads((ckpt / META).read_text())
@@ -509,7 +419,7 @@ class Checkpointer:
         with open(self.metrics_path, "rb") as f:
             f.seek(offset)
             tail = f.read()
-        kept = _unique(self.metrics_path.with_name(f"{self.metrics_path.name}.cut-{time.strftime('%Y%m%dT%H%M%S')}"))
+        kept = unique_path(self.metrics_path.with_name(f"{self.metrics_path.name}.cut-{time.strftime('%Y%m%dT%H%M%S')}"))
         with open(kept, "wb") as f:
             f.write(tail)
             f.flush()
@@ -522,12 +432,3 @@ class Checkpointer:
         lines = tail.count(b"\n") + (not tail.endswith(b"\n"))
         warn(f"resuming from {ckpt.name}: the {lines} line(s) of {self.metrics_path.name} logged "
              f"after it were moved to {kept} (the resumed run logs those steps again)")
-
-
-def _unique(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... when it exists."""
-    dest, n = path, 1
-    while dest.exists():
-        n += 1
-        dest = path.with_name(f"{path.name}-{n}")
-    return dest
