@@ -218,7 +218,7 @@ def test_rerunning_a_finished_run_changes_nothing(data, tmp_path):
     assert b"val_loss" in before.splitlines()[-1]  # the final evaluation follows the last checkpoint
     code, out, err = run(args)
     assert code == 0, err
-    assert "finished at step 2/2: nothing to train" in out + err
+    assert "finished at step 2/2: nothing to train (its final evaluation is in metrics.jsonl)" in out + err
     assert "2 steps, lr" not in out and "device cpu" not in out  # no header announcing steps it will not run
     assert (run_dir / "metrics.jsonl").read_bytes() == before
     assert not list(run_dir.glob("metrics.jsonl.cut-*"))
@@ -226,6 +226,9 @@ def test_rerunning_a_finished_run_changes_nothing(data, tmp_path):
     assert code == 0, err
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [0, 1, 2]
+    code, out, err = run(args[:-2] + ["--eval-every", "0", "--max-steps", "3", "--resume", "auto"])
+    assert code == 0, err  # without evaluations, the note does not point at one
+    assert "finished at step 3/3: nothing to train; to train longer" in out + err
 
 
 def test_a_run_of_many_epochs_says_so_before_training(tmp_path):

@@ -330,8 +330,9 @@ class Trainer:
         cfg, clock = self.cfg, Clock()
         finished = self.finished
         if finished and self.env.is_master:
-            console(f"{cfg.out} finished at step {self.step}/{cfg.max_steps}: nothing to train (its final "
-                    "evaluation is in metrics.jsonl); to train longer, raise --max-steps and pass --resume auto"
+            console(f"{cfg.out} finished at step {self.step}/{cfg.max_steps}: nothing to train"
+                    + (" (its final evaluation is in metrics.jsonl)" if cfg.eval_every > 0 else "")
+                    + "; to train longer, raise --max-steps and pass --resume auto"
                     if self.step == cfg.max_steps else
                     f"{cfg.out} is at step {self.step}, past --max-steps {cfg.max_steps}: nothing to train (steps "
                     "are not undone); for a shorter run use another --out, or --resume fresh")
