@@ -54,6 +54,12 @@ def auto_batch(config, param: torch.Tensor) -> int:
     return 8 if memory is None else max(1, min(AUTO_BATCH_MAX, memory // 4 // row))
 
 
+def auto_pools(param: torch.Tensor, compile: bool) -> int:
+    """Pools for a server's batch: 2 on a CPU with 2 or more torch threads (each pool then decodes on its own
+    cores: see scheduler.Scheduler), else 1 (a GPU, one thread, or a compiled step)."""
+    return 2 if param.device.type == "cpu" and not compile and torch.get_num_threads() >= 2 else 1
+
+
 def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
     return model.logits(model.hidden(idx, cache)[:, -1]).float()
 
@@ -163,7 +169,8 @@ class SlotPool:
         self.max_len = block if engine.compiled or max_len is None else min(block, max_len)
         self.rows: list[Sequence] = []
         self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
-        self.cache = KVCache(engine.model.config, max(MIN_ROWS, max_batch), self.max_len, device=engine.device,
+        room = self.max_len if engine.compiled else min(self.max_len, SPAN_STEP)  # eager: grows with the rows
+        self.cache = KVCache(engine.model.config, max(MIN_ROWS, max_batch), room, device=engine.device,
                              dtype=engine.cache_dtype()) if use_cache else None
         if engine.compiled and use_cache and engine.device.type == "cuda":  # a CUDA graph's inputs that the step
             # mutates in place must stay at fixed addresses
@@ -201,6 +208,8 @@ class SlotPool:
         for s, row in enumerate(self.rows):
             if row.slid:  # the window slid: encode the kept tokens afresh
                 row.slid, self._cached[s] = False, 0
+        if self.cache is not None and not self.engine.compiled:
+            self._fit_cache()
         self.last_prefill_tokens = self._prefill()
         ready = [s for s in range(len(self.rows)) if self._needs_prefill(s) == 0]
         self.last_decode_rows = len(ready)
@@ -214,6 +223,16 @@ class SlotPool:
             if row.finish_reason:
                 self.remove(row)
         return out
+
+    def _fit_cache(self) -> None:
+        """Eagerly, each row's room in the cache follows the longest window in the pool, in steps of SPAN_STEP:
+        attention then reads every row's keys from one contiguous stretch of memory. Over a window-sized row the
+        same reads are spread in short runs far apart, which made the 16-row decode step's attention 2x slower
+        on CPU (benchmarks/RESULTS.md). Grown when a window needs more, shrunk when it needs half or less."""
+        need = max((len(r.window) for r in self.rows), default=1)
+        room = min(self.max_len, -(-need // SPAN_STEP) * SPAN_STEP)
+        if room > self.cache.max_len or room <= self.cache.max_len // 2:
+            self.cache.resize(room, len(self.rows), max(self._cached, default=0))
 
     def _prefill(self) -> int:
         """Encode waiting rows' tokens, whole chunks while they fit in `prefill_chunk` tokens (at least one).
@@ -249,7 +268,7 @@ class SlotPool:
         t = max(n, *(g[2] for g in group))
         padded = t * (len(group) + 1)
         real = n + sum(g[2] for g in group)
-        return (s == group[-1][0] + 1 and max(start, *(g[1] for g in group)) + t <= self.max_len
+        return (s == group[-1][0] + 1 and max(start, *(g[1] for g in group)) + t <= self.cache.max_len
                 and padded <= max(self.prefill_chunk or 0, 2 * real))
 
     def _prefill_rows(self, group: list[tuple[int, int, int]]) -> None:
@@ -281,7 +300,7 @@ class SlotPool:
         if e.compiled:
             cache = self.cache
         else:
-            span = min(self.max_len, -(-(max(lens) + 1) // SPAN_STEP) * SPAN_STEP)
+            span = min(self.cache.max_len, -(-(max(lens) + 1) // SPAN_STEP) * SPAN_STEP)
             cache = self.cache.view(slice(0, n), span)
         cache.lens.copy_(torch.tensor(lens))
         logits = e.decode(e.model, torch.tensor(tokens, device=dev).view(-1, 1), cache)

@@ -105,34 +105,30 @@ class KVCache:
         self.pad = (pad if pad is not None else torch.zeros(batch_size, dtype=torch.long)).to(device)
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots filled, per row
         self.max_len = max_len
+        self._where = None  # where this forward's keys/values go, in every layer (set by begin)
 
-    def _slots(self, t: int) -> torch.Tensor:
-        """Slot indices (B, t) of each row's next t tokens."""
-        return self.lens[:, None] + torch.arange(t, device=self.lens.device)
-
-    def positions(self, t: int) -> torch.Tensor:
-        """Position ids (B, t) for the next t slots."""
-        return (self._slots(t) - self.pad[:, None]).clamp(min=0)
-
-    def mask(self, t: int) -> torch.Tensor:
-        """Boolean (B, 1, t, max_len) mask: causal within each row, padding slots never attended by real tokens.
+    def begin(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a forward of t tokens per row: their position ids (B, t) and the boolean (B, 1, t, max_len)
+        attention mask, causal within each row, padding slots never attended by real tokens; `update` then
+        writes each layer's keys/values at the rows' next t slots.
 
         A padding slot attends to itself, so no row of the mask is empty (an empty row gives NaN on some
         attention kernels, and NaN in a padding slot would leak through the zero weights of real rows).
         """
-        q = self._slots(t)[:, :, None]  # (B, t, 1)
-        k = torch.arange(self.max_len, device=self.lens.device)
+        dev, (B, H) = self.lens.device, self.k[0].shape[:2]
+        slots = self.lens[:, None] + torch.arange(t, device=dev)  # (B, t)
+        # index_put_, not scatter_, in update: scatter_ is ~100x slower in bf16 on CPU
+        self._where = (torch.arange(B, device=dev)[:, None, None], torch.arange(H, device=dev)[None, :, None],
+                       slots[:, None, :])
+        k = torch.arange(self.max_len, device=dev)
         real = k >= self.pad[:, None, None]
-        return ((k <= q) & (real | (k == q)))[:, None]
+        mask = ((k <= slots[:, :, None]) & (real | (k == slots[:, :, None])))[:, None]
+        return (slots - self.pad[:, None]).clamp(min=0), mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys/values (B, H, t, hd) at each row's next slots; return the whole (masked) buffers."""
-        B, H, t, _ = k.shape
-        dev = self.lens.device  # index_put_, not scatter_: scatter_ is ~100x slower in bf16 on CPU
-        where = (torch.arange(B, device=dev)[:, None, None], torch.arange(H, device=dev)[None, :, None],
-                 self._slots(t)[:, None, :])
-        self.k[layer].index_put_(where, k.to(self.k[layer].dtype))
-        self.v[layer].index_put_(where, v.to(self.v[layer].dtype))
+        """Write the new keys/values (B, H, t, hd) where `begin` said; return the whole (masked) buffers."""
+        self.k[layer].index_put_(self._where, k.to(self.k[layer].dtype))
+        self.v[layer].index_put_(self._where, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def advance(self, t: int) -> None:
@@ -145,6 +141,15 @@ class KVCache:
         out.v = [v[rows, :, :span] for v in self.v]
         out.pad, out.lens, out.max_len = self.pad[rows], self.lens[rows], span
         return out
+
+    def resize(self, max_len: int, rows: int, filled: int) -> None:
+        """Give every row room for `max_len` slots, keeping the first `filled` slots of the first `rows` rows.
+        One layer at a time, so the memory held at once grows by one layer's buffers, not the whole cache's."""
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                bufs[i] = old.new_zeros(*old.shape[:2], max_len, old.size(3))
+                bufs[i][:rows, :, :filled] = old[:rows, :, :filled]
+        self.max_len = max_len
 
     def move(self, src: int, dst: int, n: int) -> None:
         """Copy row src's first n slots (and its fill level) into row dst."""
@@ -255,7 +260,7 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds the context window of {self.config.block_size}")
             pos, mask = torch.arange(T, device=idx.device), None
         else:
-            pos, mask = cache.positions(T), cache.mask(T)
+            pos, mask = cache.begin(T)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, i, cache, mask)

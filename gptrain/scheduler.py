@@ -23,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
+
 from gptrain.engine import Engine, SlotPool
 from gptrain.errors import GptrainError
 from gptrain.sampling import SamplingParams, Sequence
@@ -66,6 +68,7 @@ class Request:
         self.finished_at: float | None = None
         self._scheduler = scheduler
         self._seq: Sequence | None = None
+        self._pool: int | None = None  # which of the scheduler's pools runs it
         self._cancel = False
         self._events: list[Event] = []
         self._cond = threading.Condition()
@@ -136,35 +139,55 @@ class Scheduler:
 
     `prefill_chunk` caps the prompt tokens encoded per iteration (None: a whole prompt at once), so that a long
     prompt stalls the running streams for one chunk's time at most. `on_step(batch_size, seconds,
-    prefill_tokens)` is called on the scheduler thread after each iteration (for metrics)."""
+    prefill_tokens)` is called on a scheduler thread after each iteration (for metrics).
+
+    `pools` > 1 splits the batch into that many pools, each stepped by its own thread with `threads` intra-op
+    threads (None: torch's count divided among the pools); a request joins the pool with the fewest rows. On a
+    CPU, two 1-thread pools on two cores decode 16 rows ~1.3x faster than one pool on 2 threads, whose OpenMP
+    hand-offs between the hundreds of small ops of a step leave both cores idle part of the time
+    (benchmarks/RESULTS.md, issue 22). A row's tokens still do not depend on its pool or its neighbours: every pool
+    runs the same arithmetic with the same thread count. Not with `compile` (one compiled step, one pool)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False,
-                 prefill_chunk: int | None = 256,
+                 prefill_chunk: int | None = 256, pools: int = 1, threads: int | None = None,
                  on_step: Callable[[int, float, int], None] | None = None):
-        if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
-            raise GptrainError(f"max_batch={max_batch} must be >= 1, max_queue={max_queue} >= 0 and "
-                               f"prefill_chunk={prefill_chunk} >= 1 (or None)")
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1) or pools < 1 \
+                or (threads is not None and threads < 1):
+            raise GptrainError(f"max_batch={max_batch} and pools={pools} must be >= 1, max_queue={max_queue} >= 0, "
+                               f"threads={threads} >= 1 (or None) and prefill_chunk={prefill_chunk} >= 1 (or None)")
+        if compile and pools > 1:
+            raise GptrainError(f"compile runs one compiled decode step: use pools=1, not {pools}")
         self.engine = Engine(model, tokenizer, compile=compile)
         self.tokenizer = self.engine.tokenizer
         self.max_batch, self.max_queue, self.on_step = max_batch, max_queue, on_step
-        self._pool = SlotPool(self.engine, max_batch, prefill_chunk=prefill_chunk)
+        self.prefill_chunk = prefill_chunk
+        pools = min(pools, max_batch)
+        self.threads = threads or (max(1, torch.get_num_threads() // pools) if pools > 1 else None)
+        self._sizes = [max_batch // pools + (i < max_batch % pools) for i in range(pools)]
+        self._pools = [self._new_pool(i) for i in range(pools)]
+        self._rows = [0] * pools  # per pool: requests admitted and not finished; touched under _lock
         self._queue: deque[Request] = deque()
-        self._running: dict[int, Request] = {}  # id(Sequence) -> its request; touched under _lock
+        self._running: dict[int, Request] = {}  # id(Request) -> the request; touched under _lock
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closing = False
         self.steps = 0
         self._service_s = 1.0  # moving average of a request's time in the batch, for retry_after
+
+    def _new_pool(self, i: int) -> SlotPool:
+        return SlotPool(self.engine, self._sizes[i], prefill_chunk=self.prefill_chunk)
 
     # ------------------------------------------------------------ callers, any thread
     def start(self) -> "Scheduler":
         with self._lock:
             if self._closing:
                 raise GptrainError("the scheduler is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="gptrain-scheduler", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"gptrain-scheduler-{i}",
+                                                  daemon=True) for i in range(len(self._pools))]
+                for t in self._threads:
+                    t.start()
         return self
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -206,17 +229,19 @@ class Scheduler:
         with self._lock:
             running = len(self._running)
             return {"queue_depth": len(self._queue), "running": running, "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "free_slots": self.max_batch - running, "steps": self.steps}
+                    "max_queue": self.max_queue, "free_slots": self.max_batch - running, "steps": self.steps,
+                    "pools": len(self._pools)}
 
     def close(self) -> None:
-        """Cancel everything queued or running and stop the thread."""
+        """Cancel everything queued or running and stop the threads."""
         with self._lock:
             self._closing = True
             self._lock.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        else:
+            threads = list(self._threads)
+        others = [t for t in threads if t is not threading.current_thread()]
+        for t in others:
+            t.join()
+        if not others:
             self._cancel_all()
 
     def __enter__(self) -> "Scheduler":
@@ -238,46 +263,61 @@ class Scheduler:
         if queued:
             req._push(Event(None, "", "cancelled"))
 
-    # ------------------------------------------------------------ the scheduler thread
-    def _loop(self) -> None:
+    # ------------------------------------------------------------ the scheduler threads, one per pool
+    def _may_admit(self, i: int) -> bool:
+        """Under _lock: whether pool i takes the next queued request (it has a free slot and no pool with a free
+        slot has fewer rows)."""
+        rows = self._rows[i]
+        return bool(self._queue) and rows < self._sizes[i] and all(
+            rows <= n for n, size in zip(self._rows, self._sizes) if n < size)
+
+    def _loop(self, i: int) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        mine = lambda: [r for r in self._running.values() if r._pool == i]  # noqa: E731
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._closing or self._queue or self._running)
+                self._lock.wait_for(lambda: self._closing or self._may_admit(i) or self._rows[i] > 0)
                 if self._closing:
                     break
                 admitted = []
-                while self._queue and self._pool.free_slots > len(admitted):
-                    admitted.append(self._queue.popleft())
-                for req in admitted:
-                    self._running[id(req)] = req
-                cancelled = [r for r in self._running.values() if r._cancel]
+                while self._may_admit(i):
+                    req = self._queue.popleft()
+                    req._pool, self._running[id(req)] = i, req
+                    self._rows[i] += 1
+                    admitted.append(req)
+                cancelled = [r for r in mine() if r._cancel]
+            pool = self._pools[i]
             try:
                 for req in admitted:
                     req._seq, req.admitted_at = self.engine.sequence(req.prompt, req.params), time.perf_counter()
-                    self._pool.add(req._seq)
+                    pool.add(req._seq)
                 for req in cancelled:
-                    self._pool.remove(req._seq)
+                    pool.remove(req._seq)
                     self._finish(req, "cancelled")
-                if self._pool.rows:
-                    self._step()
+                if pool.rows:
+                    self._step(i)
             except Exception as e:  # noqa: BLE001 -- a failed step must not take the server down with it
                 traceback.print_exc(file=sys.stderr)
                 with self._lock:
-                    failed = list(self._running.values())
-                    self._running.clear()
-                self._pool = SlotPool(self.engine, self.max_batch, prefill_chunk=self._pool.prefill_chunk)
+                    failed = mine()
+                    for req in failed:
+                        del self._running[id(req)]
+                    self._rows[i] = 0
+                self._pools[i] = self._new_pool(i)
                 for req in failed:
                     req.error = f"{type(e).__name__}: {e}"
                     req._push(Event(None, "", "cancelled"))
-        self._cancel_all()
+        self._cancel_all(i)
 
-    def _step(self) -> None:
+    def _step(self, i: int) -> None:
+        pool = self._pools[i]
         t0 = time.perf_counter()
-        drawn = self._pool.step()
+        drawn = pool.step()
         seconds = time.perf_counter() - t0
         with self._lock:  # counted before its tokens go out: a client that has its last token sees the step in stats
             self.steps += 1
-        by_seq = {id(r._seq): r for r in self._running.values()}
+            by_seq = {id(r._seq): r for r in self._running.values() if r._pool == i}
         for seq, token, text in drawn:
             req = by_seq[id(seq)]
             if req.first_token_at is None:
@@ -290,25 +330,30 @@ class Scheduler:
                 req._push(Event(token, text))
         if self.on_step is not None:
             try:
-                self.on_step(self._pool.last_decode_rows, seconds, self._pool.last_prefill_tokens)
+                self.on_step(pool.last_decode_rows, seconds, pool.last_prefill_tokens)
             except Exception:  # noqa: BLE001 -- a metrics hook's bug must not stop generation
                 traceback.print_exc(file=sys.stderr)
 
     def _finish(self, req: Request, reason: str, last: Event | None = None) -> None:
         with self._lock:
-            self._running.pop(id(req), None)
+            if self._running.pop(id(req), None) is not None:
+                self._rows[req._pool] -= 1
             if req.admitted_at is not None:
                 self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - req.admitted_at)
             self._lock.notify_all()
         req._push(last or Event(None, "", reason))
 
-    def _cancel_all(self) -> None:
+    def _cancel_all(self, i: int | None = None) -> None:
+        """Cancel pool i's requests and everything queued (i None: every pool's, when no thread ever ran)."""
         with self._lock:
-            reqs = list(self._running.values()) + list(self._queue)
-            self._running.clear()
+            reqs = [r for r in self._running.values() if i is None or r._pool == i] + list(self._queue)
+            for req in reqs:
+                if self._running.pop(id(req), None) is not None:
+                    self._rows[req._pool] -= 1
             self._queue.clear()
         for req in reqs:
-            if req._seq is not None and req._seq in self._pool.rows:
-                self._pool.remove(req._seq)
+            pool = self._pools[req._pool] if req._pool is not None else None
+            if pool is not None and req._seq is not None and req._seq in pool.rows:
+                pool.remove(req._seq)
             if req.finish_reason is None:
                 req._push(Event(None, "", "cancelled"))

@@ -55,8 +55,8 @@ def test_concurrent_greedy_requests_equal_each_alone():
         assert all(r.finish_reason == "length" and r.completion_tokens == sp.max_new_tokens
                    for r, sp in zip(reqs, params))
         assert s.stats() == {"queue_depth": 0, "running": 0, "max_batch": 3, "max_queue": 64, "free_slots": 3,
-                             "steps": s.stats()["steps"]}
-        assert not s._pool.rows  # the slot pool is empty after everything finished
+                             "steps": s.stats()["steps"], "pools": 1}
+        assert not s._pools[0].rows  # the slot pool is empty after everything finished
 
 
 def test_seeded_sampled_requests_with_their_own_settings_equal_each_alone():
@@ -132,7 +132,7 @@ def test_cancel_frees_the_slot_and_a_queued_request_takes_it():
         a.cancel()  # running: leaves at the next step, and b gets the slot
         assert list(events)[-1].finish_reason == "cancelled" and a.finish_reason == "cancelled"
         assert list(b)[-1].finish_reason == "length" and b.ids == alone(MODEL, PROMPTS[1], b.params)[0]
-        assert s.stats()["free_slots"] == 1 and not s._pool.rows
+        assert s.stats()["free_slots"] == 1 and not s._pools[0].rows
 
 
 def test_full_queue_and_bad_requests_are_refused():
@@ -190,7 +190,7 @@ def test_events_from_asyncio_do_not_block_the_loop_and_close_cancels_everything(
     next(iter(running))
     s.close()
     assert running.finish_reason == "cancelled" and all(q.finish_reason == "cancelled" for q in queued)
-    assert not s._thread.is_alive() and not any(t.name == "gptrain-scheduler" for t in threading.enumerate())
+    assert not all(t.is_alive() for t in s._threads) and not any(t.name == "gptrain-scheduler" for t in threading.enumerate())
 
 
 def test_compiled_decode_compiles_once_for_generate_and_the_scheduler():
@@ -220,10 +220,59 @@ def test_a_failing_step_cancels_its_rows_and_the_scheduler_goes_on(capsys):
         def boom():
             raise RuntimeError("out of memory")
 
-        s._pool.step = boom
+        s._pools[0].step = boom
         failed = s.submit(PROMPTS[0], params)
         assert [ev.finish_reason for ev in failed] == ["cancelled"] and failed.error == "RuntimeError: out of memory"
         ok = s.submit(PROMPTS[0], params)
         assert [ev.token for ev in ok][-1] is not None and ok.ids == alone(MODEL, PROMPTS[0], params)[0]
-        assert s.stats()["running"] == 0 and s._thread.is_alive()
+        assert s.stats()["running"] == 0 and all(t.is_alive() for t in s._threads)
     assert "RuntimeError: out of memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pools", [2, 3])
+def test_requests_spread_over_pools_and_each_gets_what_it_gets_alone(pools):
+    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=7, stop_ids=())
+              for n, t in ((20, 0), (7, 0.9), (33, 0), (12, 1.2), (25, 0.7))]
+    want = [alone(MODEL, p, sp) for p, sp in zip(PROMPTS, params)]
+    with Scheduler(MODEL, max_batch=4, pools=pools, prefill_chunk=4) as s:  # 5 requests, 4 slots: one queues
+        reqs = [s.submit(p, sp) for p, sp in zip(PROMPTS, params)]
+        assert collect(reqs) == want
+        assert {r._pool for r in reqs} == set(range(pools))  # every pool served some
+        assert s.stats()["running"] == 0 and s._rows == [0] * pools and not any(p.rows for p in s._pools)
+
+
+def test_a_request_joins_the_pool_with_the_fewest_rows():
+    endless = SamplingParams(max_new_tokens=10_000, temperature=1.0, stop_ids=(), context="slide")
+    with Scheduler(MODEL, max_batch=5, pools=2) as s:  # pools of 3 and 2 slots
+        reqs = [s.submit(PROMPTS[i], endless) for i in range(5)]
+        streams = [iter(r) for r in reqs]
+        for it in streams:
+            next(it)  # every request has its first token: all five are running
+        assert sorted(s._rows) == [2, 3] and sorted(len(p.rows) for p in s._pools) == [2, 3]
+        for r in reqs:
+            r.cancel()
+        assert all(list(it)[-1].finish_reason == "cancelled" for it in streams)
+        assert s._rows == [0, 0]
+
+
+def test_a_failing_pool_cancels_only_its_own_rows():
+    params = SamplingParams(max_new_tokens=40, temperature=0, stop_ids=())
+    with Scheduler(MODEL, max_batch=2, pools=2) as s:
+        def boom():
+            raise RuntimeError("out of memory")
+
+        s._pools[0].step = boom
+        reqs = [s.submit(PROMPTS[0], params), s.submit(PROMPTS[1], params)]  # one slot in each pool
+        ends = [list(r)[-1].finish_reason for r in reqs]
+        failed, ok = sorted(reqs, key=lambda r: r._pool)
+        assert sorted(ends) == ["cancelled", "length"] and failed.error == "RuntimeError: out of memory"
+        assert ok.finish_reason == "length" and ok.ids == alone(MODEL, ok.prompt, params)[0]
+        again = s.submit(PROMPTS[0], params)  # the failed pool was replaced by a fresh one
+        assert list(again)[-1].finish_reason == "length" and again.ids == alone(MODEL, PROMPTS[0], params)[0]
+
+
+def test_pools_are_refused_with_compile_and_bad_counts():
+    with pytest.raises(GptrainError, match="compile runs one compiled decode step: use pools=1, not 2"):
+        Scheduler(MODEL, pools=2, compile=True)
+    with pytest.raises(GptrainError, match="pools=0 must be >= 1"):
+        Scheduler(MODEL, pools=0)

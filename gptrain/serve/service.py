@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
 from gptrain.errors import GptrainError
-from gptrain.engine import auto_batch
+from gptrain.engine import auto_batch, auto_pools
 from gptrain.generate import QueueFull, SamplingParams, Scheduler
 from gptrain.packed_linear import pack_linears
 from gptrain.serve.config import ServeConfig
@@ -50,6 +50,8 @@ class Service:
         pack_linears(model)  # bf16 on CPU: weights reordered once for oneDNN (gptrain/packed_linear.py)
         if cfg.max_batch is None:
             cfg = replace(cfg, max_batch=auto_batch(model.config, next(model.parameters())))
+        if cfg.pools is None:
+            cfg = replace(cfg, pools=auto_pools(next(model.parameters()), cfg.compile))
         self.cfg = cfg
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
@@ -63,7 +65,8 @@ class Service:
         self.default_max_tokens = max(1, min(cfg.default_max_tokens, self.max_tokens, self.context // 2))
         self.max_prompt_tokens = min(cfg.max_prompt_tokens or self.context, self.context - 1)
         self.scheduler = Scheduler(self.model, self.tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                                   compile=cfg.compile, prefill_chunk=cfg.prefill_chunk, on_step=self._on_step)
+                                   compile=cfg.compile, prefill_chunk=cfg.prefill_chunk, pools=cfg.pools,
+                                   on_step=self._on_step)
         self.metrics = Metrics(self.scheduler.stats, cfg.max_batch)
         self.accepting = False
         self.created = int(time.time())
