@@ -142,7 +142,7 @@ class Scheduler:
     prefill_tokens)` is called on a scheduler thread after each iteration (for metrics).
 
     `pools` > 1 splits the batch into that many pools, each stepped by its own thread with `threads` intra-op
-    threads (None: torch's count divided among the pools); a request joins the pool with the fewest rows. On a
+    threads (None: torch's count divided among the pools); the requests are spread evenly over them. On a
     CPU, two 1-thread pools on two cores decode 16 rows ~1.3x faster than one pool on 2 threads, whose OpenMP
     hand-offs between the hundreds of small ops of a step leave both cores idle part of the time
     (benchmarks/RESULTS.md, issue 22). A row's tokens still do not depend on its pool or its neighbours: every pool
@@ -265,11 +265,15 @@ class Scheduler:
 
     # ------------------------------------------------------------ the scheduler threads, one per pool
     def _may_admit(self, i: int) -> bool:
-        """Under _lock: whether pool i takes the next queued request (it has a free slot and no pool with a free
-        slot has fewer rows)."""
-        rows = self._rows[i]
-        return bool(self._queue) and rows < self._sizes[i] and all(
-            rows <= n for n, size in zip(self._rows, self._sizes) if n < size)
+        """Under _lock: whether pool i takes the next queued request. Each pool fills up to its share of all the
+        requests (running and queued, split evenly, within its size) in one go, so a burst joins at the pool's
+        next step rather than one request per step; past its share only when no other pool is under its own."""
+        rows = self._rows
+        if not self._queue or rows[i] >= self._sizes[i]:
+            return False
+        share = -(-(sum(rows) + len(self._queue)) // len(rows))
+        under = [n < min(size, share) for n, size in zip(rows, self._sizes)]
+        return under[i] or not any(under)
 
     def _loop(self, i: int) -> None:
         if self.threads is not None:

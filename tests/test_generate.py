@@ -211,3 +211,29 @@ def test_tiny_temperature_is_greedy_not_a_crash(tiny_config):
     model = GPT(tiny_config).eval()
     greedy = complete(model, PROMPTS[:1], max_new_tokens=8, temperature=0, stop_ids=[])
     assert complete(model, PROMPTS[:1], max_new_tokens=8, temperature=5e-324, top_k=None, stop_ids=[]) == greedy
+
+
+def test_cache_room_grows_and_shrinks_with_the_longest_row_and_tokens_stay_the_same():
+    from gptrain.engine import SlotPool
+    from gptrain.sampling import SamplingParams
+    model = lively_model(block_size=256, n_layer=1)
+    engine = Engine(model)
+    long_prompt = (PROMPTS[0] * 20)[:150]
+    rows = [(long_prompt, 5), (PROMPTS[1], 90), (PROMPTS[2], 70)]  # the long row leaves early; the others cross 64
+    params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=i, stop_ids=()) for i, (_, n) in enumerate(rows)]
+    want = []
+    for (prompt, _), sp in zip(rows, params):
+        gen = engine.generate([prompt], sp)
+        list(gen)
+        want.append(gen.ids[0])
+    pool = SlotPool(engine, 4, prefill_chunk=64)
+    seqs = [engine.sequence(p, sp) for (p, _), sp in zip(rows, params)]
+    for s in seqs:
+        pool.add(s)
+    rooms = []
+    while pool.rows:
+        pool.step()
+        rooms.append(pool.cache.max_len)
+    assert [s.ids for s in seqs] == want
+    changes = [r for i, r in enumerate(rooms) if i == 0 or r != rooms[i - 1]]
+    assert changes == [192, 64, 128]  # the 150-token prompt's room; shrunk when it left; grown past 64 tokens

@@ -241,18 +241,29 @@ def test_requests_spread_over_pools_and_each_gets_what_it_gets_alone(pools):
         assert s.stats()["running"] == 0 and s._rows == [0] * pools and not any(p.rows for p in s._pools)
 
 
-def test_a_request_joins_the_pool_with_the_fewest_rows():
+def test_requests_are_spread_evenly_over_the_pools():
     endless = SamplingParams(max_new_tokens=10_000, temperature=1.0, stop_ids=(), context="slide")
-    with Scheduler(MODEL, max_batch=5, pools=2) as s:  # pools of 3 and 2 slots
-        reqs = [s.submit(PROMPTS[i], endless) for i in range(5)]
+    with Scheduler(MODEL, max_batch=8, pools=2) as s:  # two pools of 4 slots
+        reqs = [s.submit(PROMPTS[i], endless) for i in range(4)]
         streams = [iter(r) for r in reqs]
         for it in streams:
-            next(it)  # every request has its first token: all five are running
-        assert sorted(s._rows) == [2, 3] and sorted(len(p.rows) for p in s._pools) == [2, 3]
+            next(it)  # every request has its first token: all four are running
+        assert s._rows == [2, 2] and [len(p.rows) for p in s._pools] == [2, 2]
         for r in reqs:
             r.cancel()
         assert all(list(it)[-1].finish_reason == "cancelled" for it in streams)
         assert s._rows == [0, 0]
+
+
+def test_a_pool_takes_its_share_of_a_burst_at_once():
+    s = Scheduler(MODEL, max_batch=24, pools=2)  # not started: the admission rule alone; pools of 12 slots
+    s._queue.extend(object() for _ in range(7))
+    s._rows = [1, 8]  # 16 requests: a share of 8 each; pool 0 under it takes them, pool 1 at it does not
+    assert s._may_admit(0) and not s._may_admit(1)
+    s._sizes, s._rows = [12, 4], [6, 4]
+    s._queue = type(s._queue)([object(), object()])  # 12 requests, pool 1 full: pool 0 goes past its share
+    assert s._may_admit(0) and not s._may_admit(1)
+    s._queue.clear()
 
 
 def test_a_failing_pool_cancels_only_its_own_rows():
