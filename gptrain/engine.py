@@ -54,12 +54,6 @@ def auto_batch(config, param: torch.Tensor) -> int:
     return 8 if memory is None else max(1, min(AUTO_BATCH_MAX, memory // 4 // row))
 
 
-def auto_pools(param: torch.Tensor, compile: bool) -> int:
-    """Pools for a server's batch: 2 on a CPU with 2 or more torch threads (each pool then decodes on its own
-    cores: see scheduler.Scheduler), else 1 (a GPU, one thread, or a compiled step)."""
-    return 2 if param.device.type == "cpu" and not compile and torch.get_num_threads() >= 2 else 1
-
-
 def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
     return model.logits(model.hidden(idx, cache)[:, -1]).float()
 

@@ -142,11 +142,13 @@ class Scheduler:
     prefill_tokens)` is called on a scheduler thread after each iteration (for metrics).
 
     `pools` > 1 splits the batch into that many pools, each stepped by its own thread with `threads` intra-op
-    threads (None: torch's count divided among the pools); the requests are spread evenly over them. On a
-    CPU, two 1-thread pools on two cores decode 16 rows ~1.3x faster than one pool on 2 threads, whose OpenMP
-    hand-offs between the hundreds of small ops of a step leave both cores idle part of the time
-    (benchmarks/RESULTS.md, issue 22). A row's tokens still do not depend on its pool or its neighbours: every pool
-    runs the same arithmetic with the same thread count. Not with `compile` (one compiled step, one pool)."""
+    threads (None: torch's count divided among the pools); the requests are spread evenly over them. On a 2-core
+    CPU two 1-thread pools decode 16 rows ~1.3x faster in-process than one pool on 2 threads, whose OpenMP
+    hand-offs between the hundreds of small ops of a step leave both cores idle part of the time; behind a
+    server's HTTP side the gain shrinks and first tokens come later (benchmarks/RESULTS.md, issue 22). A row's
+    tokens still do not depend on its pool or its neighbours: every pool runs the same arithmetic with the same
+    thread count. Not with `compile` (one compiled step, one pool). A thread count set here is torch's for every
+    thread started after it (`torch.set_num_threads` is process-wide for new threads)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False,
                  prefill_chunk: int | None = 256, pools: int = 1, threads: int | None = None,

@@ -22,9 +22,9 @@ class ServeConfig:
                               "warmed up before /health answers")
     max_batch: int | None = _f(None, "requests decoded together in the running batch (none: as many as a quarter "
                                      "of the memory available holds in KV cache, at most 32)", ge=1)
-    pools: int | None = _f(None, "split the batch into this many pools, each decoded by its own thread with an "
-                                 "equal share of torch's threads (none: 2 on a CPU with 2 or more threads, without "
-                                 "--compile; else 1)", ge=1)
+    pools: int = _f(1, "split the batch into this many pools, each decoded by a thread of its own with an equal "
+                       "share of torch's threads: on a CPU, 2 decode more tokens/s from 8 streams up, with a later "
+                       "first token (benchmarks/RESULTS.md)", ge=1)
     max_queue: int = _f(64, "requests that may wait for a slot in the batch; more get 429 with Retry-After", ge=0)
     prefill_chunk: int = _f(256, "prompt tokens prefilled per step, so a long prompt does not stall the others",
                             ge=1)

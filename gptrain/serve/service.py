@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
 from gptrain.errors import GptrainError
-from gptrain.engine import auto_batch, auto_pools
+from gptrain.engine import auto_batch
 from gptrain.generate import QueueFull, SamplingParams, Scheduler
 from gptrain.packed_linear import pack_linears
 from gptrain.serve.config import ServeConfig
@@ -50,8 +50,6 @@ class Service:
         pack_linears(model)  # bf16 on CPU: weights reordered once for oneDNN (gptrain/packed_linear.py)
         if cfg.max_batch is None:
             cfg = replace(cfg, max_batch=auto_batch(model.config, next(model.parameters())))
-        if cfg.pools is None:
-            cfg = replace(cfg, pools=auto_pools(next(model.parameters()), cfg.compile))
         self.cfg = cfg
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
