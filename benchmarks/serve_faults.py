@@ -306,6 +306,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve-flags", default="", help="more flags for the server this script starts (e.g. '--pools 2')")
     args = ap.parse_args()
     if args.url:
         res = run(args.url, args.api_key, requests=args.requests, clients=args.clients, seed=args.seed, pid=args.pid)
@@ -316,7 +317,7 @@ def main() -> int:
             with spawned_server(model, Path(tmp) / "serve.log", *SERVER_FLAGS, "--api-key", key, "--max-batch", "8",
                                 "--max-queue", "6", "--max-tokens-limit", "64", "--max-request-bytes", "200000",
                                 "--request-timeout", "2", "--dtype", "float32",
-                                "--max-client-requests", "64") as srv:  # all clients here share one address
+                                "--max-client-requests", "64", *args.serve_flags.split()) as srv:  # all clients here share one address
                 res = run(srv.url, key, requests=args.requests, clients=args.clients, seed=args.seed, pid=srv.pid,
                           log=srv.log)
     print(report(res))
