@@ -90,7 +90,8 @@ class KVCache:
     Shapes are static: attention spans all `max_len` slots (unfilled ones masked out) and the fill levels are a
     tensor, so a compiled decode step sees the same shapes and no changing Python int at every token, and
     compiles once. `view(rows, span)` narrows a cache (no copy) to some rows and the first `span` slots, for
-    eager steps that need not attend over the whole window. The caller keeps `lens + t <= max_len`.
+    eager steps that need not attend over the whole window; `resize` gives every row more or less room (the eager
+    pool's room follows its longest row). The caller keeps `lens + t <= max_len`.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, pad: torch.Tensor | None = None,

@@ -18,6 +18,7 @@ pytest.importorskip("fastapi", reason="gptrain serve needs the serve extra (pip 
 
 from conftest import ROOT  # noqa: E402
 from gptrain.chat.format import render_for_completion, stop_ids  # noqa: E402
+from gptrain.errors import GptrainError  # noqa: E402
 from gptrain.generate import Engine  # noqa: E402
 from gptrain.model import GPT, GPTConfig  # noqa: E402
 from gptrain.serve.app import BackgroundServer, create_app  # noqa: E402
@@ -264,6 +265,31 @@ def test_concurrent_greedy_requests_equal_each_alone(base):
         base, 'gptrain_step_batch_size_bucket{le="1.0"}') > batched_steps  # some steps really ran several rows
 
 
+@pytest.mark.usefixtures("one_thread")  # the pools' threads set torch's thread count: restored afterwards
+def test_two_pools_give_each_concurrent_request_what_it_gets_alone():
+    svc = Service(tiny(BASE_TOK.n_vocab), "tiny-base", ServeConfig(max_batch=4, pools=2, max_tokens_limit=40,
+                                                                      max_client_requests=16))
+    with BackgroundServer(create_app(svc)) as srv:
+        c = client(srv, key="unused")
+        prompts = ["Hello", "The quick brown fox jumps over", "1, 2, 3, 4,", "In the beginning God created the heaven"]
+        kw = [dict(max_tokens=n, temperature=t, seed=7) for n, t in ((17, 0), (5, 0.9), (11, 0), (8, 1.3))]
+        one = [c.completions.create(model="m", prompt=p, **k).choices[0].text for p, k in zip(prompts, kw)]
+        results, barrier = [None] * 4, threading.Barrier(4)
+
+        def run(i):
+            barrier.wait()
+            results[i] = c.completions.create(model="m", prompt=prompts[i], **kw[i]).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == one and svc.health()["queue"]["pools"] == 2
+    with pytest.raises(GptrainError, match="--compile runs one compiled decode step: use --pools 1, not 2"):
+        Service(tiny(BASE_TOK.n_vocab), "tiny-base", ServeConfig(compile=True, pools=2))
+
+
 # --- the other routes -------------------------------------------------------------------------------------------
 
 def test_health_models_metrics_docs_and_page(chat):
@@ -428,7 +454,6 @@ def test_serve_without_the_extra_names_it(monkeypatch, capsys, tmp_path):
 
 
 def test_a_port_in_use_is_one_line(chat):
-    from gptrain.errors import GptrainError
     from gptrain.serve.cli import listen
     with pytest.raises(GptrainError, match=f"cannot listen on 127.0.0.1:{chat.port}.*--port"):
         listen("127.0.0.1", chat.port)

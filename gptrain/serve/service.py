@@ -50,6 +50,8 @@ class Service:
         pack_linears(model)  # bf16 on CPU: weights reordered once for oneDNN (gptrain/packed_linear.py)
         if cfg.max_batch is None:
             cfg = replace(cfg, max_batch=auto_batch(model.config, next(model.parameters())))
+        if cfg.compile and cfg.pools > 1:
+            raise GptrainError(f"--compile runs one compiled decode step: use --pools 1, not {cfg.pools}")
         self.cfg = cfg
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), str(param.dtype).removeprefix("torch.")
