@@ -166,6 +166,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="--compare: the servers' --dtype")
     ap.add_argument("--compile", action="store_true", help="--compare: pass --compile to both servers")
     args = ap.parse_args()
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        sys.exit("serve_load.py needs httpx: pip install httpx (or: pip install -e '.[dev]')")
     ks = [int(k) for k in args.ks.split(",")]
     print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\nload average at start: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)\n", flush=True)

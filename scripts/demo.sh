@@ -31,7 +31,16 @@ gptrain prepare shakespeare --out "$data"
 
 # The trainer picks the dtype (bf16 autocast on GPUs and on CPUs with native bf16, float32 elsewhere) and, on a GPU,
 # torch.compile. --resume auto: running the demo again continues the same run (a finished one is left as it is).
+# Ctrl-C reaches gptrain (which saves a checkpoint and stops) and this script, which then stops too.
+trap 'interrupted=1' INT
 gptrain train --preset tiny-fast --data "$data" --out "$run" --resume auto "$@"
+stop_if_interrupted() {
+  if [ -n "${interrupted:-}" ]; then
+    echo "demo interrupted: the run stopped at a checkpoint; the same command continues it"
+    exit 130
+  fi
+}
+stop_if_interrupted
 
 if [ -d "$run/checkpoints" ]; then
   echo
@@ -46,6 +55,7 @@ if [ "$chat" = 1 ]; then
   # SFT on the shipped oasst-100 conversations with its defaults (the LR follows the demo's), then one question:
   # the README's own command, so running that by hand afterwards continues this run rather than changing it.
   gptrain sft --model "$run" --out "$run-chat"
+  stop_if_interrupted
   echo
   echo "== chat (gptrain chat --model $run-chat) =="
   printf 'What is the capital of France?\n' | gptrain chat --model "$run-chat" --seed 0
@@ -54,6 +64,7 @@ if [ "$chat" = 1 ]; then
   echo "talk to it (gptrain lives in .venv: a new shell first needs the first line):"
   echo "  cd $root && . .venv/bin/activate"
   echo "  gptrain chat --model $run-chat"
+  echo "  gptrain serve --model $run-chat"
 else
   echo "next (gptrain lives in .venv: a new shell first needs the first line):"
   echo "  cd $root && . .venv/bin/activate"

@@ -156,6 +156,10 @@ def test_completions_string_list_and_stream_on_a_base_model(base):
                                        stream_options={"include_usage": True}))
     assert "".join(e.choices[0].text for e in events if e.choices) == ref[1][0]
     assert events[-1].usage.completion_tokens == len(ref[1][1])
+    short = c.completions.create(model="m", prompt="The quick brown fox", temperature=0,
+                                 extra_body={"max_completion_tokens": 3})  # the newer name of max_tokens
+    assert short.choices[0].text == alone(model, BASE_TOK, BASE_TOK.encode("The quick brown fox"), max_new_tokens=3,
+                                          temperature=0.0, top_k=None)[0]
 
 
 def test_stop_strings_cut_the_reply(base):
@@ -285,7 +289,9 @@ def test_two_pools_give_each_concurrent_request_what_it_gets_alone():
             t.start()
         for t in threads:
             t.join(30)
-        assert results == one and svc.health()["queue"]["pools"] == 2
+        assert results == one
+        status, _, body = request(srv, "GET", "/health")
+        assert status == 200 and json.loads(body)["queue"]["pools"] == 2
     with pytest.raises(GptrainError, match="--compile runs one compiled decode step: use --pools 1, not 2"):
         Service(tiny(BASE_TOK.n_vocab), "tiny-base", ServeConfig(compile=True, pools=2))
 

@@ -78,10 +78,14 @@ def main(args) -> int:
     if cfg.host not in LOOPBACK:
         print(f"warning: listening on {host}, reachable from other machines"
               f"{'; the API has NO key (--insecure-no-auth)' if cfg.api_key is None else ''}", flush=True)
+    pools = service.scheduler.stats()["pools"]
+    if pools < cfg.pools:
+        print(f"note: --pools {cfg.pools} is more than --max-batch {service.cfg.max_batch}: {pools} pool(s) of one "
+              "row each", flush=True)
     routes = "chat/completions, completions, models" if service.kind == "chat" else "completions, models"
     print(f"gptrain serve: {service.name} ({service.kind} model) on {service.device}, {service.dtype}, context "
-          f"{service.context} tokens, batch {service.cfg.max_batch} in {service.scheduler.stats()['pools']} "
-          f"pool(s), queue {cfg.max_queue}\n"
+          f"{service.context} tokens, batch {service.cfg.max_batch} in {pools} pool(s), "
+          f"queue {cfg.max_queue}\n"
           + (f"  chat page: {base}/\n" if service.kind == "chat" else "")
           + f"  API:       {base}/v1 ({routes}){'  key required' if cfg.api_key else ''}\n"
           f"  docs:      {base}/docs   health: {base}/health   metrics: {base}/metrics\n"

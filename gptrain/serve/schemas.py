@@ -37,6 +37,7 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT,
                                    description="new tokens at most (default: the server's default, or what the "
                                                "context window leaves)")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="alias of max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (so is anything below 1e-4); "
                                                                    "default 1")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; default 1 (off)")
@@ -82,6 +83,10 @@ class _Sampling(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
 
 def refuse_unless(ok: bool, message: str, value):
     """`value`, or a ValueError that the app turns into a 400 naming the field it was raised for."""
@@ -103,7 +108,6 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="alias of max_tokens")
     logprobs: bool | None = Field(None, description="not supported")
     top_logprobs: int | None = Field(None, description="not supported")
     tools: list[Any] | None = Field(None, description="not supported: the model writes text, never tool calls")
@@ -148,10 +152,6 @@ class ChatCompletionRequest(_Sampling):
     def _unsupported(cls, value, info):
         return refuse_unless(value is None, f"{info.field_name} is not supported", value)
 
-    @property
-    def new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
     def conversation(self) -> list[dict]:
         """The messages as the chat format's plain dicts."""
         return [{"role": "system" if m.role == "developer" else m.role,
@@ -176,10 +176,6 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _best_of_one(cls, value):
         return refuse_unless(value in (None, 1), f"best_of={value}: only 1 is supported", value)
-
-    @property
-    def new_tokens(self) -> int | None:
-        return self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -294,6 +290,7 @@ class QueueStats(BaseModel):
     max_queue: int
     free_slots: int
     steps: int
+    pools: int
 
 
 class Health(BaseModel):
