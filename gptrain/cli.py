@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from gptrain import __version__
+from gptrain import __version__, openmp
 from gptrain.allocator import keep_freed_memory
 from gptrain.config import CommandParser
 from gptrain.errors import GptrainError, disk_full, is_disk_full
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "serve":
+        openmp.spin_briefly()  # before the command's module loads torch
     try:
         parser = build_parser(command if command in COMMANDS else None)
         args, extra = parser.parse_known_args(argv)

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from gptrain.decode_threads import ThreadChoice, same_logits
 from gptrain.engine import Engine, SlotPool
 from gptrain.errors import GptrainError
 from gptrain.sampling import SamplingParams, Sequence
@@ -141,14 +142,20 @@ class Scheduler:
     prompt stalls the running streams for one chunk's time at most. `on_step(batch_size, seconds,
     prefill_tokens)` is called on a scheduler thread after each iteration (for metrics).
 
-    `pools` > 1 splits the batch into that many pools, each stepped by its own thread with `threads` intra-op
-    threads (None: torch's count divided among the pools); the requests are spread evenly over them. On a 2-core
-    CPU two 1-thread pools decode 16 rows ~1.3x faster in-process than one pool on 2 threads, whose OpenMP
-    hand-offs between the hundreds of small ops of a step leave both cores idle part of the time; behind a
-    server's HTTP side the gain shrinks and first tokens come later (benchmarks/RESULTS.md, issue 22). A row's
-    tokens still do not depend on its pool or its neighbours: every pool runs the same arithmetic with the same
-    thread count. Not with `compile` (one compiled step, one pool). A thread count set here is torch's for every
-    thread started after it (`torch.set_num_threads` is process-wide for new threads)."""
+    `pools` > 1 splits the batch into that many pools, each stepped by its own thread; the requests are spread
+    evenly over them. On a 2-core CPU two 1-thread pools decode 16 rows ~1.3x faster in-process than one pool on 2
+    threads; behind a server's HTTP side the gain shrinks and first tokens come later (benchmarks/RESULTS.md, issue
+    22). A row's tokens still do not depend on its pool or its neighbours: every pool runs the same arithmetic with
+    the same thread count. Not with `compile` (one compiled step, one pool).
+
+    `threads` are torch's intra-op threads for decoding, divided among the pools (None: torch's count when the
+    scheduler is made). Each pool thread sets its share and, on CPU, decodes on one thread while that is faster
+    (gptrain/decode_threads.py: another process competing for the cores). The caller's own thread should run torch
+    on one thread (`torch.set_num_threads(1)` before it loads the model, as `gptrain serve` does): libgomp gives
+    each thread that runs a parallel op a team of its own, and with more OpenMP threads than cores its waiting
+    threads stop spinning and sleep at each of the ~100 barriers of a step (the 8-row step took 1.4x as long,
+    benchmarks/RESULTS.md). A count set here is torch's for threads started after it (`torch.set_num_threads` is
+    process-wide for new threads)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_queue: int = 64, compile: bool = False,
                  prefill_chunk: int | None = 256, pools: int = 1, threads: int | None = None,
@@ -164,9 +171,10 @@ class Scheduler:
         self.max_batch, self.max_queue, self.on_step = max_batch, max_queue, on_step
         self.prefill_chunk = prefill_chunk
         pools = min(pools, max_batch)
-        self.threads = threads or (max(1, torch.get_num_threads() // pools) if pools > 1 else None)
+        self.threads = max(1, (threads or torch.get_num_threads()) // pools)  # per pool
         self._sizes = [max_batch // pools + (i < max_batch % pools) for i in range(pools)]
         self._pools = [self._new_pool(i) for i in range(pools)]
+        self._choices = [ThreadChoice(self.threads, switch=False) for _ in range(pools)]  # set by each pool thread
         self._rows = [0] * pools  # per pool: requests admitted and not finished; touched under _lock
         self._queue: deque[Request] = deque()
         self._running: dict[int, Request] = {}  # id(Request) -> the request; touched under _lock
@@ -232,7 +240,7 @@ class Scheduler:
             running = len(self._running)
             return {"queue_depth": len(self._queue), "running": running, "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "free_slots": self.max_batch - running, "steps": self.steps,
-                    "pools": len(self._pools)}
+                    "pools": len(self._pools), "threads": [c.threads for c in self._choices]}
 
     def close(self) -> None:
         """Cancel everything queued or running and stop the threads."""
@@ -278,8 +286,8 @@ class Scheduler:
         return under[i] or not any(under)
 
     def _loop(self, i: int) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
+        self._choices[i] = ThreadChoice(self.threads, self._may_switch_threads())
         mine = lambda: [r for r in self._running.values() if r._pool == i]  # noqa: E731
         while True:
             with self._lock:
@@ -316,11 +324,28 @@ class Scheduler:
                     req._push(Event(None, "", "cancelled"))
         self._cancel_all(i)
 
+    def _may_switch_threads(self) -> bool:
+        """Whether a pool may decode on one thread instead of its share: on CPU, eagerly, where the logits are the
+        same either way (a failed check says no)."""
+        e = self.engine
+        if e.device.type != "cpu" or e.compiled or self.threads == 1:
+            return False
+        try:
+            return same_logits(e, (self.threads, 1))
+        except Exception:  # noqa: BLE001 -- the pool then keeps its share of threads; its steps report real errors
+            traceback.print_exc(file=sys.stderr)
+            return False
+
     def _step(self, i: int) -> None:
-        pool = self._pools[i]
+        pool, choice = self._pools[i], self._choices[i]
+        threads = choice.threads
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         drawn = pool.step()
         seconds = time.perf_counter() - t0
+        if pool.last_decode_rows and not pool.last_prefill_tokens:
+            choice.record(seconds)
         with self._lock:  # counted before its tokens go out: a client that has its last token sees the step in stats
             self.steps += 1
             by_seq = {id(r._seq): r for r in self._running.values() if r._pool == i}

@@ -55,7 +55,7 @@ def test_concurrent_greedy_requests_equal_each_alone():
         assert all(r.finish_reason == "length" and r.completion_tokens == sp.max_new_tokens
                    for r, sp in zip(reqs, params))
         assert s.stats() == {"queue_depth": 0, "running": 0, "max_batch": 3, "max_queue": 64, "free_slots": 3,
-                             "steps": s.stats()["steps"], "pools": 1}
+                             "steps": s.stats()["steps"], "pools": 1, "threads": [s.threads]}
         assert not s._pools[0].rows  # the slot pool is empty after everything finished
 
 

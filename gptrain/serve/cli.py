@@ -60,6 +60,7 @@ def main(args) -> int:
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "gptrain serve")
 
+    import torch
     import uvicorn
 
     from gptrain.devices import inference_dtype
@@ -68,6 +69,11 @@ def main(args) -> int:
     from gptrain.serve.service import Service
     from gptrain.train.distributed import choose_device
 
+    # Only the scheduler's threads decode on several torch threads; this one loads the model and then runs the event
+    # loop on one. A second OpenMP team here would leave more OpenMP threads than cores, and libgomp's waiting
+    # threads then sleep at every barrier of a decode step (gptrain/scheduler.py).
+    cfg.threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     device = choose_device(cfg.device)
     model = load_model(args.model, device=device).to(inference_dtype(device, cfg.dtype))
     service = Service(model, args.name or Path(args.model).name or args.model, cfg)
@@ -84,7 +90,7 @@ def main(args) -> int:
               "row each", flush=True)
     routes = "chat/completions, completions, models" if service.kind == "chat" else "completions, models"
     print(f"gptrain serve: {service.name} ({service.kind} model) on {service.device}, {service.dtype}, context "
-          f"{service.context} tokens, batch {service.cfg.max_batch} in {pools} pool(s), "
+          f"{service.context} tokens, batch {service.cfg.max_batch} in {pools} pool(s) on {cfg.threads} thread(s), "
           f"queue {cfg.max_queue}\n"
           + (f"  chat page: {base}/\n" if service.kind == "chat" else "")
           + f"  API:       {base}/v1 ({routes}){'  key required' if cfg.api_key else ''}\n"

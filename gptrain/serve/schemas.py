@@ -291,6 +291,7 @@ class QueueStats(BaseModel):
     free_slots: int
     steps: int
     pools: int
+    threads: list[int]  # each pool's torch threads now (one while another process competes for the cores)
 
 
 class Health(BaseModel):

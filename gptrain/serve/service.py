@@ -66,7 +66,7 @@ class Service:
         self.max_prompt_tokens = min(cfg.max_prompt_tokens or self.context, self.context - 1)
         self.scheduler = Scheduler(self.model, self.tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                    compile=cfg.compile, prefill_chunk=cfg.prefill_chunk, pools=cfg.pools,
-                                   on_step=self._on_step)
+                                   threads=cfg.threads, on_step=self._on_step)
         self.metrics = Metrics(self.scheduler.stats, cfg.max_batch)
         self.accepting = False
         self.created = int(time.time())
