@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,8 +134,8 @@ def busy_cores(seconds: float = 0.25) -> float | None:
 
 
 def settle(limit: float = 10.0, busy: float = 0.25) -> None:
-    """Wait (up to `limit` seconds) until less than `busy` of a core is in use: the server measured before has
-    gone quiet. Two seconds where /proc/stat is missing."""
+    """Wait (up to `limit` seconds) until fewer than `busy` cores are in use: the server measured before has gone
+    quiet. Two seconds where /proc/stat is missing."""
     end = time.monotonic() + limit
     while time.monotonic() < end:
         cores = busy_cores()
@@ -143,6 +144,17 @@ def settle(limit: float = 10.0, busy: float = 0.25) -> None:
             return
         if cores < busy:
             return
+
+
+@contextlib.contextmanager
+def busy_process():
+    """A process that keeps one core busy until the block ends."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -186,6 +198,9 @@ def main() -> int:
                     help="--vllm: one more gptrain server with these extra flags (e.g. '--pools 1'); repeatable")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
                     help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="--compare/--vllm: N busy processes (one busy loop each) beside the servers while they are "
+                         "measured, as another job on the same machine")
     ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
     ap.add_argument("--max-batch", type=int, default=16, help="--compare: the batched server's --max-batch")
     ap.add_argument("--dtype", default="auto", help="--compare: the servers' --dtype")
@@ -237,16 +252,19 @@ def main() -> int:
         print(f"model: random {args.preset} shape, vocabulary {50261}, context {health['context_window']}, "
               f"{health['dtype']} on {health['device']} (gptrain: batch {health['limits']['max_batch']}); "
               f"{args.new_tokens} new tokens per request, {args.requests_per_client} request(s) per client, "
-              f"median of {args.repeats}\n", flush=True)
+              f"median of {args.repeats}" + (f"; {args.busy} busy process(es) beside them" if args.busy else "")
+              + "\n", flush=True)
         runs = {name: {k: [] for k in ks} for name in servers}
         warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
         for k in ks:  # warm-up: every batch shape once on each server (first-use kernel set-up is not timed)
             for name, srv in servers.items():
                 level(srv.url, k, argparse.Namespace(**{**vars(warm), "model": model_name(name)}))
+        for _ in range(args.busy):  # stopped with the servers, by the ExitStack
+            stack.enter_context(busy_process())
         for _ in range(args.repeats):  # interleaved: each K on each server in turn
             for k in ks:
                 for name, srv in servers.items():
-                    settle()
+                    settle(busy=args.busy + 0.25)
                     runs[name][k].append(level(srv.url, k, argparse.Namespace(**{**vars(args),
                                                                                 "model": model_name(name)})))
                     print(f"  {name} K={k}: {runs[name][k][-1]['tokens_per_s']:.1f} tokens/s, TTFT p99 "

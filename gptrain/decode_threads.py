@@ -1,15 +1,15 @@
 """How many intra-op threads a server's decode step runs on: all it was given while they are faster, one while
 another process competes for the cores.
 
-`gptrain serve` lets OpenMP's waiting threads spin (gptrain/openmp.py): on an otherwise idle 2-core CPU its 8-row
-decode step then takes 25-28 ms on 2 threads against 38 ms on one. But spinning threads need their cores: with a
-busy process beside the server, the 2-thread step took ~300 ms (a thread waits at each of ~100 barriers for its
-partner to get a core back), against ~50 ms on one thread (benchmarks/RESULTS.md, issue 22). `ThreadChoice` times
-the steps and, now and then, a few steps at the other count, and keeps the faster.
+`gptrain serve`'s OpenMP threads spin briefly while they wait (gptrain/openmp.py): on an otherwise idle 2-core
+CPU its 8-row decode step then takes 25-28 ms on 2 threads against 38 ms on one. But threads that wait for each
+other need their cores: beside one busy process, 8 streams decoded on 2 threads at 25 tokens/s with libgomp's
+default spin and 112 with a spin of 3,000, against ~200 on one thread (benchmarks/RESULTS.md, issue 22).
+`ThreadChoice` times the steps and, now and then, a few steps at the other count, and keeps the faster.
 
 Changing the count must not change a request's tokens: `same_logits` checks at start that the model's prefill
-and decode give the same logits bit for bit on one thread and on all of them (oneDNN and MKL split a product by
-its rows and columns, not along the sum, at these sizes); where they differ, the count never changes.
+and decode give the same logits bit for bit on one thread and on all of them (bf16 through oneDNN's packed
+products did on the machines seen; float32 through MKL did not); where they differ, the count never changes.
 """
 
 from __future__ import annotations

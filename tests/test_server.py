@@ -291,7 +291,8 @@ def test_two_pools_give_each_concurrent_request_what_it_gets_alone():
             t.join(30)
         assert results == one
         status, _, body = request(srv, "GET", "/health")
-        assert status == 200 and json.loads(body)["queue"]["pools"] == 2
+        queue = json.loads(body)["queue"]
+        assert status == 200 and queue["pools"] == 2 and queue["threads"] == [1, 1]
     with pytest.raises(GptrainError, match="--compile runs one compiled decode step: use --pools 1, not 2"):
         Service(tiny(BASE_TOK.n_vocab), "tiny-base", ServeConfig(compile=True, pools=2))
 
@@ -429,8 +430,9 @@ def test_fault_run_on_the_real_command(tmp_path):
         health = get_json(srv.url, "/health")
     assert res["problems"] == [], res
     assert {k for k, _ in res["counts"]} >= {"chat", "cut_stream", "oversize", "wrong_key", "over_limit"}
-    assert res["accepted"] > 20 and health["queue"]["running"] == 0
-    assert "gptrain serve: model (chat model) on cpu, float32, context 64 tokens" in srv.log_text()
+    assert res["accepted"] > 20 and health["queue"]["running"] == 0 and health["queue"]["threads"] == [1]
+    assert ("gptrain serve: model (chat model) on cpu, float32, context 64 tokens, batch 4 in 1 pool(s) on 1 "
+            "thread(s)") in srv.log_text()
 
 
 # --- the command ------------------------------------------------------------------------------------------------

@@ -61,6 +61,20 @@ def main(args) -> int:
         require(module, "gptrain serve")
 
     import torch
+
+    # Only the scheduler's threads decode on several torch threads; this one loads the model and then runs the event
+    # loop on one. A second OpenMP team here would leave more OpenMP threads than cores, and libgomp's waiting
+    # threads then sleep at every barrier of a decode step (gptrain/scheduler.py).
+    threads = torch.get_num_threads()
+    cfg.threads = cfg.threads or threads
+    torch.set_num_threads(1)
+    try:
+        return _serve(args, cfg)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in this process
+
+
+def _serve(args, cfg: ServeConfig) -> int:
     import uvicorn
 
     from gptrain.devices import inference_dtype
@@ -69,11 +83,6 @@ def main(args) -> int:
     from gptrain.serve.service import Service
     from gptrain.train.distributed import choose_device
 
-    # Only the scheduler's threads decode on several torch threads; this one loads the model and then runs the event
-    # loop on one. A second OpenMP team here would leave more OpenMP threads than cores, and libgomp's waiting
-    # threads then sleep at every barrier of a decode step (gptrain/scheduler.py).
-    cfg.threads = cfg.threads or torch.get_num_threads()
-    torch.set_num_threads(1)
     device = choose_device(cfg.device)
     model = load_model(args.model, device=device).to(inference_dtype(device, cfg.dtype))
     service = Service(model, args.name or Path(args.model).name or args.model, cfg)
