@@ -11,10 +11,10 @@ policy changes no arithmetic: losses are the same bit for bit.
 
 `gptrain serve` is the exception (`spin_briefly`): its decode step on 2 threads crosses ~100 barriers in 25 ms,
 and sleeping and waking at each one made it 1.5x slower than spinning. It spins for SERVE_SPINCOUNT iterations
-(~50-100 us) rather than libgomp's 300,000: as fast on an idle machine, and a step that starts while another
-process is busy does not stall for its time slices (a first token after 0.12-0.18 s beside a busy process,
-against 0.6-1.2 s with libgomp's spin; benchmarks/RESULTS.md, issue 22). While such a process goes on, the
-server's scheduler decodes on one thread (gptrain/decode_threads.py).
+(~50-100 us) rather than libgomp's 300,000: about as fast on an idle machine, and a step that starts while another
+process is busy does not stall for that process's time slices (a first token within 0.08-0.18 s where 300,000
+spins sometimes took 1.2 s; benchmarks/serve_spin.py, figures in benchmarks/RESULTS.md, issue 22). While such a
+process goes on, the server's scheduler decodes on one thread (gptrain/decode_threads.py).
 
 libgomp reads its environment once, when torch loads it, so this must run before `import torch`: `gptrain`'s
 package __init__ imports this module first and loads torch only when the model is first used; the `gptrain`
