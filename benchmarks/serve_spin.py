@@ -3,7 +3,7 @@ gpt2-shaped model (bf16 where the CPU has it), its aggregate tokens/s with 8 str
 and the first token of one request sent 0.3 s after a busy process (a busy loop, 1.5 s) started beside it.
 Counts alternate, `--rounds` times. The server's own choice is GOMP_SPINCOUNT=5000 (gptrain/openmp.py).
 
-    python benchmarks/serve_spin.py                       # 300000 (libgomp's default), 30000, 5000, 1500
+    python benchmarks/serve_spin.py          # 300000 (libgomp's default), 30000, 5000, 1500; ~4 min on 2 cores
     python benchmarks/serve_spin.py --counts 5000,1500 --rounds 3
 """
 
@@ -23,9 +23,10 @@ from serve_spawn import random_model, spawned_server  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--counts", default="300000,30000,5000,1500", help="GOMP_SPINCOUNT values, comma-separated")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="times each count is measured, counts in turn")
     args = ap.parse_args()
     print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\n\n| GOMP_SPINCOUNT | round | K = 8 idle, tokens/s | "
           "TTFT p99 | first token beside a busy process |\n|---|---|---|---|---|", flush=True)

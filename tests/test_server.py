@@ -431,7 +431,7 @@ def test_fault_run_on_the_real_command(tmp_path):
     assert res["problems"] == [], res
     assert {k for k, _ in res["counts"]} >= {"chat", "cut_stream", "oversize", "wrong_key", "over_limit"}
     assert res["accepted"] > 20 and health["queue"]["running"] == 0 and health["queue"]["threads"] == [1]
-    assert ("gptrain serve: model (chat model) on cpu, float32, context 64 tokens, batch 4 in 1 pool(s) on 1 "
+    assert ("gptrain serve: model (chat model) on cpu, float32, context 64 tokens, batch 4 in 1 pool(s) of 1 "
             "thread(s)") in srv.log_text()
 
 

@@ -89,7 +89,8 @@ def _serve(args, cfg: ServeConfig) -> int:
     app = create_app(service)
     sock = listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
-    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    shown = "<this machine's address>" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
     if cfg.host not in LOOPBACK:
         print(f"warning: listening on {host}, reachable from other machines"
               f"{'; the API has NO key (--insecure-no-auth)' if cfg.api_key is None else ''}", flush=True)
@@ -99,7 +100,8 @@ def _serve(args, cfg: ServeConfig) -> int:
               "row each", flush=True)
     routes = "chat/completions, completions, models" if service.kind == "chat" else "completions, models"
     print(f"gptrain serve: {service.name} ({service.kind} model) on {service.device}, {service.dtype}, context "
-          f"{service.context} tokens, batch {service.cfg.max_batch} in {pools} pool(s) on {cfg.threads} thread(s), "
+          f"{service.context} tokens, batch {service.cfg.max_batch} in {pools} pool(s) of "
+          f"{service.scheduler.threads} thread(s), "
           f"queue {cfg.max_queue}\n"
           + (f"  chat page: {base}/\n" if service.kind == "chat" else "")
           + f"  API:       {base}/v1 ({routes}){'  key required' if cfg.api_key else ''}\n"

@@ -23,12 +23,13 @@ class ServeConfig:
     max_batch: int | None = _f(None, "requests decoded together in the running batch (none: as many as a quarter "
                                      "of the memory available holds in KV cache, at most 32)", ge=1)
     threads: int | None = _f(None, "torch threads that decode, split among the pools (none: one per core, as torch "
-                                   "counts them); on CPU a pool decodes on one while that is faster (a busy "
-                                   "process beside the server); the rest of the server runs torch on one thread",
+                                   "counts them; each pool gets at least one); on CPU a pool decodes on one while "
+                                   "that is faster (a busy process beside the server); the rest of the server runs "
+                                   "torch on one thread",
                              ge=1)
     pools: int = _f(1, "split the batch into this many pools, each decoded by a thread of its own with an equal "
-                       "share of torch's threads: on a CPU, 2 decode more tokens/s from 8 streams up, with a later "
-                       "first token (benchmarks/RESULTS.md)", ge=1)
+                       "share of --threads (at least one each); on 2 cores one pool is faster (benchmarks/RESULTS.md)",
+                    ge=1)
     max_queue: int = _f(64, "requests that may wait for a slot in the batch; more get 429 with Retry-After", ge=0)
     prefill_chunk: int = _f(256, "prompt tokens prefilled per step, so a long prompt does not stall the others",
                             ge=1)
