@@ -1,6 +1,6 @@
 """How long `gptrain serve`'s OpenMP threads should spin: for each GOMP_SPINCOUNT, one server on the same random
 gpt2-shaped model (bf16 where the CPU has it), its aggregate tokens/s with 8 streaming clients on an idle machine,
-and the first token of one request sent 0.3 s after a busy process (a busy loop, 1.5 s) started beside it.
+and the first token of one request sent 0.3 s after a busy process (a busy loop) started beside it.
 Counts alternate, `--rounds` times. The server's own choice is GOMP_SPINCOUNT=5000 (gptrain/openmp.py).
 
     python benchmarks/serve_spin.py          # 300000 (libgomp's default), 30000, 5000, 1500; ~4 min on 2 cores
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import level, machine, settle  # noqa: E402
+from serve_load import busy_process, level, machine, settle  # noqa: E402
 from serve_spawn import random_model, spawned_server  # noqa: E402
 
 
@@ -41,11 +40,9 @@ def main() -> int:
                     level(srv.url, 8, argparse.Namespace(**{**vars(run), "new_tokens": 8}))  # warm-up
                     settle()
                     idle = level(srv.url, 8, run)
-                    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 1.5\n"
-                                                                   "while time.time() < t: pass"])
-                    time.sleep(0.3)
-                    beside = level(srv.url, 1, argparse.Namespace(**{**vars(run), "requests_per_client": 1}))
-                    busy.wait()
+                    with busy_process():
+                        time.sleep(0.3)
+                        beside = level(srv.url, 1, argparse.Namespace(**{**vars(run), "requests_per_client": 1}))
                 print(f"| {count} | {r + 1} | {idle['tokens_per_s']:.1f} | {idle['ttft_p99']:.2f} s | "
                       f"{beside['ttft_p99']:.2f} s |", flush=True)
     return 0

@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from gptrain import openmp  # noqa: E402,F401  first: OpenMP's wait policy must be set before torch loads
 
+from gptrain.tokenizer import get_tokenizer  # noqa: E402  (no torch)
+
 __all__ = ["GPT", "GPTConfig", "PRESETS", "get_tokenizer", "__version__"]
 
 
@@ -13,7 +15,4 @@ def __getattr__(name: str):
     if name in ("GPT", "GPTConfig", "PRESETS"):
         from gptrain import model
         return getattr(model, name)
-    if name == "get_tokenizer":
-        from gptrain.tokenizer import get_tokenizer
-        return get_tokenizer
     raise AttributeError(f"module 'gptrain' has no attribute {name!r}")

@@ -100,9 +100,10 @@ def same_logits(engine, counts: tuple[int, ...], rows: tuple[int, ...] = (2, 9, 
             out = []
             for r in rows:
                 idx = torch.randint(config.vocab_size, (r, t + 1), generator=torch.Generator().manual_seed(r))
+                idx = idx.to(engine.device)
                 cache = KVCache(config, r, t + 1, device=engine.device, dtype=engine.cache_dtype())
-                model.hidden(idx[:, :t].to(engine.device), cache)
-                out.append(model.logits(model.hidden(idx[:, t:].to(engine.device), cache)))
+                model.hidden(idx[:, :t], cache)
+                out.append(model.logits(model.hidden(idx[:, t:], cache)))
             results.append(out)
     finally:
         torch.set_num_threads(before)
