@@ -11,6 +11,7 @@ checkout's first generated tokens so that equal arithmetic can be seen.
 
     python benchmarks/serve_step.py --baseline-tree /work/main                # R = 1, 4, 8, 16, 32, one thread
     python benchmarks/serve_step.py --baseline-tree OLD --rows 16 --threads 2 --repeats 5
+    python benchmarks/serve_step.py --baseline-tree OLD --rows 1,8 --new-tokens 512 --threads 2   # long rows: resizes
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def child(rows: list[int], new_tokens: int, threads: int) -> None:
             pool.step()
             steps.append(time.process_time() - t)
         print(json.dumps({"rows": r, "first_ms": 1000 * first, "step_ms": 1000 * statistics.median(steps),
-                          "total_ms": 1000 * (first + sum(steps)), "tokens": seqs[0].ids[:6]}), flush=True)
+                          "max_ms": 1000 * max(steps), "total_ms": 1000 * (first + sum(steps)), "tokens": seqs[0].ids[:6]}), flush=True)
 
 
 def run(tree: Path, args) -> dict[int, dict]:
@@ -100,19 +101,20 @@ def main() -> int:
             print(f"  repeat {i + 1} {name}: " + ", ".join(f"R={r} {v['step_ms']:.1f} ms/step"
                                                            for r, v in runs[name][-1].items())
                   + f"  (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-    med = {name: {r: {k: statistics.median(x[r][k] for x in rs) for k in ("first_ms", "step_ms", "total_ms")}
+    med = {name: {r: {k: statistics.median(x[r][k] for x in rs) for k in ("first_ms", "step_ms", "max_ms", "total_ms")}
                   for r in rs[0]} for name, rs in runs.items()}
-    print("| checkout | rows | first step (prefill + 1 token) ms | decode step ms | CPU ms per generated token "
-          "| first tokens of row 0 |\n|---|---|---|---|---|---|")
+    print("| checkout | rows | first step (prefill + 1 token) ms | decode step ms | slowest decode step ms "
+          "| CPU ms per generated token | first tokens of row 0 |\n|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         for r, m in med[name].items():
-            print(f"| {name} | {r} | {m['first_ms']:.1f} | {m['step_ms']:.1f} | "
+            print(f"| {name} | {r} | {m['first_ms']:.1f} | {m['step_ms']:.1f} | {m['max_ms']:.1f} | "
                   f"{m['total_ms'] / (r * args.new_tokens):.2f} | {rs[0][r]['tokens']} |")
     new = med["this checkout"]
     for name in list(runs)[1:]:
         print(f"\n{name} / this checkout, CPU time: " + "; ".join(
             f"R={r} first step {med[name][r]['first_ms'] / m['first_ms']:.2f}x, decode step "
-            f"{med[name][r]['step_ms'] / m['step_ms']:.2f}x" for r, m in new.items()))
+            f"{med[name][r]['step_ms'] / m['step_ms']:.2f}x, slowest step {med[name][r]['max_ms'] / m['max_ms']:.2f}x, "
+            f"per token {med[name][r]['total_ms'] / m['total_ms']:.2f}x" for r, m in new.items()))
     return 0
 
 

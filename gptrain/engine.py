@@ -163,8 +163,10 @@ class SlotPool:
         self.max_len = block if engine.compiled or max_len is None else min(block, max_len)
         self.rows: list[Sequence] = []
         self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
-        room = self.max_len if engine.compiled else min(self.max_len, SPAN_STEP)  # eager: grows with the rows
-        self.cache = KVCache(engine.model.config, max(MIN_ROWS, max_batch), room, device=engine.device,
+        # compiled: the whole pool and window; eager: MIN_ROWS rows of SPAN_STEP slots, grown with the rows
+        rows, room = (max(MIN_ROWS, max_batch), self.max_len) if engine.compiled else (MIN_ROWS, min(self.max_len,
+                                                                                                     SPAN_STEP))
+        self.cache = KVCache(engine.model.config, rows, room, device=engine.device,
                              dtype=engine.cache_dtype()) if use_cache else None
         if engine.compiled and use_cache and engine.device.type == "cuda":  # a CUDA graph's inputs that the step
             # mutates in place must stay at fixed addresses
@@ -182,6 +184,7 @@ class SlotPool:
         self.rows.append(seq)
         self._cached.append(0)
 
+    @torch.inference_mode()  # the cache's buffers are inference tensors once `step` has resized them
     def remove(self, seq: Sequence) -> None:
         s, last = self.rows.index(seq), len(self.rows) - 1
         if s != last:
@@ -219,14 +222,19 @@ class SlotPool:
         return out
 
     def _fit_cache(self) -> None:
-        """Eagerly, each row's room in the cache follows the longest window in the pool, in steps of SPAN_STEP:
-        attention then reads every row's keys from one contiguous stretch of memory. Over a window-sized row the
-        same reads are spread in short runs far apart, which made the 16-row decode step's attention 2x slower
-        on CPU (benchmarks/RESULTS.md). Grown when a window needs more, shrunk when it needs half or less."""
+        """Eagerly the cache holds the rows in use (a power of two of them, at least MIN_ROWS) and each row's room
+        follows the longest window in the pool, in steps of SPAN_STEP. Attention then reads every row's keys
+        from one contiguous stretch of memory: over a window-sized row the same reads are spread in short runs
+        far apart, which made the 16-row decode step's attention 2x slower on CPU (benchmarks/RESULTS.md). And a
+        resize copies and zeroes only the rows in use: 8 rows of a 32-slot pool move a quarter of the bytes.
+        Grown when the rows or a window need more; shrunk when they need a quarter or less of the rows, or half
+        or less of the room."""
         need = max((len(r.window) for r in self.rows), default=1)
         room = min(self.max_len, -(-need // SPAN_STEP) * SPAN_STEP)
-        if room > self.cache.max_len or room <= self.cache.max_len // 2:
-            self.cache.resize(room, len(self.rows), max(self._cached, default=0))
+        rows = min(max(MIN_ROWS, self.max_batch), max(MIN_ROWS, 1 << (len(self.rows) - 1).bit_length()))
+        have, size = self.cache.lens.size(0), self.cache.max_len
+        if room > size or room <= size // 2 or rows > have or rows <= have // 4:
+            self.cache.resize(rows, room, len(self.rows), max(self._cached, default=0))
 
     def _prefill(self) -> int:
         """Encode waiting rows' tokens, whole chunks while they fit in `prefill_chunk` tokens (at least one).

@@ -90,8 +90,8 @@ class KVCache:
     Shapes are static: attention spans all `max_len` slots (unfilled ones masked out) and the fill levels are a
     tensor, so a compiled decode step sees the same shapes and no changing Python int at every token, and
     compiles once. `view(rows, span)` narrows a cache (no copy) to some rows and the first `span` slots, for
-    eager steps that need not attend over the whole window; `resize` gives every row more or less room (the eager
-    pool's room follows its longest row). The caller keeps `lens + t <= max_len`.
+    eager steps that need not attend over the whole window; `resize` changes the rows and every row's room (the
+    eager pool's cache follows its rows in use and its longest row). The caller keeps `lens + t <= max_len`.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, pad: torch.Tensor | None = None,
@@ -143,13 +143,16 @@ class KVCache:
         out.pad, out.lens, out.max_len = self.pad[rows], self.lens[rows], span
         return out
 
-    def resize(self, max_len: int, rows: int, filled: int) -> None:
-        """Give every row room for `max_len` slots, keeping the first `filled` slots of the first `rows` rows.
-        One layer at a time, so the memory held at once grows by one layer's buffers, not the whole cache's."""
+    def resize(self, batch_size: int, max_len: int, rows: int, filled: int) -> None:
+        """Make room for `batch_size` rows of `max_len` slots, keeping the first `filled` slots of the first `rows`
+        rows (those it has). One layer at a time, so the memory held at once grows by one layer's buffers, not the
+        whole cache's."""
+        rows = min(rows, self.lens.size(0), batch_size)
         for bufs in (self.k, self.v):
             for i, old in enumerate(bufs):
-                bufs[i] = old.new_zeros(*old.shape[:2], max_len, old.size(3))
+                bufs[i] = old.new_zeros(batch_size, old.size(1), max_len, old.size(3))
                 bufs[i][:rows, :, :filled] = old[:rows, :, :filled]
+        self.pad, self.lens = (torch.cat([t[:rows], t.new_zeros(batch_size - rows)]) for t in (self.pad, self.lens))
         self.max_len = max_len
 
     def move(self, src: int, dst: int, n: int) -> None:

@@ -213,27 +213,42 @@ def test_tiny_temperature_is_greedy_not_a_crash(tiny_config):
     assert complete(model, PROMPTS[:1], max_new_tokens=8, temperature=5e-324, top_k=None, stop_ids=[]) == greedy
 
 
-def test_cache_room_grows_and_shrinks_with_the_longest_row_and_tokens_stay_the_same():
+def test_cache_rows_and_room_follow_the_pool_and_tokens_stay_the_same():
+    """The eager cache holds the rows in use (a power of two, at least 2) and room for the longest window; rows
+    join, leave (one cancelled from outside the step, as the scheduler does) and cross 64 tokens, and every row
+    still gets exactly the tokens it gets alone."""
     from gptrain.engine import SlotPool
     from gptrain.sampling import SamplingParams
     model = lively_model(block_size=256, n_layer=1)
     engine = Engine(model)
     long_prompt = (PROMPTS[0] * 20)[:150]
-    rows = [(long_prompt, 5), (PROMPTS[1], 90), (PROMPTS[2], 70)]  # the long row leaves early; the others cross 64
+    rows = [(long_prompt, 5), (PROMPTS[1], 90), (PROMPTS[2], 70), (PROMPTS[0], 60), (PROMPTS[1], 40)]
+    # the long row leaves early; rows 1 and 2 cross 64; rows 3 and 4 join later; row 3 is cancelled
     params = [SamplingParams(max_new_tokens=n, temperature=0.8, seed=i, stop_ids=()) for i, (_, n) in enumerate(rows)]
     want = []
     for (prompt, _), sp in zip(rows, params):
         gen = engine.generate([prompt], sp)
         list(gen)
         want.append(gen.ids[0])
-    pool = SlotPool(engine, 4, prefill_chunk=64)
+    pool = SlotPool(engine, 8, prefill_chunk=64)
     seqs = [engine.sequence(p, sp) for (p, _), sp in zip(rows, params)]
-    for s in seqs:
+    for s in seqs[:3]:
         pool.add(s)
-    rooms = []
+    shapes, steps = [], 0
     while pool.rows:
         pool.step()
-        rooms.append(pool.cache.max_len)
-    assert [s.ids for s in seqs] == want
-    changes = [r for i, r in enumerate(rooms) if i == 0 or r != rooms[i - 1]]
-    assert changes == [192, 64, 128]  # the 150-token prompt's room; shrunk when it left; grown past 64 tokens
+        steps += 1
+        if steps == 10:
+            pool.add(seqs[3])
+            pool.add(seqs[4])
+        if steps == 30:
+            pool.remove(seqs[3])  # outside inference mode, after the cache was resized inside it
+        shapes.append((pool.cache.lens.size(0), pool.cache.max_len))
+    assert [s.ids for i, s in enumerate(seqs) if i != 3] == [w for i, w in enumerate(want) if i != 3]
+    assert seqs[3].ids == want[3][:len(seqs[3].ids)] and 0 < len(seqs[3].ids) < 60
+    changes = [r for i, r in enumerate(shapes) if i == 0 or r != shapes[i - 1]]
+    # 3 rows: 4 rows of the 150-token prompt's room; it leaves: 2 rows of 64 (half the room or less shrinks it);
+    # 2 rows join: 4 rows; when rows 1 and 2 cross 64 tokens, the others have left: 2 rows of 128 (a resize takes
+    # the rows in use then, though 2 of 4 alone would not have shrunk the cache)
+    assert changes == [(4, 192), (2, 64), (4, 64), (2, 128)], changes
+    assert all(rows <= 8 for rows, _ in shapes)

@@ -135,6 +135,24 @@ def test_cancel_frees_the_slot_and_a_queued_request_takes_it():
         assert s.stats()["free_slots"] == 1 and not s._pools[0].rows
 
 
+def test_cancelling_a_row_after_the_cache_grew_leaves_the_others_alone():
+    """A client hanging up on a long generation (its row leaves after the step resized the cache) ends only its
+    own request: the other rows finish with the tokens they get alone."""
+    model = lively_model(block_size=256)
+    endless = SamplingParams(max_new_tokens=200, temperature=1.0, stop_ids=())
+    others = [SamplingParams(max_new_tokens=100, temperature=0.8, seed=i, stop_ids=()) for i in (1, 2)]
+    with Scheduler(model, max_batch=4) as s:
+        first = s.submit(PROMPTS[0], endless)  # the first slot: removing it moves the last row into its place
+        rest = [s.submit(p, sp) for p, sp in zip(PROMPTS[1:3], others)]
+        events = iter(first)
+        for _ in range(80):  # past 64 tokens: the cache has grown
+            next(events)
+        first.cancel()
+        assert list(events)[-1].finish_reason == "cancelled" and first.error is None
+        assert collect(rest) == [alone(model, p, sp) for p, sp in zip(PROMPTS[1:3], others)]
+        assert all(r.finish_reason == "length" for r in rest) and not s._pools[0].rows
+
+
 def test_full_queue_and_bad_requests_are_refused():
     s = Scheduler(MODEL, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
     ok = SamplingParams(max_new_tokens=5)
