@@ -80,13 +80,14 @@ def run(tree: Path, args) -> dict[int, dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
                     help="another checkout to measure beside this one (e.g. a git worktree of an older commit)")
     ap.add_argument("--rows", default="1,4,8,16,32", help="row counts, comma-separated")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode steps after the first, per row count")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in each checkout's process")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per checkout, alternating; medians are printed")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -111,7 +112,7 @@ def main() -> int:
                   f"{m['total_ms'] / (r * args.new_tokens):.2f} | {rs[0][r]['tokens']} |")
     new = med["this checkout"]
     for name in list(runs)[1:]:
-        print(f"\n{name} / this checkout, CPU time: " + "; ".join(
+        print(f"\n{name} / this checkout, CPU time (above 1x: this checkout takes less): " + "; ".join(
             f"R={r} first step {med[name][r]['first_ms'] / m['first_ms']:.2f}x, decode step "
             f"{med[name][r]['step_ms'] / m['step_ms']:.2f}x, slowest step {med[name][r]['max_ms'] / m['max_ms']:.2f}x, "
             f"per token {med[name][r]['total_ms'] / m['total_ms']:.2f}x" for r, m in new.items()))

@@ -189,8 +189,8 @@ class SlotPool:
         s, last = self.rows.index(seq), len(self.rows) - 1
         if s != last:
             self.rows[s], self._cached[s] = self.rows[last], self._cached[last]
-            if self.cache is not None:
-                self.cache.move(last, s, self._cached[s])
+            if self.cache is not None and self._cached[s]:  # a row added since the last step has nothing cached,
+                self.cache.move(last, s, self._cached[s])  # and may lie beyond the cache's rows (`_fit_cache`)
         self.rows.pop()
         self._cached.pop()
 

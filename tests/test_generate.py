@@ -213,6 +213,32 @@ def test_tiny_temperature_is_greedy_not_a_crash(tiny_config):
     assert complete(model, PROMPTS[:1], max_new_tokens=8, temperature=5e-324, top_k=None, stop_ids=[]) == greedy
 
 
+def test_a_row_added_and_another_removed_before_the_next_step():
+    """The scheduler adds the rows it admits and removes the cancelled ones before it steps: a row added beyond the
+    cache's rows (it holds the rows in use at the last step) moves into a freed slot, and every row still gets
+    exactly its own tokens."""
+    from gptrain.engine import SlotPool
+    from gptrain.sampling import SamplingParams
+    engine = Engine(lively_model())
+    params = [SamplingParams(max_new_tokens=12, temperature=0.8, seed=i, stop_ids=()) for i in range(3)]
+    want = []
+    for p, sp in zip(PROMPTS, params):
+        gen = engine.generate([p], sp)
+        list(gen)
+        want.append(gen.ids[0])
+    pool = SlotPool(engine, 8)
+    seqs = [engine.sequence(p, sp) for p, sp in zip(PROMPTS, params)]
+    pool.add(seqs[0])
+    pool.add(seqs[1])
+    pool.step()
+    assert pool.cache.lens.size(0) == 2
+    pool.add(seqs[2])  # slot 2, beyond the cache's 2 rows
+    pool.remove(seqs[0])  # slot 2's row moves into slot 0
+    while pool.rows:
+        pool.step()
+    assert [seqs[1].ids, seqs[2].ids] == want[1:]
+
+
 def test_cache_rows_and_room_follow_the_pool_and_tokens_stay_the_same():
     """The eager cache holds the rows in use (a power of two, at least 2) and room for the longest window; rows
     join, leave (one cancelled from outside the step, as the scheduler does) and cross 64 tokens, and every row

@@ -153,6 +153,23 @@ def test_cancelling_a_row_after_the_cache_grew_leaves_the_others_alone():
         assert all(r.finish_reason == "length" for r in rest) and not s._pools[0].rows
 
 
+def test_a_request_admitted_as_another_is_cancelled_leaves_the_others_alone():
+    """Both in the same pass of the scheduler's loop (two clients can do it by chance; holding the scheduler's lock
+    makes it certain): the new row joins, the cancelled one leaves, and the others finish with their own tokens."""
+    params = [SamplingParams(max_new_tokens=30, temperature=0.8, seed=i, stop_ids=()) for i in range(3)]
+    with Scheduler(MODEL, max_batch=8) as s:
+        a, b = (s.submit(p, sp) for p, sp in zip(PROMPTS[:2], params))
+        events = iter(a)
+        for _ in range(5):
+            next(events)
+        with s._lock:
+            c = s.submit(PROMPTS[2], params[2])
+            a.cancel()
+        assert list(events)[-1].finish_reason == "cancelled"
+        assert collect([b, c]) == [alone(MODEL, p, sp) for p, sp in zip(PROMPTS[1:3], params[1:])]
+        assert b.error is None and c.error is None and not s._pools[0].rows
+
+
 def test_full_queue_and_bad_requests_are_refused():
     s = Scheduler(MODEL, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
     ok = SamplingParams(max_new_tokens=5)

@@ -188,6 +188,16 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(srv, field, value):
     assert e.value.status_code == 400 and e.value.param == field and field in e.value.message, e.value.message
 
 
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]), ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("logprobs", 2), ("echo", True), ("suffix", "!"), ("best_of", 2), ("logit_bias", {"50256": -100})])
+def test_text_completions_refuse_them_too(srv, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(srv).completions.create(model="m", prompt="x", max_tokens=2, extra_body={field: value})
+    assert e.value.status_code == 400 and e.value.param == field and field in e.value.message, e.value.message
+
+
 def test_the_harmless_forms_of_those_fields_are_accepted(srv):
     out = client(srv).chat.completions.create(model="m", messages=HELLO, max_tokens=2, tool_choice="none",
                                               response_format={"type": "text"}, logprobs=False, n=1, tools=[])

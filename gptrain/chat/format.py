@@ -117,7 +117,7 @@ def fit_to_context(messages, max_tokens: int, tokenizer: Tokenizer | None = None
         first += 1
     if n > max_tokens:
         raise GptrainError(f"the prompt needs {n} tokens but only {max_tokens} fit in the context window; "
-                           "shorten the last message or the system prompt")
+                           "shorten the last message" + (" or the system prompt" if n_sys else ""))
     return msgs[:n_sys] + msgs[first:]
 
 

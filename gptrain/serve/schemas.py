@@ -53,6 +53,11 @@ class _Sampling(_Request):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
     logit_bias: dict[str, float] | None = Field(None, description="not supported")
+    tools: list[Any] | None = Field(None, description="not supported: the model writes text, never tool calls")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='only "none"')
+    functions: list[Any] | None = Field(None, description="not supported (the old form of tools)")
+    function_call: str | dict[str, Any] | None = Field(None, description='only "none"')
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}: no JSON mode')
     user: str | None = None
 
     @field_validator("n")
@@ -74,6 +79,23 @@ class _Sampling(_Request):
     @classmethod
     def _no_bias(cls, value):
         return refuse_unless(not value, "logit_bias is not supported", value)
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value, info):
+        return refuse_unless(not value, f"{info.field_name} is not supported: this model answers in text and never "
+                                        "calls tools", value)
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value, info):
+        return refuse_unless(value in (None, "none"), f'{info.field_name}: only "none" is supported (no tool calling)', value)
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        return refuse_unless(value is None or value.get("type") == "text", 'only {"type": "text"} is supported (no JSON mode or '
+                                                           "schema)", value)
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -110,11 +132,6 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = Field(None, description="not supported")
     top_logprobs: int | None = Field(None, description="not supported")
-    tools: list[Any] | None = Field(None, description="not supported: the model writes text, never tool calls")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='only "none"')
-    functions: list[Any] | None = Field(None, description="not supported (the old form of tools)")
-    function_call: str | dict[str, Any] | None = Field(None, description='only "none"')
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}: no JSON mode')
     modalities: list[str] | None = Field(None, description='only ["text"]')
     audio: dict[str, Any] | None = Field(None, description="not supported")
     prediction: dict[str, Any] | None = Field(None, description="not supported")
@@ -124,23 +141,6 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _no_logprobs(cls, value, info):
         return refuse_unless(not value, f"{info.field_name} is not supported", value)
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, value, info):
-        return refuse_unless(not value, f"{info.field_name} is not supported: this model answers in text and never "
-                                        "calls tools", value)
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value, info):
-        return refuse_unless(value in (None, "none"), f'{info.field_name}: only "none" is supported (no tool calling)', value)
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value):
-        return refuse_unless(value is None or value.get("type") == "text", 'only {"type": "text"} is supported (no JSON mode or '
-                                                           "schema)", value)
 
     @field_validator("modalities")
     @classmethod

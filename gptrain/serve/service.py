@@ -118,7 +118,7 @@ class Service:
             messages = fit_to_context(body.conversation(), min(self.context - room, self.max_prompt_tokens), self.tok)
         except GptrainError as e:
             raise too_long(f"{e} (context window {self.context} tokens, of which max_tokens={room} are kept for "
-                           "the reply); lower max_tokens or shorten the message", "messages") from None
+                           "the reply), or lower max_tokens", "messages") from None
         prompt = render_for_completion(messages, self.tok)
         return prompt, self._params(body, self._new_tokens(asked, len(prompt), "messages"), stop_ids(self.tok))
 
