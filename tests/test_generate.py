@@ -239,6 +239,40 @@ def test_a_row_added_and_another_removed_before_the_next_step():
     assert [seqs[1].ids, seqs[2].ids] == want[1:]
 
 
+@pytest.mark.parametrize("seed", [0, 4, 7])  # 4 and 7 add a row beyond the cache's rows, then remove another
+def test_random_joins_leaves_and_steps_give_every_row_its_own_tokens(seed):
+    """Rows join, are removed (cancelled) and step in a random order, as a server's clients make them; the cache
+    grows and shrinks under them. A row that ran to the end has exactly its tokens alone; a cancelled one a
+    prefix of them."""
+    import random
+    from gptrain.engine import SlotPool
+    from gptrain.sampling import SamplingParams
+    rng = random.Random(seed)
+    engine = Engine(lively_model(block_size=160, n_layer=1))
+    jobs = [(rng.choice(PROMPTS) * rng.randint(1, 12), SamplingParams(
+        max_new_tokens=rng.randint(1, 90), temperature=0.8, seed=i, stop_ids=())) for i in range(30)]
+    want = []
+    for prompt, sp in jobs:
+        gen = engine.generate([prompt], sp)
+        list(gen)
+        want.append(gen.ids[0])
+    pool, todo, cancelled = SlotPool(engine, 8, prefill_chunk=16), list(range(len(jobs))), set()
+    seqs = [engine.sequence(p, sp) for p, sp in jobs]
+    while todo or pool.rows:
+        op = rng.random()
+        if op < 0.4 and todo and pool.free_slots:
+            pool.add(seqs[todo.pop(0)])
+        elif op < 0.5 and pool.rows:
+            row = rng.choice(pool.rows)
+            pool.remove(row)
+            cancelled.add(seqs.index(row))
+        elif pool.rows:
+            pool.step()
+    for i, (seq, ids) in enumerate(zip(seqs, want)):
+        assert seq.ids == ids if i not in cancelled else seq.ids == ids[:len(seq.ids)], i
+    assert 0 < len(cancelled) < len(jobs)
+
+
 def test_cache_rows_and_room_follow_the_pool_and_tokens_stay_the_same():
     """The eager cache holds the rows in use (a power of two, at least 2) and room for the longest window; rows
     join, leave (one cancelled from outside the step, as the scheduler does) and cross 64 tokens, and every row
