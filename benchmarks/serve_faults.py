@@ -1,5 +1,5 @@
 """A bounded fault run against a gptrain server on loopback: many clients at once mixing normal requests with
-streams cut off mid-way, malformed and deeply nested JSON, huge integers, oversize bodies (sent whole), bodies cut
+streams cut off mid-way (some after a prompt near the context window), malformed and deeply nested JSON, huge integers, oversize bodies (sent whole), bodies cut
 short, slow headers, wrong keys, wrong content types, over-limit max_tokens, connections that send nothing or
 headers a byte at a time (closed by the server's timeouts), 4,000-message chats, 72-prompt completions and
 fields the server cannot honour (tools, response_format, ...).
@@ -33,12 +33,13 @@ from serve_spawn import get_json, random_model, rss_bytes, spawned_server  # noq
 # kind -> statuses it may get ("cut": the client closed the connection itself; 429: the queue was full)
 EXPECTED = {
     "chat": {200, 429}, "completion": {200, 429}, "stream": {200, 429}, "cut_stream": {"cut", 429},
+    "long_cut_stream": {"cut", 429},
     "malformed": {400}, "nested": {400}, "huge_int": {400}, "oversize": {413}, "truncated": {408},
     "abandoned_body": {"cut"}, "slow_header": {200, 429}, "wrong_key": {401}, "no_key": {401},
     "wrong_type": {415}, "over_limit": {400}, "bad_field": {400}, "idle": {"closed"}, "trickle_header": {"closed"},
     "many_messages": {200, 400, 429}, "many_prompts": {400}, "refused_field": {400},
 }
-WEIGHTS = {"chat": 6, "completion": 5, "stream": 5, "cut_stream": 4, "malformed": 2, "nested": 1, "huge_int": 1,
+WEIGHTS = {"chat": 6, "completion": 5, "stream": 5, "cut_stream": 4, "long_cut_stream": 2, "malformed": 2, "nested": 1, "huge_int": 1,
            "oversize": 2, "truncated": 1, "abandoned_body": 1, "slow_header": 1, "wrong_key": 2, "no_key": 1,
            "wrong_type": 1, "over_limit": 2, "bad_field": 1, "idle": 1, "trickle_header": 1, "many_messages": 1,
            "many_prompts": 1, "refused_field": 1}
@@ -139,6 +140,10 @@ class Client:
             return self.stream({**completion, "max_tokens": min(lim["max_tokens"], 24)}, None)
         if kind == "cut_stream":
             return self.stream({**completion, "max_tokens": min(lim["max_tokens"], 24)}, rng.randint(1, 3))
+        if kind == "long_cut_stream":  # a prompt near the context window (the cache grows for it), then a hang-up
+            new = min(lim["max_tokens"], 24)
+            long = "x" + " x" * (min(lim["max_prompt_tokens"], lim["context_window"] - new) - 2)
+            return self.stream({**completion, "prompt": long, "max_tokens": new}, rng.randint(1, 3))
         if kind == "malformed":
             return self.post("/v1/completions", rng.choice([b'{"prompt": "x",', b"{'prompt': 1}", b"\xff\xfe",
                                                             b"", b"nul"]))[0]

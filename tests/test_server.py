@@ -430,10 +430,11 @@ def test_fault_run_on_the_real_command(tmp_path):
         res = run(srv.url, KEY, requests=80, clients=8, pid=srv.pid, log=srv.log)
         health = get_json(srv.url, "/health")
     assert res["problems"] == [], res
-    assert {k for k, _ in res["counts"]} >= {"chat", "cut_stream", "oversize", "wrong_key", "over_limit"}
+    assert {k for k, _ in res["counts"]} >= {"chat", "cut_stream", "long_cut_stream", "oversize", "wrong_key",
+                                            "over_limit"}
     answered = sum(n for (kind, status), n in res["counts"].items()
-                   if status in (200, "cut") and kind in ("chat", "completion", "stream", "cut_stream", "slow_header",
-                                                         "many_messages"))
+                   if status in (200, "cut") and kind in ("chat", "completion", "stream", "cut_stream", "long_cut_stream",
+                                                         "slow_header", "many_messages"))
     assert res["accepted"] == answered + 3  # every generation answered was counted once (3: the warm-up)
     assert answered > 20 and health["queue"]["running"] == 0 and health["queue"]["threads"] == [1]
     assert ("gptrain serve: model (chat model) on cpu, float32, context 64 tokens, batch 4 in 1 pool(s) of 1 "
