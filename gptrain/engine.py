@@ -1,8 +1,8 @@
 """The generation engine: a pool of KV-cache slots that rows join and leave while the batch keeps decoding.
 
 `Engine` holds the model and its (optionally compiled) one-token decode step and checks requests. `SlotPool` is
-the running batch: `max_batch` rows of one preallocated `KVCache`, each row with its own length (slot i is row
-i; when a row leaves, the last row moves into its place, so the rows in use are always the first ones). One
+the running batch: up to `max_batch` rows of one `KVCache`, each row with its own length (slot i is row i; when
+a row leaves, the last row moves into its place, so the rows in use are always the first ones). One
 `SlotPool.step()` is one iteration of continuous batching:
 
 1. Prefill: rows that have joined (or slid their window) encode their tokens into their slot, in chunks of at
@@ -163,9 +163,10 @@ class SlotPool:
         self.max_len = block if engine.compiled or max_len is None else min(block, max_len)
         self.rows: list[Sequence] = []
         self._cached: list[int] = []  # per slot: tokens of the row's window in the cache (the truth for cache.lens)
-        # compiled: the whole pool and window; eager: MIN_ROWS rows of SPAN_STEP slots, grown with the rows
-        rows, room = (max(MIN_ROWS, max_batch), self.max_len) if engine.compiled else (MIN_ROWS, min(self.max_len,
-                                                                                                     SPAN_STEP))
+        if engine.compiled:  # the whole pool and window: one static shape
+            rows, room = max(MIN_ROWS, max_batch), self.max_len
+        else:  # grown and shrunk with the rows (`_fit_cache`)
+            rows, room = MIN_ROWS, min(self.max_len, SPAN_STEP)
         self.cache = KVCache(engine.model.config, rows, room, device=engine.device,
                              dtype=engine.cache_dtype()) if use_cache else None
         if engine.compiled and use_cache and engine.device.type == "cuda":  # a CUDA graph's inputs that the step
