@@ -195,6 +195,22 @@ def test_bad_requests_are_bad_request_errors(chat, base):
         client(base, key="unused").completions.create(model="m", prompt="word " * 60, max_tokens=30)
 
 
+def test_a_chat_that_leaves_less_than_the_default_reply_gets_what_the_window_leaves(chat):
+    """Without max_tokens a chat gets what the window leaves, as a text completion does; with it, a prompt that
+    leaves too little says how many tokens can be asked for; one that cannot fit at all says how long it may be."""
+    c, content = client(chat), "word " * 36
+    needed = len(CHAT_TOK.encode(content)) + 4  # <|endoftext|>, <|user|> ... <|end|>, <|assistant|>
+    assert 32 < needed < 63  # more than the window (64) less the default reply (32) leaves
+    out = c.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], temperature=0)
+    assert out.usage.prompt_tokens == needed and 0 < out.usage.completion_tokens <= 64 - needed
+    with pytest.raises(openai.BadRequestError, match=f"ask for at most {64 - needed} tokens") as e:
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=40)
+    assert e.value.code == "context_length_exceeded" and "system prompt" not in e.value.message
+    with pytest.raises(openai.BadRequestError, match="this server takes at most 63 .*or the system prompt"):
+        c.chat.completions.create(model="m", messages=[{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "word " * 200}])
+
+
 def test_missing_or_wrong_key_is_an_authentication_error(chat):
     for key, headers in (("wrong", None), (KEY, {"Authorization": openai.Omit()})):  # a wrong key, no key
         with pytest.raises(openai.AuthenticationError) as e:
@@ -439,6 +455,45 @@ def test_fault_run_on_the_real_command(tmp_path):
     assert answered > 20 and health["queue"]["running"] == 0 and health["queue"]["threads"] == [1]
     assert ("gptrain serve: model (chat model) on cpu, float32, context 64 tokens, batch 4 in 1 pool(s) of 1 "
             "thread(s)") in srv.log_text()
+
+
+def test_a_forced_quit_ends_every_stream_with_an_error_event_and_logs_no_traceback(tmp_path):
+    """Ctrl-C twice (uvicorn's force quit) while streams run: each client gets the stopping server's error event and
+    a complete response, the server exits with 130, and its log holds no traceback."""
+    import os
+    import signal
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_spawn import random_model, spawned_server
+    model = random_model(tmp_path / "model", block_size=256, n_layer=4, n_head=4, n_embd=128)  # 255 tokens: ~2 s
+    with spawned_server(model, tmp_path / "serve.log", "--dtype", "float32", threads=1) as srv:
+        port, ends, started = int(srv.url.rsplit(":", 1)[1]), [], threading.Barrier(3, timeout=60)
+
+        def stream():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            body = {"prompt": "hi", "max_tokens": 255, "stream": True, "ignore_eos": True}
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp, last = conn.getresponse(), b""
+            resp.readline()
+            started.wait()
+            while line := resp.readline():  # http.client raises on a response cut short
+                last = line.strip() or last
+            ends.append(last if b'"error"' not in last else json.loads(last.removeprefix(b"data: "))["error"]["code"])
+
+        clients = [threading.Thread(target=stream) for _ in range(2)]
+        for t in clients:
+            t.start()
+        started.wait()
+        os.killpg(srv.pid, signal.SIGINT)
+        time.sleep(0.15)
+        os.killpg(srv.pid, signal.SIGINT)
+        for t in clients:
+            t.join(60)
+        assert ends == ["cancelled", "cancelled"]
+        deadline = time.monotonic() + 30
+        while "gptrain: interrupted" not in srv.log_text():
+            assert time.monotonic() < deadline, srv.log_text()[-2000:]
+            time.sleep(0.1)
+    assert "Traceback" not in srv.log_text() and "Exception in ASGI" not in srv.log_text(), srv.log_text()[-3000:]
 
 
 # --- the command ------------------------------------------------------------------------------------------------

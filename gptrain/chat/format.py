@@ -100,9 +100,17 @@ def render_for_completion(messages, tokenizer: Tokenizer | None = None) -> list[
     return ids + [role_id("assistant", tok)]
 
 
+class PromptTooLong(GptrainError):
+    """Even the leading system messages and the last message need more than the tokens allowed: `needed` tokens."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
+
+
 def fit_to_context(messages, max_tokens: int, tokenizer: Tokenizer | None = None) -> list[dict]:
     """Drop the oldest turns (keeping leading system messages and the last message) until the completion
-    prompt has at most max_tokens tokens; a GptrainError when even that minimum does not fit.
+    prompt has at most max_tokens tokens; PromptTooLong when even that minimum does not fit.
 
     Linear in the conversation's size: each message is encoded once and the prompt's length is the sum of its
     messages' (content + role token + <|end|>), plus <|endoftext|> and <|assistant|>."""
@@ -116,8 +124,8 @@ def fit_to_context(messages, max_tokens: int, tokenizer: Tokenizer | None = None
         n -= sizes[first]
         first += 1
     if n > max_tokens:
-        raise GptrainError(f"the prompt needs {n} tokens but only {max_tokens} fit in the context window; "
-                           "shorten the last message" + (" or the system prompt" if n_sys else ""))
+        raise PromptTooLong(f"the prompt needs {n} tokens but only {max_tokens} fit in the context window; "
+                            "shorten the last message" + (" or the system prompt" if n_sys else ""), n)
     return msgs[:n_sys] + msgs[first:]
 
 

@@ -100,6 +100,9 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection broke under a server that reports it on send: the generator's finally cancels
+        except asyncio.CancelledError:  # a forced quit (a second Ctrl-C): the stream ends with the error event
+            with contextlib.suppress(Exception):  # a stopping server's, not with a traceback in the log
+                await send({"type": "http.response.body", "body": _stopped(self.reqs), "more_body": False})
         finally:
             watcher.cancel()
             await self.chunks.aclose()
@@ -192,6 +195,8 @@ def create_app(service: Service) -> FastAPI:
         service.start()
         try:
             yield
+        except asyncio.CancelledError:  # a forced quit cancels the lifespan too: stop without a traceback
+            pass
         finally:
             service.close()
 

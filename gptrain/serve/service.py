@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import replace
 
-from gptrain.chat.format import fit_to_context, render_for_completion, stop_ids
+from gptrain.chat.format import PromptTooLong, fit_to_context, render_for_completion, stop_ids
 from gptrain.errors import GptrainError
 from gptrain.engine import auto_batch
 from gptrain.generate import QueueFull, SamplingParams, Scheduler
@@ -114,11 +114,23 @@ class Service:
                            "messages", code="model_not_chat")
         asked = self._check_asked(body.new_tokens, "max_tokens")
         room = asked if asked is not None else self.default_max_tokens
+        conversation, most = body.conversation(), min(self.context - 1, self.max_prompt_tokens)
         try:
-            messages = fit_to_context(body.conversation(), min(self.context - room, self.max_prompt_tokens), self.tok)
-        except GptrainError as e:
-            raise too_long(f"{e} (context window {self.context} tokens, of which max_tokens={room} are kept for "
-                           "the reply), or lower max_tokens", "messages") from None
+            messages = fit_to_context(conversation, min(self.context - room, self.max_prompt_tokens), self.tok)
+        except PromptTooLong as e:
+            if asked is None and e.needed <= most:  # no max_tokens: the shortest conversation, and what it leaves
+                messages = fit_to_context(conversation, e.needed, self.tok)
+            elif e.needed <= most:
+                raise too_long(f"{e} (context window {self.context} tokens, of which max_tokens={asked} are kept "
+                               f"for the reply), or ask for at most {self.context - e.needed} tokens",
+                               "messages") from None
+            else:
+                raise too_long(f"the prompt needs {e.needed} tokens; this server takes at most {most} (context "
+                               f"window {self.context} tokens); shorten the last message"
+                               + (" or the system prompt" if conversation[0]["role"] == "system" else ""),
+                               "messages") from None
+        except GptrainError as e:  # a message the chat format cannot take
+            raise ApiError(400, str(e), "messages") from None
         prompt = render_for_completion(messages, self.tok)
         return prompt, self._params(body, self._new_tokens(asked, len(prompt), "messages"), stop_ids(self.tok))
 
