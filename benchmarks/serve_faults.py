@@ -1,8 +1,8 @@
 """A bounded fault run against a gptrain server on loopback: many clients at once mixing normal requests with
-streams cut off mid-way (some after a prompt near the context window), malformed and deeply nested JSON, huge integers, oversize bodies (sent whole), bodies cut
-short, slow headers, wrong keys, wrong content types, over-limit max_tokens, connections that send nothing or
-headers a byte at a time (closed by the server's timeouts), 4,000-message chats, 72-prompt completions and
-fields the server cannot honour (tools, response_format, ...).
+streams cut off mid-way (some after a prompt near the context window), malformed and deeply nested JSON, huge
+integers, oversize bodies (sent whole), bodies cut short, slow headers, wrong keys, wrong content types, over-limit
+max_tokens, connections that send nothing or headers a byte at a time (closed by the server's timeouts),
+4,000-message chats, 72-prompt completions and fields the server cannot honour (tools, response_format, ...).
 
 Checked afterwards: every answer has the status its kind must get (never a 500), the server still answers, every
 generation it accepted ended (completed or cancelled: `/metrics`), the batch's slots are all free again
@@ -39,8 +39,8 @@ EXPECTED = {
     "wrong_type": {415}, "over_limit": {400}, "bad_field": {400}, "idle": {"closed"}, "trickle_header": {"closed"},
     "many_messages": {200, 400, 429}, "many_prompts": {400}, "refused_field": {400},
 }
-WEIGHTS = {"chat": 6, "completion": 5, "stream": 5, "cut_stream": 4, "long_cut_stream": 2, "malformed": 2, "nested": 1, "huge_int": 1,
-           "oversize": 2, "truncated": 1, "abandoned_body": 1, "slow_header": 1, "wrong_key": 2, "no_key": 1,
+WEIGHTS = {"chat": 6, "completion": 5, "stream": 5, "cut_stream": 4, "long_cut_stream": 2, "malformed": 2, "nested": 1,
+           "huge_int": 1, "oversize": 2, "truncated": 1, "abandoned_body": 1, "slow_header": 1, "wrong_key": 2, "no_key": 1,
            "wrong_type": 1, "over_limit": 2, "bad_field": 1, "idle": 1, "trickle_header": 1, "many_messages": 1,
            "many_prompts": 1, "refused_field": 1}
 # short connection timeouts, so that the idle and trickling connections end within the run
@@ -304,13 +304,15 @@ def report(res: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("url", nargs="?", help="a running server (default: start gptrain serve on a random model)")
-    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api-key", default=None,
+                    help="the running server's key (without one the key faults are left out)")
     ap.add_argument("--pid", type=int, default=None, help="the running server's pid, for resident memory")
-    ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=300, help="requests in the mix")
+    ap.add_argument("--clients", type=int, default=16, help="clients sending them at once")
+    ap.add_argument("--seed", type=int, default=0, help="draws the mix and each client's choices")
     ap.add_argument("--serve-flags", default="", help="more flags for the server this script starts (e.g. '--pools 2')")
     args = ap.parse_args()
     if args.url:

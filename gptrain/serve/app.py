@@ -75,7 +75,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         msg = "is required"
     if first["type"] in ("model_attributes_type", "dict_type") and not path:
         return ApiError(400, "the request body must be a JSON object")
-    shown = repr(first.get("input"))
+    shown = json.dumps(first.get("input"), default=repr)  # as the client sent it: JSON, not Python
     got = f" (got {shown[:60]}{'...' if len(shown) > 60 else ''})" if first["type"] not in ("missing",) and path \
         else ""
     top = path.split("[")[0].split(".")[0] or None
