@@ -147,5 +147,5 @@ def test_api_errors_show_in_the_page(served, browser):
     box.send_keys("word " * 150)  # the message alone is over the 128-token window: a 400 whose message shows
     box.send_keys(Keys.ENTER)
     err = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.error"))
-    assert "context window" in err[0].text and "max_tokens=32" in err[0].text
+    assert "context window 128 tokens" in err[0].text and "takes at most 127" in err[0].text, err[0].text
     assert browser.find_element(By.ID, "send").is_enabled()
