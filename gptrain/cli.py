@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 from gptrain import __version__, openmp
@@ -83,6 +84,8 @@ def _main(argv: list[str]) -> int:
         print(f"gptrain: error: {disk_full(os.path.dirname(where) or where, None, where)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # a Ctrl-C still pending (a server's second one, re-raised by uvicorn) would interrupt the exit's clean-up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("gptrain: interrupted", file=sys.stderr)
         return 130
 

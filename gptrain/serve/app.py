@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptrain import __version__
 from gptrain.serve.config import LOOPBACK
 from gptrain.serve.connections import timed_protocol
-from gptrain.serve.guard import BodyGuard, CountRequests, HostCheck
+from gptrain.serve.guard import BodyGuard, CountRequests, ForcedQuit, HostCheck
 from gptrain.serve.metrics import CONTENT_TYPE_LATEST
 from gptrain.serve.schemas import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -100,9 +100,6 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection broke under a server that reports it on send: the generator's finally cancels
-        except asyncio.CancelledError:  # a forced quit (a second Ctrl-C): the stream ends with the error event
-            with contextlib.suppress(Exception):  # a stopping server's, not with a traceback in the log
-                await send({"type": "http.response.body", "body": _stopped(self.reqs), "more_body": False})
         finally:
             watcher.cancel()
             await self.chunks.aclose()
@@ -290,11 +287,13 @@ def create_app(service: Service) -> FastAPI:
             CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(out)])
 
     app.include_router(v1)
-    # outermost last: count every answer, then the Host check, then the body checks, then FastAPI
+    # outermost last: a forced quit's answers, then count every answer, then the Host check, then the body checks,
+    # then FastAPI
     app.add_middleware(BodyGuard, max_bytes=cfg.max_request_bytes, timeout=cfg.request_timeout)
     if cfg.host in LOOPBACK:
         app.add_middleware(HostCheck, names=LOOPBACK)
     app.add_middleware(CountRequests, metrics=service.metrics)
+    app.add_middleware(ForcedQuit)
     return app
 
 

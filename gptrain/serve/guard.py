@@ -1,6 +1,8 @@
 """Plain ASGI middleware in front of the app, for what must hold before any route or pydantic sees a request.
 
-- `CountRequests` (outermost): every answer, whoever produced it, is counted in /metrics by route and status.
+- `ForcedQuit` (outermost): a forced quit (a second Ctrl-C) cancels the requests still running; each gets the
+  stopping server's answer (503, or in a started stream its error event) instead of a 500 and a traceback.
+- `CountRequests`: every answer, whoever produced it, is counted in /metrics by route and status.
 - `HostCheck`: on a loopback server, a Host header naming another machine means a DNS-rebinding web page is
   calling: 403. A client that sends no Host (HTTP/1.0 tools) is not a browser and passes.
 - `BodyGuard`: a POST body must be `application/json` (browsers cannot send that cross-origin without a CORS
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 MAX_DEPTH = 64  # OpenAI requests nest 5 deep; deeper JSON is refused before anything recurses over it
@@ -35,6 +38,37 @@ async def send_error(send, status: int, message: str, kind: str = "invalid_reque
         hdrs.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
+
+
+class ForcedQuit:
+    STOPPING = {"error": {"message": "the generation was cancelled: the server is stopping", "type": "server_error",
+                          "param": None, "code": "cancelled"}}
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = None  # the response's content type, once it has started
+
+        async def watching_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = dict(message.get("headers", ())).get(b"content-type", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                if started is None:
+                    await send_error(send, 503, self.STOPPING["error"]["message"], "server_error",
+                                     {"Retry-After": "5"}, close=True)
+                else:
+                    event = b"data: " + json.dumps(self.STOPPING).encode() + b"\n\n"
+                    await send({"type": "http.response.body", "more_body": False,
+                                "body": event if started.startswith(b"text/event-stream") else b""})
 
 
 class CountRequests:
