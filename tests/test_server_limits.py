@@ -287,3 +287,15 @@ def test_the_default_batch_is_what_a_quarter_of_memory_holds_in_kv_cache(monkeyp
         assert auto_batch(gpt2, param) == rows
     monkeypatch.setattr(memory, "detected_memory", lambda device: (None, ""))
     assert auto_batch(gpt2, param) == 8
+
+
+def test_a_prompt_over_max_prompt_tokens_names_the_flag():
+    from gptrain.serve.schemas import ChatCompletionRequest, CompletionRequest
+    from gptrain.serve.service import ApiError
+    svc = Service(tiny(get_tokenizer(chat=True).n_vocab), "short", ServeConfig(max_prompt_tokens=20))
+    long = "word " * 30
+    for job, body in ((svc.completion_jobs, CompletionRequest(prompt=long)),
+                      (svc.chat_job, ChatCompletionRequest(messages=[{"role": "user", "content": long}]))):
+        with pytest.raises(ApiError, match=r"takes at most 20 \(--max-prompt-tokens\)") as e:
+            job(body)
+        assert e.value.status == 400 and e.value.code == "context_length_exceeded"

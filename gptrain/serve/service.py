@@ -125,8 +125,8 @@ class Service:
                                f"for the reply), or ask for at most {self.context - e.needed} tokens",
                                "messages") from None
             else:
-                raise too_long(f"the prompt needs {e.needed} tokens; this server takes at most {most} (context "
-                               f"window {self.context} tokens); shorten the last message"
+                raise too_long(f"the prompt needs {e.needed} tokens; this server takes at most {most}"
+                               f"{self._which_limit()}; shorten the last message"
                                + (" or the system prompt" if conversation[0]["role"] == "system" else ""),
                                "messages") from None
         except GptrainError as e:  # a message the chat format cannot take
@@ -158,10 +158,16 @@ class Service:
                                 f"{self.context} tokens)", param)
         return asked
 
+    def _which_limit(self) -> str:
+        """What sets the longest prompt: --max-prompt-tokens, or the context window (less one token to answer)."""
+        if self.max_prompt_tokens < self.context - 1:
+            return " (--max-prompt-tokens)"
+        return f" (context window {self.context} tokens)"
+
     def _new_tokens(self, asked: int | None, prompt_len: int, param: str) -> int:
         if prompt_len > self.max_prompt_tokens:
-            raise too_long(f"the prompt has {prompt_len} tokens; this server takes at most {self.max_prompt_tokens}",
-                           param)
+            raise too_long(f"the prompt has {prompt_len} tokens; this server takes at most {self.max_prompt_tokens}"
+                           f"{self._which_limit()}", param)
         room = self.context - prompt_len
         n = asked if asked is not None else min(self.default_max_tokens, room)
         if n > room:
