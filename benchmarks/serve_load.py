@@ -206,8 +206,8 @@ def main() -> int:
                     help="also gptrain serve from this checkout (e.g. a git worktree of an older commit): beside "
                          "vLLM with --vllm, or alone, this checkout against it")
     ap.add_argument("--busy", type=int, default=0, metavar="N",
-                    help="--compare/--vllm: N busy processes (one busy loop each) beside the servers while they are "
-                         "measured, as another job on the same machine")
+                    help="N busy processes (one busy loop each) beside the servers this script starts while they "
+                         "are measured, as another job on the same machine")
     ap.add_argument("--preset", default="gpt2", help="--compare: the random model's shape")
     ap.add_argument("--max-batch", type=int, default=16, help="--compare: the batched server's --max-batch")
     ap.add_argument("--dtype", default="auto", help="--compare: the servers' --dtype")

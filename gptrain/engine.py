@@ -232,7 +232,7 @@ class SlotPool:
         or less of the room."""
         need = max((len(r.window) for r in self.rows), default=1)
         room = min(self.max_len, -(-need // SPAN_STEP) * SPAN_STEP)
-        rows = min(max(MIN_ROWS, self.max_batch), max(MIN_ROWS, 1 << (len(self.rows) - 1).bit_length()))
+        rows = max(MIN_ROWS, min(self.max_batch, 1 << (len(self.rows) - 1).bit_length()))
         have, size = self.cache.lens.size(0), self.cache.max_len
         if room > size or room <= size // 2 or rows > have or rows <= have // 4:
             self.cache.resize(rows, room, len(self.rows), max(self._cached, default=0))

@@ -293,7 +293,7 @@ def create_app(service: Service) -> FastAPI:
     if cfg.host in LOOPBACK:
         app.add_middleware(HostCheck, names=LOOPBACK)
     app.add_middleware(CountRequests, metrics=service.metrics)
-    app.add_middleware(ForcedQuit)
+    app.add_middleware(ForcedQuit, stopping=_cancelled([]).body())
     return app
 
 

@@ -41,11 +41,8 @@ async def send_error(send, status: int, message: str, kind: str = "invalid_reque
 
 
 class ForcedQuit:
-    STOPPING = {"error": {"message": "the generation was cancelled: the server is stopping", "type": "server_error",
-                          "param": None, "code": "cancelled"}}
-
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, stopping: dict):
+        self.app, self.stopping = app, stopping  # the stopping server's OpenAI error body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -63,10 +60,10 @@ class ForcedQuit:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # the connection may be gone already
                 if started is None:
-                    await send_error(send, 503, self.STOPPING["error"]["message"], "server_error",
-                                     {"Retry-After": "5"}, close=True)
+                    error = self.stopping["error"]
+                    await send_error(send, 503, error["message"], error["type"], {"Retry-After": "5"}, close=True)
                 else:
-                    event = b"data: " + json.dumps(self.STOPPING).encode() + b"\n\n"
+                    event = b"data: " + json.dumps(self.stopping).encode() + b"\n\n"
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": event if started.startswith(b"text/event-stream") else b""})
 
